@@ -1,0 +1,3 @@
+"""idemproxy: an idempotency reverse proxy backed by PostgreSQL."""
+
+__version__ = "0.1.0"

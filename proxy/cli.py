@@ -1,0 +1,180 @@
+"""The `idemproxy` command: serve, check-config, migrate, keys, purge.
+
+Exit codes: 0 success, 1 runtime failure (database unreachable, ...), 2 bad usage or
+config. Errors are one clear line each, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from proxy import logs
+from proxy.config import Config, load
+from proxy.errors import ConfigError, StoreUnavailable
+
+log = logging.getLogger("idemproxy")
+
+DEFAULT_CONFIG = "config/example.yaml"
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get("IDEMPROXY_CONFIG") or DEFAULT_CONFIG
+    return load(path)
+
+
+@contextlib.asynccontextmanager
+async def open_store(cfg: Config, *, wait: float = 0.0) -> AsyncIterator[Any]:
+    """The store for `cfg`: its database URL, or an embedded server under data_dir."""
+    from proxy.embedded import embedded_postgres
+    from proxy.store.postgres import PostgresStore
+
+    with contextlib.ExitStack() as stack:
+        url = cfg.database.url or stack.enter_context(embedded_postgres(cfg.data_dir))
+        store = await _connect_retrying(lambda: PostgresStore.connect(
+            url, min_size=cfg.database.pool_min, max_size=cfg.database.pool_max,
+            timeout=cfg.database.timeout), wait=wait)
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+async def _connect_retrying(connect: Callable[[], Awaitable[Any]], *, wait: float) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            return await connect()
+        except StoreUnavailable as exc:
+            if loop.time() >= deadline:
+                raise
+            log.warning("database not reachable yet, retrying: %s", exc)
+            await asyncio.sleep(1)
+
+
+async def _migrate(store: Any) -> list[str]:
+    from proxy.store.migrate import migrate
+
+    async with store.pool.acquire() as conn:
+        applied: list[str] = await migrate(conn)
+        return applied
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load(args.file)
+    print(f"{args.file}: OK ({len(cfg.routes)} routes, upstream {cfg.upstream.url})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.server import serve
+
+    cfg = _config(args)
+    logs.configure(fmt=cfg.logging.format, level=cfg.logging.level)
+    return _run(serve(cfg))
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with open_store(_config(args)) as store:
+            applied = await _migrate(store)
+        print("applied: " + ", ".join(applied) if applied else "schema is current")
+        return 0
+    return _run(go())
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from proxy.store.sweeper import sweep_once
+
+    async def go() -> int:
+        async with open_store(_config(args)) as store:
+            await _migrate(store)
+            n = await sweep_once(store)
+        print(f"deleted {n} expired records")
+        return 0
+    return _run(go())
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with open_store(_config(args)) as store:
+            await _migrate(store)
+            if args.verb == "list":
+                print(json.dumps(await store.in_flight(limit=100), indent=2))
+                return 0
+            if args.verb == "show":
+                rec = await store.show(scope=args.scope, key=args.key)
+                print(json.dumps(rec, indent=2) if rec else "no such key")
+                return 0 if rec else 1
+            fn = store.delete if args.verb == "delete" else store.force_release
+            done = await fn(scope=args.scope, key=args.key)
+            print(f"{args.verb}d" if done else "no such key" if args.verb == "delete"
+                  else "no in-flight claim for that key")
+            return 0 if done else 1
+    return _run(go())
+
+
+def _run(coro: Awaitable[int]) -> int:
+    try:
+        import uvloop
+        return uvloop.run(coro)  # type: ignore[no-any-return, arg-type]
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="idemproxy", description=(
+        "An idempotency reverse proxy: every retried request runs once."))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", "-c", help="YAML config (default: $IDEMPROXY_CONFIG, "
+                        f"else {DEFAULT_CONFIG})")
+        return sp
+
+    with_config(sub.add_parser("serve", help="run the proxy")).set_defaults(fn=cmd_serve)
+    cc = sub.add_parser("check-config", help="validate a config file and exit")
+    cc.add_argument("file")
+    cc.set_defaults(fn=cmd_check_config)
+    with_config(sub.add_parser("migrate", help="apply database migrations")).set_defaults(
+        fn=cmd_migrate)
+    with_config(sub.add_parser("purge", help="delete expired records now")).set_defaults(
+        fn=cmd_purge)
+    keys = with_config(sub.add_parser("keys", help="inspect or fix one key"))
+    keys.add_argument("verb", choices=["show", "delete", "release", "list"])
+    keys.add_argument("scope", nargs="?", default="", help="ROUTE:TENANT, as `list` shows")
+    keys.add_argument("key", nargs="?", default="")
+    keys.set_defaults(fn=cmd_keys)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "verb", "list") != "list" and not (args.scope and args.key):
+        print(f"idemproxy keys {args.verb}: needs SCOPE and KEY", file=sys.stderr)
+        return 2
+    try:
+        code: int = args.fn(args)
+        return code
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
+        print(f"error: database unreachable: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line; the traceback only with IDEMPROXY_DEBUG
+        if os.environ.get("IDEMPROXY_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,102 @@
+"""Load a YAML file into a validated `Config`; every problem names its field path.
+
+Example: `routes[2].ttl: '24 hours' is not a duration like 30s, 15m, 24h, 7d`. All problems
+in a file are collected and reported together.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.config.routes import parse_routes
+from proxy.config.schema import Admin, Config, Database, Logging, Upstream
+from proxy.config.values import (
+    Reader, bool_, choice, int_in, parse_duration, parse_listen, str_,
+)
+from proxy.errors import ConfigError
+
+
+def load(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate a config file; raise ConfigError listing every problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return loads(text, env=os.environ if env is None else env, source=str(path))
+
+
+def loads(text: str, *, env: Mapping[str, str], source: str = "<string>") -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
+    problems: list[str] = []
+    r = Reader(problems, env)
+    top = r.section(raw, "", {"listen", "admin", "upstream", "database", "defaults", "routes",
+                              "data_dir", "workers", "shutdown_grace", "sweep_interval",
+                              "logging", "allow_python_parser"})
+    cfg = _parse_top(r, top, env, source)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: str) -> Config:
+    d = Config()
+    adm = r.section(top.get("admin"), "admin", {"listen", "token_env"})
+    up = r.section(top.get("upstream"), "upstream",
+                   {"url", "connect_timeout", "timeout", "max_connections"})
+    db = r.section(top.get("database"), "database", {"url", "pool_min", "pool_max", "timeout"})
+    lg = r.section(top.get("logging"), "logging", {"format", "level"})
+    upstream_url = r.get(up, "url", "upstream.url", _upstream_url, d.upstream.url)
+    db_url = env.get("IDEMPROXY_DATABASE_URL") or r.get(db, "url", "database.url", str_, "")
+    return Config(
+        listen=r.get(top, "listen", "listen", parse_listen, d.listen),
+        admin=Admin(
+            listen=r.get(adm, "listen", "admin.listen", parse_listen, d.admin.listen),
+            token_env=r.get(adm, "token_env", "admin.token_env", str_, d.admin.token_env)),
+        upstream=Upstream(
+            url=upstream_url,
+            connect_timeout=r.get(up, "connect_timeout", "upstream.connect_timeout",
+                                  parse_duration, d.upstream.connect_timeout),
+            timeout=r.get(up, "timeout", "upstream.timeout", parse_duration, d.upstream.timeout),
+            max_connections=r.get(up, "max_connections", "upstream.max_connections",
+                                  int_in(1, 100000), d.upstream.max_connections)),
+        database=Database(
+            url=db_url,
+            pool_min=r.get(db, "pool_min", "database.pool_min", int_in(0, 1000), 2),
+            pool_max=r.get(db, "pool_max", "database.pool_max", int_in(1, 1000), 10),
+            timeout=r.get(db, "timeout", "database.timeout", parse_duration, 5.0)),
+        routes=parse_routes(r, top.get("routes"), top.get("defaults")),
+        data_dir=r.get(top, "data_dir", "data_dir", str_, d.data_dir),
+        workers=r.get(top, "workers", "workers", _workers, d.workers),
+        shutdown_grace=r.get(top, "shutdown_grace", "shutdown_grace", parse_duration, 30.0),
+        sweep_interval=r.get(top, "sweep_interval", "sweep_interval", parse_duration, 60.0),
+        logging=Logging(
+            format=r.get(lg, "format", "logging.format", choice("json", "text"), "json"),
+            level=r.get(lg, "level", "logging.level",
+                        choice("debug", "info", "warning", "error"), "info")),
+        allow_python_parser=r.get(top, "allow_python_parser", "allow_python_parser",
+                                  bool_, False),
+        source=source,
+    )
+
+
+
+def _workers(value: object) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    return int_in(1, 256)(value)
+
+
+def _upstream_url(value: object) -> str:
+    text = str_(value).rstrip("/")
+    if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", text):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return text

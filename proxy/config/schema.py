@@ -1,0 +1,148 @@
+"""The configuration schema: frozen dataclasses whose field comments state the defaults.
+
+docs/configuration.md is kept in step with these classes by a test.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from proxy.routing import PathPattern
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+KNOWN_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class Concurrent(enum.Enum):
+    """What a retry gets while the first request with its key is still in flight."""
+
+    REJECT = "reject"
+    WAIT = "wait"
+
+
+class UnknownOutcome(enum.Enum):
+    """What happens to a key whose upstream call ended with no answer (timeout, reset)."""
+
+    RETRY = "retry"  # keep the claim until its lease ends, then a retry forwards again
+    FAIL = "fail"  # store the failure and replay it for the rest of the window
+
+
+class StoreUnavailablePolicy(enum.Enum):
+    """What a guarded request gets while Postgres is unreachable."""
+
+    REJECT = "reject"  # 503 problem+json: fail closed
+    PASS_THROUGH = "pass_through"  # forward unguarded, say so in a response header
+
+
+class TenantMode(enum.Enum):
+    AUTHORIZATION = "authorization"
+    NONE = "none"
+    HEADER = "header"
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    mode: TenantMode = TenantMode.AUTHORIZATION
+    header: str = "Authorization"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySource:
+    """Where the key comes from: exactly one of header, path parameter or body pointers."""
+
+    header: str | None = "Idempotency-Key"
+    path: str | None = None
+    body: tuple[str, ...] = ()
+    bucket: float | None = None  # seconds; folds the database's time window into body keys
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """Which parts of a request make its fingerprint (method and path always count)."""
+
+    query: bool = True
+    body: bool = True
+    headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    methods: frozenset[str]
+    path: PathPattern
+    key: KeySource = KeySource()
+    require_key: bool = False  # default false: no key streams through unguarded
+    tenant: Tenant = Tenant()  # default: SHA-256 of Authorization
+    fingerprint: Fingerprint = Fingerprint()
+    ttl: float = 86400.0  # default 24h
+    lock_timeout: float = 60.0  # default 60s: the lease of a claim
+    concurrent: Concurrent = Concurrent.REJECT
+    wait_timeout: float = 10.0  # default 10s
+    release_statuses: frozenset[int] = frozenset({408, 425, 429, 502, 503, 504})
+    unknown_outcome: UnknownOutcome = UnknownOutcome.RETRY
+    max_request_body: int = 10 * 2**20  # default 10MiB
+    max_stored_body: int = 100 * 2**20  # default 100MiB
+    store_unavailable: StoreUnavailablePolicy = StoreUnavailablePolicy.REJECT
+    replay_set_cookie: bool = False
+    replay_header: str = "Idempotent-Replayed"
+    expires_header: str | None = "Idempotency-Expires"  # null turns it off
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    listen: Listen = Listen("127.0.0.1", 9090)
+    token_env: str = "IDEMPROXY_ADMIN_TOKEN"  # bearer token for mutating admin calls
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    url: str = "http://127.0.0.1:9000"
+    connect_timeout: float = 5.0
+    timeout: float = 30.0  # whole upstream exchange, response body included
+    max_connections: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Database:
+    url: str = ""  # empty: embedded PostgreSQL under data_dir
+    pool_min: int = 2
+    pool_max: int = 10
+    timeout: float = 5.0  # per statement; past it the store counts as unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class Logging:
+    format: str = "json"  # json | text
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Listen = Listen("0.0.0.0", 8080)
+    admin: Admin = Admin()
+    upstream: Upstream = Upstream()
+    database: Database = Database()
+    routes: tuple[Route, ...] = ()
+    data_dir: str = "./.idemproxy"
+    workers: int = 1
+    shutdown_grace: float = 30.0
+    sweep_interval: float = 60.0
+    logging: Logging = Logging()
+    allow_python_parser: bool = False  # refuse to start without aiohttp's C parser
+    source: str = field(default="<defaults>", compare=False)
+
+

@@ -1,0 +1,151 @@
+"""Scalar parsers and a reader that collects `field.path: message` problems."""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from proxy.config.schema import Listen
+
+T = TypeVar("T")
+
+# --- scalar parsers: each returns a value or raises ValueError with the "is not ..." text ---
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+               "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token (header names)
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{value!r} is not a duration like 30s, 15m, 24h, 7d")
+    if value == 0:
+        return 0.0
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a duration like 30s, 15m, 24h, 7d")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{value!r} is not a size like 512KiB, 10MiB, 1GiB")
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a size like 512KiB, 10MiB, 1GiB")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def parse_listen(value: object) -> Listen:
+    text = str(value) if isinstance(value, (str, int)) else ""
+    m = re.match(r"^(?:\[([0-9a-fA-F:.]+)\]|([^:\[\]]*)):(\d{1,5})$", text)
+    if not m or not 0 <= int(m.group(3)) <= 65535:
+        raise ValueError(f"{value!r} is not an address like 0.0.0.0:8080 or [::1]:8080")
+    host = m.group(1) or m.group(2) or "0.0.0.0"
+    return Listen(host, int(m.group(3)))
+
+
+def parse_header_name(value: object) -> str:
+    if not isinstance(value, str) or not _TOKEN.match(value):
+        raise ValueError(f"{value!r} is not an HTTP header name")
+    return value
+
+
+def expand_env(text: str, env: Mapping[str, str]) -> str:
+    """Expand `${VAR}` and `${VAR:-default}`; an unset `${VAR}` without default is an error."""
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and (env[name] != "" or default is None):
+            return env[name]
+        if default is not None:
+            return default
+        raise ValueError(f"environment variable {name} is not set (use ${{{name}:-default}})")
+
+    return _ENV.sub(sub, text)
+
+
+class Reader:
+    """Walks a YAML mapping, collecting `path: message` problems instead of stopping."""
+
+    def __init__(self, problems: list[str], env: Mapping[str, str]) -> None:
+        self.problems = problems
+        self.env = env
+
+    def section(self, raw: object, path: str, allowed: set[str]) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.problems.append(f"{path or 'config'}: expected a mapping, got {raw!r}")
+            return {}
+        for k in raw:
+            if k not in allowed:
+                where = f"{path}.{k}" if path else str(k)
+                self.problems.append(f"{where}: unknown field (expected one of: "
+                                     f"{', '.join(sorted(allowed))})")
+        return {k: self.expand(v, f"{path}.{k}" if path else str(k)) for k, v in raw.items()}
+
+    def expand(self, value: object, path: str) -> object:
+        if isinstance(value, str):
+            try:
+                return expand_env(value, self.env)
+            except ValueError as exc:
+                self.problems.append(f"{path}: {exc}")
+        return value
+
+    def get(self, data: dict[str, Any], name: str, path: str,
+            parse: Callable[[object], T], default: T) -> T:
+        if name not in data or data[name] is None and default is None:
+            return default
+        try:
+            return parse(data[name])
+        except ValueError as exc:
+            self.problems.append(f"{path}: {exc}")
+            return default
+
+
+def enum_(cls: type[enum.Enum]) -> Callable[[object], Any]:
+    def parse(value: object) -> Any:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not one of: "
+                             f"{', '.join(str(m.value) for m in cls)}") from None
+    return parse
+
+
+def bool_(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+def int_in(lo: int, hi: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"{value!r} is not a whole number from {lo} to {hi}")
+        return value
+    return parse
+
+
+def str_(value: object) -> str:
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a string")
+    return str(value)
+
+
+
+
+def choice(*options: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if value not in options:
+            raise ValueError(f"{value!r} is not one of: {', '.join(options)}")
+        return str(value)
+    return parse

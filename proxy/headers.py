@@ -1,0 +1,73 @@
+"""Pure header policy: hop-by-hop handling, what is forwarded, stored and replayed.
+
+RFC 9110 §7.6.1: a proxy removes the hop-by-hop fields, including every field named in
+`Connection`, before forwarding a message in either direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+})
+# Never stored: regenerated on every response (RFC 9110 §6.6.1 Date, §10.2.4 Server).
+FRESH_ON_REPLAY = frozenset({"date", "server"})
+
+Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+
+
+def hop_by_hop(headers: Headers) -> frozenset[str]:
+    """The hop-by-hop field names of this message, the Connection-listed ones included."""
+    named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    return HOP_BY_HOP | {n for n in named if n}
+
+
+def end_to_end(headers: Headers) -> list[tuple[str, str]]:
+    """Every (name, value) pair that is not hop-by-hop, in order, duplicates kept."""
+    drop = hop_by_hop(headers)
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+
+
+def for_upstream(headers: Headers, *, client_ip: str | None, scheme: str,
+                 upstream_host: str) -> CIMultiDict[str]:
+    """Request headers to send upstream: end-to-end ones plus X-Forwarded-*.
+
+    `Host` is rewritten to the upstream's: the client's Host never selects another upstream
+    (it is passed on as X-Forwarded-Host). Content-Length is set by the client library from
+    the body we actually send.
+    """
+    out: CIMultiDict[str] = CIMultiDict()
+    host = ""
+    for k, v in end_to_end(headers):
+        lk = k.lower()
+        if lk == "host":
+            host = v
+        elif lk not in ("content-length", "x-forwarded-for", "x-forwarded-proto",
+                        "x-forwarded-host"):
+            out.add(k, v)
+    prior = headers.get("X-Forwarded-For")
+    if client_ip:
+        out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
+    elif prior:
+        out["X-Forwarded-For"] = prior
+    out["X-Forwarded-Proto"] = headers.get("X-Forwarded-Proto", scheme)
+    if host:
+        out["X-Forwarded-Host"] = headers.get("X-Forwarded-Host", host)
+    out["Host"] = upstream_host
+    return out
+
+
+def to_store(headers: Headers, *, keep_set_cookie: bool) -> list[tuple[str, str]]:
+    """The response headers kept for replay: end-to-end, minus Date/Server (and Set-Cookie)."""
+    return [(k, v) for k, v in end_to_end(headers)
+            if k.lower() not in FRESH_ON_REPLAY
+            and (keep_set_cookie or k.lower() != "set-cookie")]
+
+
+def for_client(pairs: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """Response headers for the client, built from stored or upstream pairs."""
+    return CIMultiDict(pairs)

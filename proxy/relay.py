@@ -1,0 +1,130 @@
+"""Moving bytes between the client and the upstream: request bodies in, responses out.
+
+Used by both the unguarded pass-through and the guarded flow. Nothing here decides
+anything about keys; it streams, and it notices when the client has gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from proxy import headers as hdrs
+from proxy.errors import BodyTooLarge
+from proxy.forward import Forwarder, UpstreamError, UpstreamResponse
+
+log = logging.getLogger("idemproxy.relay")
+
+
+async def read_body(request: web.Request, *, limit: int) -> bytes:
+    """The whole request body, refused with 413 as soon as it passes `limit` (chunked too)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"The request body is {request.content_length} bytes; this route "
+                           f"accepts at most {limit}.")
+    buf = bytearray()
+    async for chunk in request.content.iter_any():
+        buf += chunk
+        if len(buf) > limit:
+            raise BodyTooLarge(f"The request body is over {limit} bytes, the most this "
+                               "route accepts.")
+    return bytes(buf)
+
+
+async def _stream_body(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_any():
+        yield chunk
+
+
+def upstream_request_headers(request: web.Request, forwarder: Forwarder) -> hdrs.Headers:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return hdrs.for_upstream(request.headers, client_ip=peer[0] if peer else None,
+                             scheme=request.scheme, upstream_host=forwarder.host)
+
+
+async def open_upstream(request: web.Request, forwarder: Forwarder, *,
+                        body: bytes | None) -> UpstreamResponse:
+    """Send the request upstream once: `body` if the flow read it, else streamed through."""
+    headers = upstream_request_headers(request, forwarder)
+    data: bytes | AsyncIterator[bytes] | None = body
+    if body is None and request.body_exists:
+        data = _stream_body(request)
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+    url = forwarder.url_for(request.rel_url.raw_path, request.rel_url.raw_query_string)
+    return await forwarder.send(method=request.method, url=url, headers=headers, body=data)
+
+
+class ClientSink:
+    """A streamed response to the client that keeps accepting writes after a hang-up.
+
+    A client that disconnects must not stop the recording of the upstream's answer, so
+    writes to a gone client are dropped and `gone` turns true.
+    """
+
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        self.request = request
+        self.response = response
+        self.gone = False
+
+    async def start(self) -> None:
+        try:
+            await self.response.prepare(self.request)
+        except (ConnectionError, RuntimeError):
+            self.gone = True
+
+    async def write(self, chunk: bytes) -> None:
+        if self.gone:
+            return
+        try:
+            await self.response.write(chunk)
+        except (ConnectionError, RuntimeError):
+            self.gone = True
+
+    async def finish(self) -> None:
+        if not self.gone:
+            try:
+                await self.response.write_eof()
+            except (ConnectionError, RuntimeError):
+                self.gone = True
+
+    def abort(self) -> None:
+        """Cut the connection so the client can tell the body is incomplete."""
+        self.gone = True
+        if self.request.transport is not None:
+            self.request.transport.abort()
+
+
+def response_for(up: UpstreamResponse, *, extra: dict[str, str] | None = None
+                 ) -> web.StreamResponse:
+    """A streamed response carrying the upstream's status and end-to-end headers."""
+    resp = web.StreamResponse(status=up.status, reason=up.reason)
+    for k, v in hdrs.end_to_end(up.headers):
+        resp.headers.add(k, v)
+    for k, v in (extra or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+async def pass_through(request: web.Request, forwarder: Forwarder, *,
+                       body: bytes | None = None,
+                       extra: dict[str, str] | None = None) -> web.StreamResponse:
+    """Stream the request through untouched (hop-by-hop aside) and the response back."""
+    up = await open_upstream(request, forwarder, body=body)
+    try:
+        sink = ClientSink(request, response_for(up, extra=extra))
+        await sink.start()
+        try:
+            async for chunk in up.chunks():
+                await sink.write(chunk)
+                if sink.gone:
+                    break
+        except UpstreamError as exc:
+            log.warning("upstream failed mid-body on an unguarded request: %s", exc)
+            sink.abort()
+            return sink.response
+        await sink.finish()
+        return sink.response
+    finally:
+        up.close()

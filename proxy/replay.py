@@ -1,0 +1,60 @@
+"""Answer a retry from the stored response: status, headers and body as first sent."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from email.utils import format_datetime
+
+from aiohttp import web
+
+from proxy.config import Route
+from proxy.relay import ClientSink
+from proxy.store import Record
+from proxy.store.postgres import PostgresStore
+
+log = logging.getLogger("idemproxy.replay")
+
+
+def http_date(when: datetime) -> str:
+    return format_datetime(when, usegmt=True)
+
+
+def guard_headers(route: Route, expires_at: datetime) -> dict[str, str]:
+    """Headers every guarded response carries: when the key's window ends."""
+    return {route.expires_header: http_date(expires_at)} if route.expires_header else {}
+
+
+async def replay(request: web.Request, record: Record, *, route: Route, scope: str, key: str,
+                 store: PostgresStore) -> web.StreamResponse:
+    assert record.status is not None
+    extra = {route.replay_header: "true", **guard_headers(route, record.expires_at)}
+    if record.body_omitted:
+        extra["Idempotency-Body"] = "omitted"
+    resp: web.StreamResponse
+    if record.body_chunks == 0:
+        resp = web.Response(status=record.status, body=record.body or b"")
+    else:
+        resp = web.StreamResponse(status=record.status)
+        resp.content_length = record.body_size
+    for k, v in record.headers:
+        if k.lower() != "content-length":
+            resp.headers.add(k, v)
+    resp.headers.update(extra)
+    if record.body_chunks == 0:
+        return resp
+    sink = ClientSink(request, resp)
+    await sink.start()
+    written = 0
+    async for chunk in store.read_chunks(scope=scope, key=key, token=record.lock_token):
+        written += len(chunk)
+        await sink.write(chunk)
+        if sink.gone:
+            return resp
+    if written != record.body_size:  # deleted under us: never pass off a short body
+        log.error("stored body changed during replay (%d of %d bytes)", written,
+                  record.body_size)
+        sink.abort()
+        return resp
+    await sink.finish()
+    return resp

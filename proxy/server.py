@@ -1,0 +1,114 @@
+"""`idemproxy serve`: wire the store, the upstream session and both listeners, then run
+until SIGTERM/SIGINT and shut down gracefully.
+
+Shutdown: /readyz turns unready, the listeners stop accepting, in-flight requests get
+`shutdown_grace` to finish; requests cut off before reaching the upstream release their
+claims (a sent request keeps its claim until its lease ends: its outcome is unknown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.app import create_admin_app, create_proxy_app
+from proxy.cli import _migrate, open_store
+from proxy.config import Config
+from proxy.forward import Forwarder
+from proxy.idempotency import Deps
+from proxy.metrics import Metrics
+from proxy.store.notify import Notifier
+from proxy.store.sweeper import run_sweeper
+
+log = logging.getLogger("idemproxy.server")
+
+
+def check_parser(cfg: Config) -> None:
+    """Refuse to run on aiohttp's pure-Python HTTP parser unless explicitly allowed.
+
+    The C (llhttp) and Python parsers disagree on edge cases of request framing; a proxy
+    whose framing differs from its upstream's is open to request smuggling.
+    """
+    from aiohttp import http_parser, web_protocol
+
+    c_parser = getattr(http_parser, "HttpRequestParserC", None)
+    active = web_protocol.HttpRequestParser  # type: ignore[attr-defined]
+    if c_parser is None or active is not c_parser:
+        if not cfg.allow_python_parser:
+            raise RuntimeError("aiohttp's C HTTP parser is not active (AIOHTTP_NO_EXTENSIONS "
+                               "set, or no wheel for this platform); refusing to start. Set "
+                               "allow_python_parser: true to run anyway.")
+        log.warning("running on aiohttp's pure-Python HTTP parser (allow_python_parser)")
+
+
+async def serve(cfg: Config) -> int:
+    check_parser(cfg)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    async with open_store(cfg, wait=30) as store:
+        store._observe = metrics.observe_store
+        applied = await _migrate(store)
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        async with Forwarder.open(cfg.upstream) as forwarder, \
+                Notifier(store.acquire_listener) as notifier:
+            deps = Deps(store=store, forwarder=forwarder, metrics=metrics, notifier=notifier,
+                        db_clock_offset=await _db_clock_offset(store))
+            return await _run_listeners(cfg, deps)
+
+
+async def _db_clock_offset(store: object) -> float:
+    """Database clock minus ours, so time buckets follow the database's clock."""
+    async with store.pool.acquire() as conn:  # type: ignore[attr-defined]
+        db_now: float = await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())")
+    return float(db_now) - time.time()
+
+
+async def _run_listeners(cfg: Config, deps: Deps) -> int:
+    state = {"shutting_down": False}
+    proxy_runner = web.AppRunner(create_proxy_app(cfg, deps), access_log=None,
+                                 handler_cancellation=False,
+                                 shutdown_timeout=cfg.shutdown_grace)
+    admin_runner = web.AppRunner(create_admin_app(cfg, deps, state=state), access_log=None)
+    await proxy_runner.setup()
+    await admin_runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sweeper = asyncio.create_task(run_sweeper(
+        deps.store, interval=cfg.sweep_interval, on_deleted=deps.metrics.swept.inc))
+    try:
+        await web.TCPSite(proxy_runner, cfg.listen.host, cfg.listen.port,
+                          reuse_port=cfg.workers > 1).start()
+        await web.TCPSite(admin_runner, cfg.admin.listen.host, cfg.admin.listen.port).start()
+        log.info("idemproxy listening", extra={"fields": {
+            "proxy": str(cfg.listen), "admin": str(cfg.admin.listen),
+            "upstream": cfg.upstream.url, "routes": len(cfg.routes)}})
+        await stop.wait()
+        log.info("shutting down: finishing in-flight requests",
+                 extra={"fields": {"grace_s": cfg.shutdown_grace}})
+        state["shutting_down"] = True
+    finally:
+        sweeper.cancel()
+        await proxy_runner.cleanup()  # stop accepting; wait up to shutdown_grace
+        await _drain(deps)
+        await admin_runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+async def _drain(deps: Deps) -> None:
+    """Let owned background work (releases, completion retries) finish briefly."""
+    if deps.tasks:
+        _, pending = await asyncio.wait(set(deps.tasks), timeout=5)
+        for task in pending:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*pending, return_exceptions=True)

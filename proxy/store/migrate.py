@@ -1,0 +1,58 @@
+"""Versioned schema migrations, applied under an advisory lock.
+
+Ten replicas starting at once serialise on the lock; each applies only what is missing.
+Files are `migrations/NNNN_name.sql`, applied in order, each in its own transaction.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+import asyncpg
+
+_LOCK_ID = 0x1DE3_9A0C  # pg_advisory_lock key for migrations
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every bundled migration, in order."""
+    found = []
+    for entry in resources.files("proxy.store").joinpath("migrations").iterdir():
+        m = _NAME.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+SCHEMA_VERSION = migrations()[-1][0]
+
+
+async def current_version(conn: asyncpg.Connection) -> int:
+    exists = await conn.fetchval("SELECT to_regclass('idemproxy_schema') IS NOT NULL")
+    if not exists:
+        return 0
+    version: int | None = await conn.fetchval("SELECT max(version) FROM idemproxy_schema")
+    return version or 0
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply every missing migration; return the names applied (empty when current)."""
+    applied: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+    try:
+        await conn.execute("""CREATE TABLE IF NOT EXISTS idemproxy_schema (
+            version integer PRIMARY KEY, name text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now())""")
+        have = await current_version(conn)
+        for version, name, sql in migrations():
+            if version <= have:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO idemproxy_schema (version, name) "
+                                   "VALUES ($1, $2)", version, name)
+            applied.append(name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+    return applied

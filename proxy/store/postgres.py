@@ -1,0 +1,208 @@
+"""The PostgreSQL store. asyncpg lives here and in store/ only.
+
+Every connection-level failure (refused, reset, timed out, server shutting down) becomes
+`StoreUnavailable` at `_guard`, the one boundary; SQL errors are bugs and propagate.
+All time decisions (TTL, lease) are made with the database's clock inside SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from proxy.errors import StoreUnavailable
+from proxy.store import (
+    Claim, ClaimOutcome, Completion, Record, State, decode_headers, encode_headers,
+)
+from proxy.store.migrate import SCHEMA_VERSION, current_version
+
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+_CLAIM = "SELECT * FROM idemproxy_claim($1, $2, $3, $4, $5, $6)"
+_COMPLETE = "SELECT idemproxy_complete($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+_RELEASE = "SELECT idemproxy_release($1, $2, $3)"
+_CHUNK = ("INSERT INTO idemproxy_chunks (scope, key, lock_token, seq, data) "
+          "VALUES ($1, $2, $3, $4, $5)")
+_READ_CHUNKS = ("SELECT data FROM idemproxy_chunks WHERE scope = $1 AND key = $2 "
+                "AND lock_token = $3 ORDER BY seq")
+
+
+def notify_channel_id(scope: str, key: str) -> str:
+    """The NOTIFY payload for a key: md5 as in SQL, so no raw key crosses the channel."""
+    return hashlib.md5(f"{scope}\x1f{key}".encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@contextlib.contextmanager
+def _guard() -> Iterator[None]:
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+class PostgresStore:
+    """Claims, completions and stored responses in PostgreSQL."""
+
+    def __init__(self, pool: asyncpg.Pool, *, url: str, timeout: float,
+                 observe: Callable[[str, float], None] | None = None) -> None:
+        self.pool = pool
+        self.url = url
+        self.timeout = timeout
+        self._observe = observe or (lambda op, seconds: None)
+
+    @classmethod
+    async def connect(cls, url: str, *, min_size: int = 2, max_size: int = 10,
+                      timeout: float = 5.0,
+                      observe: Callable[[str, float], None] | None = None) -> PostgresStore:
+        with _guard():
+            pool = await asyncpg.create_pool(
+                url, min_size=min_size, max_size=max_size, command_timeout=timeout,
+                timeout=timeout, max_inactive_connection_lifetime=60)
+        return cls(pool, url=url, timeout=timeout, observe=observe)
+
+    async def close(self) -> None:
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await asyncio.wait_for(self.pool.close(), timeout=self.timeout)
+
+    async def _call(self, op: str, method: str, query: str, *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            with _guard():
+                async with self.pool.acquire(timeout=self.timeout) as conn:
+                    return await getattr(conn, method)(query, *args, timeout=self.timeout)
+        finally:
+            self._observe(op, time.perf_counter() - start)
+
+    async def claim(self, *, scope: str, key: str, fingerprint: bytes, token: UUID,
+                    lease: float, ttl: float) -> Claim:
+        """Claim the key for `token`, or return the row that holds it. One round trip."""
+        row = await self._call("claim", "fetchrow", _CLAIM, scope, key, fingerprint, token,
+                               lease, ttl)
+        return Claim(ClaimOutcome(row["outcome"]), Record(
+            state=State(row["state"]), fingerprint=bytes(row["fingerprint"]),
+            lock_token=row["lock_token"], expires_at=row["expires_at"],
+            status=row["status"], headers=decode_headers(row["headers"]), body=row["body"],
+            body_chunks=row["body_chunks"], body_size=row["body_size"],
+            body_omitted=row["body_omitted"], lease_left=row["lease_left"]))
+
+    async def complete(self, *, scope: str, key: str, token: UUID, done: Completion) -> bool:
+        """Store the response if `token` still owns the claim; False if it was taken over."""
+        ok: bool = await self._call(
+            "complete", "fetchval", _COMPLETE, scope, key, token, done.status,
+            encode_headers(done.headers), done.body, done.body_chunks, done.body_size,
+            done.body_omitted)
+        return ok
+
+    async def release(self, *, scope: str, key: str, token: UUID) -> bool:
+        ok: bool = await self._call("release", "fetchval", _RELEASE, scope, key, token)
+        return ok
+
+    async def write_chunk(self, *, scope: str, key: str, token: UUID, seq: int,
+                          data: bytes) -> None:
+        await self._call("chunk", "execute", _CHUNK, scope, key, token, seq, data)
+
+    async def delete_chunks(self, *, scope: str, key: str, token: UUID) -> None:
+        await self._call("chunk", "execute", "DELETE FROM idemproxy_chunks WHERE scope = $1 "
+                         "AND key = $2 AND lock_token = $3", scope, key, token)
+
+    async def read_chunks(self, *, scope: str, key: str, token: UUID) -> AsyncIterator[bytes]:
+        """Stream a body's chunks in order from a cursor: bounded memory for any size."""
+        with _guard():
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                async with conn.transaction(readonly=True):
+                    cursor = conn.cursor(_READ_CHUNKS, scope, key, token, prefetch=2)
+                    async for row in cursor:
+                        yield row["data"]
+
+    async def ready(self) -> bool:
+        """Reachable and migrated to the version this code expects."""
+        try:
+            with _guard():
+                async with self.pool.acquire(timeout=self.timeout) as conn:
+                    return await current_version(conn) >= SCHEMA_VERSION
+        except StoreUnavailable:
+            return False
+
+    # --- operations (admin API, CLI, sweeper) ---
+
+    async def show(self, *, scope: str, key: str) -> dict[str, Any] | None:
+        row = await self._call("admin", "fetchrow", """
+            SELECT scope, key, state, status, created_at, completed_at, expires_at,
+                   locked_until, body_size, body_omitted, takeovers,
+                   expires_at <= now() AS expired
+              FROM idemproxy_keys WHERE scope = $1 AND key = $2""", scope, key)
+        return _admin_row(row) if row else None
+
+    async def delete(self, *, scope: str, key: str) -> bool:
+        """Delete a key's record (and body) so its next request executes again."""
+        n: int = await self._call("admin", "fetchval", """
+            WITH d AS (DELETE FROM idemproxy_keys WHERE scope = $1 AND key = $2 RETURNING 1),
+                 c AS (DELETE FROM idemproxy_chunks WHERE scope = $1 AND key = $2)
+            SELECT count(*) FROM d""", scope, key)
+        return n > 0
+
+    async def force_release(self, *, scope: str, key: str) -> bool:
+        """Release an in-flight claim whatever its token (a stuck claim)."""
+        token = await self._call("admin", "fetchval", """
+            SELECT lock_token FROM idemproxy_keys WHERE scope = $1 AND key = $2 AND state = 1
+            """, scope, key)
+        return token is not None and await self.release(scope=scope, key=key, token=token)
+
+    async def in_flight(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        rows = await self._call("admin", "fetch", """
+            SELECT scope, key, state, status, created_at, completed_at, expires_at,
+                   locked_until, body_size, body_omitted, takeovers,
+                   expires_at <= now() AS expired
+              FROM idemproxy_keys WHERE state = 1 ORDER BY created_at LIMIT $1""", limit)
+        return [_admin_row(r) for r in rows]
+
+    async def purge(self, *, batch: int = 1000) -> int:
+        """Delete one batch of expired rows (and their bodies); the number of rows gone."""
+        n: int = await self._call("purge", "fetchval", """
+            WITH gone AS (
+                DELETE FROM idemproxy_keys WHERE ctid = ANY(ARRAY(
+                    SELECT ctid FROM idemproxy_keys WHERE expires_at <= now()
+                     LIMIT $1 FOR UPDATE SKIP LOCKED))
+                RETURNING scope, key),
+              chunks AS (
+                DELETE FROM idemproxy_chunks c USING gone
+                 WHERE c.scope = gone.scope AND c.key = gone.key)
+            SELECT count(*) FROM gone""", batch)
+        return n
+
+    async def purge_orphans(self, *, batch: int = 1000) -> int:
+        """Delete chunks no record points at (left by a claim that was taken over)."""
+        n: int = await self._call("purge", "fetchval", """
+            WITH gone AS (
+                DELETE FROM idemproxy_chunks WHERE ctid = ANY(ARRAY(
+                    SELECT c.ctid FROM idemproxy_chunks c WHERE NOT EXISTS (
+                        SELECT 1 FROM idemproxy_keys k WHERE k.scope = c.scope
+                           AND k.key = c.key AND k.lock_token = c.lock_token)
+                     LIMIT $1))
+                RETURNING 1)
+            SELECT count(*) FROM gone""", batch)
+        return n
+
+    async def acquire_listener(self) -> asyncpg.Connection:
+        with _guard():
+            conn: asyncpg.Connection = await asyncpg.connect(self.url, timeout=self.timeout)
+            return conn
+
+
+def _admin_row(row: Any) -> dict[str, Any]:
+    doc = dict(row)
+    doc["state"] = State(doc["state"]).name.lower()
+    for k in ("created_at", "completed_at", "expires_at", "locked_until"):
+        doc[k] = doc[k].isoformat() if doc[k] else None
+    return doc
