@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import idempotency, routing
@@ -91,7 +92,7 @@ def create_admin_app(cfg: Config, deps: Deps, *, state: dict[str, bool] | None =
     return app
 
 
-def _admin_auth(cfg: Config) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def _admin_auth(cfg: Config) -> Middleware:
     """Beyond loopback, /admin/ calls need `Authorization: Bearer $token_env`."""
 
     @web.middleware

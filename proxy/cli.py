@@ -125,7 +125,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def _run(coro: Awaitable[int]) -> int:
     try:
         import uvloop
-        return uvloop.run(coro)  # type: ignore[no-any-return, arg-type]
+        return uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
         return asyncio.run(coro)  # type: ignore[arg-type]
 

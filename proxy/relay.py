@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy import headers as hdrs
 from proxy.errors import BodyTooLarge
@@ -37,7 +38,7 @@ async def _stream_body(request: web.Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def upstream_request_headers(request: web.Request, forwarder: Forwarder) -> hdrs.Headers:
+def upstream_request_headers(request: web.Request, forwarder: Forwarder) -> CIMultiDict[str]:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     return hdrs.for_upstream(request.headers, client_ip=peer[0] if peer else None,
                              scheme=request.scheme, upstream_host=forwarder.host)
@@ -75,7 +76,7 @@ class ClientSink:
             self.gone = True
 
     async def write(self, chunk: bytes) -> None:
-        if self.gone:
+        if self.gone or not chunk:
             return
         try:
             await self.response.write(chunk)

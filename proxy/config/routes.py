@@ -132,7 +132,8 @@ def _parse_key(r: Reader, raw: object, path: str, pattern: PathPattern) -> KeySo
             r.problems.append(f"{path}.path: {param!r} is not a parameter of "
                               f"{pattern.text!r} (has: {', '.join(pattern.params) or 'none'})")
         return KeySource(header=None, path=param)
-    return KeySource(header=None, body=r.get(d, "body", f"{path}.body", _pointers, ()),
+    pointers = r.get(d, "body", f"{path}.body", _pointers, None) or ()
+    return KeySource(header=None, body=pointers,
                      bucket=r.get(d, "bucket", f"{path}.bucket",
                                   _positive(parse_duration), None))
 
@@ -154,7 +155,7 @@ def _parse_tenant(r: Reader, raw: object, path: str) -> Tenant:
 def _parse_fingerprint(r: Reader, raw: object, path: str) -> Fingerprint:
     d = r.section(raw, path, {"query", "body", "headers"})
     dflt = Fingerprint()
-    headers = r.get(d, "headers", f"{path}.headers", _header_list, ())
+    headers = r.get(d, "headers", f"{path}.headers", _header_list, dflt.headers)
     return Fingerprint(query=r.get(d, "query", f"{path}.query", bool_, dflt.query),
                        body=r.get(d, "body", f"{path}.body", bool_, dflt.body),
                        headers=headers)

@@ -130,7 +130,7 @@ class PostgresStore:
         try:
             with _guard():
                 async with self.pool.acquire(timeout=self.timeout) as conn:
-                    return await current_version(conn) >= SCHEMA_VERSION
+                    return await current_version(conn) >= SCHEMA_VERSION  # type: ignore[arg-type]
         except StoreUnavailable:
             return False
 

@@ -1,0 +1,30 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both set everything up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test install lint bench torture clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run: demo upstream on :9000, the proxy on :8080 (embedded Postgres), admin on :9090
+run: $(STAMP)
+	@scripts/run-demo.sh $(BIN)
+
+## test: the whole suite against real PostgreSQL (embedded unless IDEMPROXY_TEST_DATABASE_URL)
+test: $(STAMP)
+	$(BIN)/python -m mypy
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m loadtest $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .idemproxy .pytest_cache .mypy_cache *.egg-info

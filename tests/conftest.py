@@ -1,0 +1,156 @@
+"""Shared fixtures: real PostgreSQL (embedded, or IDEMPROXY_TEST_DATABASE_URL), a recording
+test upstream, and the proxy running in-process on a loopback port.
+
+Nothing here mocks the store: every flow test talks to a real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import textwrap
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.app import create_admin_app, create_proxy_app
+from proxy.config import Config, loads
+from proxy.forward import Forwarder
+from proxy.idempotency import Deps
+from proxy.metrics import Metrics
+from proxy.store.migrate import migrate
+from proxy.store.notify import Notifier
+from proxy.store.postgres import PostgresStore
+from tests.upstream import TestUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL for the whole session."""
+    url = os.environ.get("IDEMPROXY_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from proxy.embedded import embedded_postgres
+        with embedded_postgres(tmp_path_factory.mktemp("pg")) as url:
+            yield url
+
+
+@pytest.fixture(scope="session")
+async def db(pg_url: str) -> str:
+    """The session database, migrated once."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return pg_url
+
+
+@pytest.fixture
+async def store(db: str) -> AsyncIterator[PostgresStore]:
+    s = await PostgresStore.connect(db, min_size=1, max_size=20, timeout=5)
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[TestUpstream]:
+    up = TestUpstream()
+    runner = web.AppRunner(up.app(), access_log=None, handler_cancellation=True,
+                           shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    up.url = f"http://127.0.0.1:{port}"
+    yield up
+    up.gate.set()
+    await runner.cleanup()
+
+
+def config_for(upstream_url: str, routes_yaml: str, *, extra: str = "") -> Config:
+    text = f"upstream:\n  url: {upstream_url}\n  timeout: 5s\n{extra}\nroutes:\n" + \
+        textwrap.indent(textwrap.dedent(routes_yaml).strip(), "  ")
+    return loads(text, env={})
+
+
+DEFAULT_ROUTES = """
+- name: exec
+  match: {methods: [POST, PUT, PATCH, DELETE], path: "/exec/*"}
+- name: gate
+  match: {methods: [POST], path: "/gate/*"}
+  require_key: true
+- name: any
+  match: {methods: [POST, PUT, DELETE], path: "/*"}
+"""
+
+
+@dataclass
+class ProxyHandle:
+    url: str
+    admin_url: str
+    deps: Deps
+    config: Config
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.deps.metrics.registry.get_sample_value(name, labels)
+        return value or 0.0
+
+
+@pytest.fixture
+async def make_proxy(db: str, upstream: TestUpstream
+                     ) -> AsyncIterator[Callable[..., Awaitable[ProxyHandle]]]:
+    """Start an in-process proxy (real store, real sockets) for the given routes."""
+    stack = contextlib.AsyncExitStack()
+
+    async def start(routes: str = DEFAULT_ROUTES, *, extra: str = "",
+                    upstream_url: str | None = None) -> ProxyHandle:
+        cfg = config_for(upstream_url or upstream.url, routes, extra=extra)
+        registry = CollectorRegistry()
+        metrics = Metrics(registry)
+        st = await PostgresStore.connect(db, min_size=1, max_size=20, timeout=5,
+                                         observe=metrics.observe_store)
+        stack.push_async_callback(st.close)
+        fwd = await stack.enter_async_context(Forwarder.open(cfg.upstream))
+        notifier = await stack.enter_async_context(Notifier(st.acquire_listener))
+        deps = Deps(store=st, forwarder=fwd, metrics=metrics, notifier=notifier)
+        proxy_runner = web.AppRunner(create_proxy_app(cfg, deps), access_log=None,
+                                     handler_cancellation=False, shutdown_timeout=2)
+        admin_runner = web.AppRunner(create_admin_app(cfg, deps), access_log=None)
+        for runner in (proxy_runner, admin_runner):
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+        await asyncio.wait_for(notifier.connected.wait(), 5)
+        return ProxyHandle(f"http://127.0.0.1:{proxy_runner.addresses[0][1]}",
+                           f"http://127.0.0.1:{admin_runner.addresses[0][1]}", deps, cfg)
+
+    async with stack:
+        yield start
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
