@@ -23,8 +23,13 @@ test: $(STAMP)
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+## bench: the load harness (loadtest/): proxy vs baselines, ratios in one run
 bench: $(STAMP)
 	$(BIN)/python -m loadtest $(BENCH_ARGS)
+
+## torture: the long fault-injection run with the history checker
+torture: $(STAMP)
+	$(BIN)/python -m tests.torture $(TORTURE_ARGS)
 
 clean:
 	rm -rf $(VENV) .idemproxy .pytest_cache .mypy_cache *.egg-info
