@@ -89,8 +89,9 @@ async def upstream() -> AsyncIterator[TestUpstream]:
     await runner.cleanup()
 
 
-def config_for(upstream_url: str, routes_yaml: str, *, extra: str = "") -> Config:
-    text = f"upstream:\n  url: {upstream_url}\n  timeout: 5s\n{extra}\nroutes:\n" + \
+def config_for(upstream_url: str, routes_yaml: str, *, extra: str = "",
+               upstream_timeout: str = "5s") -> Config:
+    text = f"upstream:\n  url: {upstream_url}\n  timeout: {upstream_timeout}\n{extra}\nroutes:\n" + \
         textwrap.indent(textwrap.dedent(routes_yaml).strip(), "  ")
     return loads(text, env={})
 
@@ -125,8 +126,10 @@ async def make_proxy(db: str, upstream: TestUpstream
     stack = contextlib.AsyncExitStack()
 
     async def start(routes: str = DEFAULT_ROUTES, *, extra: str = "",
-                    upstream_url: str | None = None) -> ProxyHandle:
-        cfg = config_for(upstream_url or upstream.url, routes, extra=extra)
+                    upstream_url: str | None = None, upstream_timeout: str = "5s"
+                    ) -> ProxyHandle:
+        cfg = config_for(upstream_url or upstream.url, routes, extra=extra,
+                         upstream_timeout=upstream_timeout)
         registry = CollectorRegistry()
         metrics = Metrics(registry)
         st = await PostgresStore.connect(db, min_size=1, max_size=20, timeout=5,
