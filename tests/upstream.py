@@ -58,8 +58,9 @@ class TestUpstream:
 
     async def gate_(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)
+        n = self.count(request.path)  # which execution this is, fixed on arrival
         await self.gate.wait()
-        return web.json_response({"n": self.count(request.path)}, status=201)
+        return web.json_response({"n": n}, status=201)
 
     async def big(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)

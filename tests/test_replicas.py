@@ -1,0 +1,215 @@
+"""The promise when things break (issue #4): several real proxy processes on one database,
+kill -9 mid-request, a zombie whose lease was taken over, Postgres stopped and started
+under traffic, SIGTERM during a slow request. Each test is bounded in time and count."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.procs import Cluster, DedicatedPostgres, sigcont, sigstop, wait_ready
+from tests.test_flow import post
+from tests.upstream import TestUpstream, body_json
+
+pytestmark = pytest.mark.slow
+
+ROUTES = """
+- name: exec
+  match: {methods: [POST], path: "/exec/*"}
+  require_key: true
+  concurrent: wait
+  wait_timeout: 20s
+- name: gate
+  match: {methods: [POST], path: "/gate/*"}
+  require_key: true
+  lock_timeout: 1500ms
+- name: fail-open
+  match: {methods: [POST], path: "/open/*"}
+  store_unavailable: pass_through
+"""
+
+
+def new_key() -> str:
+    return uuid.uuid4().hex
+
+
+@pytest.fixture
+async def cluster(db: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = Cluster(tmp_path, db)
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+async def test_duplicates_across_three_replicas_execute_once(cluster: Cluster,
+                                                             upstream: TestUpstream, client):
+    """30 concurrent duplicates spread over 3 proxy processes: one execution, one answer."""
+    procs = [await cluster.start(ROUTES, upstream=upstream.url) for _ in range(3)]
+    key = new_key()
+    results = await asyncio.gather(*[
+        post(client, procs[i % 3].url + "/exec/x?delay=0.3", key=key) for i in range(30)])
+    assert upstream.count("/exec/x") == 1
+    assert {s for s, _, _ in results} == {201}
+    assert len({b for _, _, b in results}) == 1
+
+
+async def test_waiter_on_another_replica_is_woken_on_completion(cluster: Cluster,
+                                                                upstream: TestUpstream, client):
+    """concurrent: wait — a retry held on replica B gets A's result when A completes."""
+    procs = [await cluster.start(ROUTES, upstream=upstream.url) for _ in range(2)]
+    key = new_key()
+    first = asyncio.create_task(post(client, procs[0].url + "/exec/w?delay=1", key=key))
+    while upstream.count("/exec/w") == 0:
+        await asyncio.sleep(0.01)
+    s, h, body = await post(client, procs[1].url + "/exec/w?delay=1", key=key)
+    s1, _, body1 = await first
+    assert (s, s1) == (201, 201) and body == body1 and h["Idempotent-Replayed"] == "true"
+    assert upstream.count("/exec/w") == 1
+
+
+async def test_kill_9_mid_request_then_takeover_after_lease(cluster: Cluster,
+                                                            upstream: TestUpstream, client):
+    """A proxy killed mid-request: retries get 409 during the lease, then take over."""
+    a = await cluster.start(ROUTES, upstream=upstream.url)
+    b = await cluster.start(ROUTES, upstream=upstream.url)
+    key = new_key()
+    first = asyncio.create_task(post(client, a.url + "/gate/k", key=key))
+    while upstream.count("/gate/k") == 0:
+        await asyncio.sleep(0.01)
+    a.signal(signal.SIGKILL)
+    with pytest.raises(aiohttp.ClientError):
+        await first
+    s, _, _ = await post(client, b.url + "/gate/k", key=key)
+    assert s == 409  # the dead claim's lease is still running
+    await asyncio.sleep(1.7)
+    upstream.gate.set()
+    s2, _, body = await post(client, b.url + "/gate/k", key=key)
+    assert s2 == 201 and body_json(body)["n"] == 2  # taken over: executed again, by policy
+    s3, h3, body3 = await post(client, b.url + "/gate/k", key=key)
+    assert (s3, body3, h3["Idempotent-Replayed"]) == (201, body, "true")
+
+
+async def test_zombie_proxy_cannot_overwrite_the_new_owners_result(
+        cluster: Cluster, upstream: TestUpstream, client):
+    """A frozen proxy whose lease was taken over answers late: its write is refused."""
+    a = await cluster.start(ROUTES, upstream=upstream.url)
+    b = await cluster.start(ROUTES, upstream=upstream.url)
+    key = new_key()
+    zombie_call = asyncio.create_task(post(client, a.url + "/gate/z", key=key))
+    while upstream.count("/gate/z") == 0:
+        await asyncio.sleep(0.01)
+    sigstop(a)
+    try:
+        await asyncio.sleep(1.7)  # A's lease ends while it is frozen
+        owner_call = asyncio.create_task(post(client, b.url + "/gate/z", key=key))
+        while upstream.count("/gate/z") < 2:
+            await asyncio.sleep(0.01)
+        upstream.gate.set()
+        s_b, _, body_b = await owner_call
+        assert s_b == 201 and body_json(body_b)["n"] == 2
+    finally:
+        sigcont(a)
+    s_a, _, body_a = await zombie_call  # the zombie's client still gets its own answer
+    assert s_a == 201 and body_json(body_a)["n"] == 1
+    for proxy in (a, b):  # but the stored result is the new owner's, on every replica
+        s, h, body = await post(client, proxy.url + "/gate/z", key=key)
+        assert (s, body, h["Idempotent-Replayed"]) == (201, body_b, "true")
+    assert '"result not stored: the claim was taken over' in a.output()
+
+
+@pytest.fixture
+async def own_pg(tmp_path: Path) -> AsyncIterator[DedicatedPostgres]:
+    pg = await asyncio.to_thread(DedicatedPostgres, tmp_path)
+    try:
+        yield pg
+    finally:
+        await asyncio.to_thread(pg.cleanup)
+
+
+async def test_postgres_outage_fails_closed_and_recovers(tmp_path: Path, own_pg,
+                                                         upstream: TestUpstream, client):
+    """Postgres stopped under traffic: guarded 503 + Retry-After, fail-open routes pass
+    through marked unguarded, unguarded traffic is untouched, /readyz unready; when it
+    comes back the same process recovers on its own."""
+    cluster = Cluster(tmp_path, own_pg.url)
+    try:
+        p = await cluster.start(ROUTES, upstream=upstream.url,
+                                extra="database:\n  timeout: 2s\n")
+        assert (await post(client, p.url + "/exec/before", key=new_key()))[0] == 201
+        await asyncio.to_thread(own_pg.stop)
+        s, h, body = await post(client, p.url + "/exec/down", key=new_key())
+        assert s == 503 and h["Retry-After"] and body_json(body)["type"].endswith(
+            "/store-unavailable")
+        s, h, _ = await post(client, p.url + "/open/x", key=new_key())
+        assert s == 200 and h["Idempotency-Status"] == "unguarded"
+        async with client.get(p.url + "/plain") as r:
+            assert r.status == 200
+        await wait_ready(p, status=503, timeout=10)
+        await asyncio.to_thread(own_pg.start)
+        await wait_ready(p, timeout=20)
+        key = new_key()
+        assert (await post(client, p.url + "/exec/after", key=key))[0] == 201
+        _, h, _ = await post(client, p.url + "/exec/after", key=key)
+        assert h["Idempotent-Replayed"] == "true"
+        assert p.proc.poll() is None
+    finally:
+        cluster.stop_all()
+
+
+async def test_lost_completion_write_is_retried_within_the_lease(tmp_path: Path, own_pg,
+                                                                 upstream: TestUpstream,
+                                                                 client):
+    """The upstream answered but the store is down: the client gets the answer, and the
+    write is retried until the store is back, so the retry replays it."""
+    cluster = Cluster(tmp_path, own_pg.url)
+    try:
+        p = await cluster.start("""
+- name: gate
+  match: {methods: [POST], path: "/gate/*"}
+  lock_timeout: 30s
+""", upstream=upstream.url, extra="database:\n  timeout: 2s\n")
+        key = new_key()
+        call = asyncio.create_task(post(client, p.url + "/gate/lost", key=key))
+        while upstream.count("/gate/lost") == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(own_pg.stop)
+        upstream.gate.set()
+        s, _, body = await call
+        assert s == 201 and body_json(body)["n"] == 1
+        await asyncio.to_thread(own_pg.start)
+        for _ in range(100):
+            s2, h2, body2 = await post(client, p.url + "/gate/lost", key=key)
+            if s2 == 201:
+                break
+            await asyncio.sleep(0.2)
+        assert (s2, body2, h2.get("Idempotent-Replayed")) == (201, body, "true")
+        assert upstream.count("/gate/lost") == 1
+    finally:
+        cluster.stop_all()
+
+
+async def test_sigterm_finishes_in_flight_request_and_exits_0(cluster: Cluster,
+                                                              upstream: TestUpstream, client):
+    """SIGTERM: unready at once, the in-flight request completes and is stored, exit 0."""
+    p = await cluster.start(ROUTES, upstream=upstream.url, extra="shutdown_grace: 10s\n")
+    other = await cluster.start(ROUTES, upstream=upstream.url)
+    key = new_key()
+    call = asyncio.create_task(post(client, p.url + "/gate/term", key=key))
+    while upstream.count("/gate/term") == 0:
+        await asyncio.sleep(0.01)
+    p.signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    assert p.proc.poll() is None  # still finishing the request
+    upstream.gate.set()
+    s, _, body = await call
+    assert s == 201
+    assert await asyncio.to_thread(p.proc.wait, 15) == 0
+    _, h, body2 = await post(client, other.url + "/gate/term", key=key)
+    assert body2 == body and h["Idempotent-Replayed"] == "true"
