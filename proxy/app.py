@@ -8,6 +8,7 @@ never a traceback to the client.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import idempotency, routing
 from proxy.config import SAFE_METHODS, Config
-from proxy.errors import KeyMissing, ProblemError, StoreUnavailable
+from proxy.errors import (
+    ERROR_BASE, BadRequest, ProblemError, ServiceUnavailable, StoreUnavailable,
+)
 from proxy.idempotency import Deps
 
 log = logging.getLogger("idemproxy.app")
@@ -77,11 +80,18 @@ def create_proxy_app(cfg: Config, deps: Deps) -> web.Application:
 
 def create_admin_app(cfg: Config, deps: Deps, *, state: dict[str, bool] | None = None
                      ) -> web.Application:
-    """Health, readiness, metrics and key operations; mutating calls may need a token."""
-    app = web.Application(middlewares=[problem_middleware, _admin_auth(cfg)])
+    """Health, readiness, metrics and key operations on the admin listener.
+
+    /healthz, /readyz and /metrics are open (probes and Prometheus); everything else needs
+    `Authorization: Bearer <token>` when the listener is beyond loopback. Every error is
+    problem+json.
+    """
+    app = web.Application(middlewares=[problem_middleware, _admin_problems,
+                                       _admin_auth(cfg)])
     app[CONFIG] = cfg
     app[DEPS] = deps
     app[STATE] = state if state is not None else {"shutting_down": False}
+    deps.metrics.declare_routes(r.name for r in cfg.routes)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -92,31 +102,73 @@ def create_admin_app(cfg: Config, deps: Deps, *, state: dict[str, bool] | None =
     return app
 
 
+OPEN_ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class AdminUnauthorized(ProblemError):
+    status = 401
+    slug = "unauthorized"
+    title = "Admin token required"
+
+
+class AdminNotFound(ProblemError):
+    status = 404
+    slug = "not-found"
+    title = "Not found"
+
+
 def _admin_auth(cfg: Config) -> Middleware:
-    """Beyond loopback, /admin/ calls need `Authorization: Bearer $token_env`."""
+    """Beyond loopback, all but the open paths need `Authorization: Bearer $token_env`.
+
+    Deny by default: a path not in OPEN_ADMIN_PATHS needs the token whatever its spelling.
+    The token is read once, when the app is built; unset, every guarded call is refused.
+    """
+    token = os.environ.get(cfg.admin.token_env, "")
+    if not cfg.admin.listen.is_loopback and not token:
+        log.warning("admin listens beyond loopback and $%s is not set: key operations "
+                    "are refused", cfg.admin.token_env)
+    expected = token.encode()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/admin/") and not cfg.admin.listen.is_loopback:
-            token = os.environ.get(cfg.admin.token_env, "")
-            given = request.headers.get("Authorization", "")
-            if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return web.json_response({"type": "https://idemproxy.dev/errors/unauthorized",
-                                          "title": "Unauthorized", "status": 401,
-                                          "detail": f"Send Authorization: Bearer with the "
-                                                    f"token from ${cfg.admin.token_env}."},
-                                         status=401, content_type=PROBLEM_JSON,
-                                         headers={"WWW-Authenticate": "Bearer"})
+        if not cfg.admin.listen.is_loopback and request.path not in OPEN_ADMIN_PATHS:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogateescape"), expected)
+            if not (ok and expected):
+                raise AdminUnauthorized(
+                    f"Send Authorization: Bearer with the token from ${cfg.admin.token_env}.",
+                    headers={"WWW-Authenticate": 'Bearer realm="idemproxy-admin"'})
         return await handler(request)
 
     return auth
 
 
+@web.middleware
+async def _admin_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own 404/405 answers, as problem+json like every other admin error."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status, "http-error")
+        doc = {"type": ERROR_BASE + slug, "title": exc.reason, "status": exc.status,
+               "detail": f"The admin API has no {request.method} {request.path}."}
+        resp = web.Response(status=exc.status, body=json.dumps(doc).encode(),
+                            content_type=PROBLEM_JSON)
+        if "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
+
+
 async def _healthz(request: web.Request) -> web.Response:
+    """Liveness: the process is up and its event loop answers."""
     return web.json_response({"status": "ok"})
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    """Readiness: not shutting down, the store reachable and migrated."""
     if request.app[STATE].get("shutting_down"):
         return web.json_response({"status": "shutting down"}, status=503)
     if not await request.app[DEPS].store.ready():
@@ -125,9 +177,10 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    # The waiters gauge is kept by the flow itself (inc/dec around each wait); setting it
+    # here from the notifier's count would make the two drift apart.
     deps = request.app[DEPS]
-    if deps.notifier is not None:
-        deps.metrics.waiters.set(deps.notifier.waiting)
+    deps.metrics.observe_pool(deps.store.pool)
     body = generate_latest(deps.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -135,33 +188,45 @@ async def _metrics(request: web.Request) -> web.Response:
 def _scope_key(request: web.Request) -> tuple[str, str]:
     scope, key = request.query.get("scope"), request.query.get("key")
     if not scope or not key:
-        raise KeyMissing("Pass ?scope=ROUTE:TENANT&key=KEY (scope as shown by "
-                         "/admin/in-flight).")
+        raise BadRequest("Pass ?scope=ROUTE:TENANT&key=KEY (the scope as "
+                         "/admin/in-flight or `idemproxy keys list` shows it).")
     return scope, key
 
 
 async def _key_show(request: web.Request) -> web.Response:
+    """GET /admin/keys?scope=&key=: the key's record (state, status, times, size)."""
     scope, key = _scope_key(request)
     rec = await _admin_call(request.app[DEPS].store.show(scope=scope, key=key))
     if rec is None:
-        return web.json_response({"detail": "no such key"}, status=404)
+        raise AdminNotFound("No record for this key in this scope.")
     return web.json_response(rec)
 
 
 async def _key_delete(request: web.Request) -> web.Response:
+    """DELETE /admin/keys?scope=&key=: forget the key; its next request executes again."""
     scope, key = _scope_key(request)
-    gone = await _admin_call(request.app[DEPS].store.delete(scope=scope, key=key))
-    return web.json_response({"deleted": gone}, status=200 if gone else 404)
+    if not await _admin_call(request.app[DEPS].store.delete(scope=scope, key=key)):
+        raise AdminNotFound("No record for this key in this scope.")
+    log.warning("admin deleted a key", extra={"fields": {"scope": scope.split(":")[0]}})
+    return web.json_response({"deleted": True})
 
 
 async def _key_release(request: web.Request) -> web.Response:
+    """POST /admin/keys/release?scope=&key=: end a stuck in-flight claim now."""
     scope, key = _scope_key(request)
-    done = await _admin_call(request.app[DEPS].store.force_release(scope=scope, key=key))
-    return web.json_response({"released": done}, status=200 if done else 404)
+    if not await _admin_call(request.app[DEPS].store.force_release(scope=scope, key=key)):
+        raise AdminNotFound("No in-flight claim for this key in this scope (completed "
+                            "keys are deleted, not released).")
+    log.warning("admin released a claim", extra={"fields": {"scope": scope.split(":")[0]}})
+    return web.json_response({"released": True})
 
 
 async def _in_flight(request: web.Request) -> web.Response:
-    rows = await _admin_call(request.app[DEPS].store.in_flight(limit=100))
+    """GET /admin/in-flight[?limit=N]: the oldest in-flight claims, up to N (100)."""
+    limit = request.query.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= 10000:
+        raise BadRequest("limit must be a whole number from 1 to 10000.")
+    rows = await _admin_call(request.app[DEPS].store.in_flight(limit=int(limit)))
     return web.json_response({"in_flight": rows})
 
 
@@ -169,4 +234,5 @@ async def _admin_call(coro: Awaitable[T]) -> T:
     try:
         return await coro
     except StoreUnavailable as exc:
-        raise web.HTTPServiceUnavailable(text=str(exc)) from exc
+        raise ServiceUnavailable("The idempotency store is unreachable; try again.",
+                                 headers={"Retry-After": "1"}) from exc

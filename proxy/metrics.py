@@ -1,13 +1,29 @@
 """Prometheus collectors on a registry that is passed in (no global state).
 
-Labels are low-cardinality only: route names from the config and fixed outcome names.
+Labels are low-cardinality only: route names from the config, fixed outcome names and
+fixed store operation names. Never a key, a tenant or a path.
+
+    idemproxy_requests_total{route,outcome}      every request the proxy answered
+    idemproxy_upstream_seconds{route}            time to the upstream's response headers
+    idemproxy_store_seconds{op}                  one store round trip (claim, complete, ...)
+    idemproxy_claims_in_flight                   claims this process is executing now
+    idemproxy_waiters                            retries held by `concurrent: wait`
+    idemproxy_claims_taken_over_total{route}     claims taken over after their lease ended
+    idemproxy_records_lost_total{route}          answers given but never stored
+    idemproxy_sweeper_deleted_total              expired records the sweeper deleted
+    idemproxy_db_pool_size / _idle / _max        the database pool, refreshed on scrape
+    idemproxy_build_info{version}                always 1
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from proxy import __version__
 
 
 class Outcome(enum.Enum):
@@ -24,7 +40,16 @@ class Outcome(enum.Enum):
     STORE_ERROR = "store_error"
 
 
+class PoolStats(Protocol):
+    """What the pool gauges read (asyncpg.Pool has these; no asyncpg import here)."""
+
+    def get_size(self) -> int: ...
+    def get_idle_size(self) -> int: ...
+    def get_max_size(self) -> int: ...
+
+
 _LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+UNROUTED = "-"  # the route label of requests no route matched
 
 
 class Metrics:
@@ -54,9 +79,34 @@ class Metrics:
         self.swept = Counter(
             "idemproxy_sweeper_deleted", "Expired records deleted by the sweeper.",
             registry=registry)
+        self.pool_size = Gauge(
+            "idemproxy_db_pool_size", "Open connections in the database pool.",
+            registry=registry)
+        self.pool_idle = Gauge(
+            "idemproxy_db_pool_idle", "Idle connections in the database pool.",
+            registry=registry)
+        self.pool_max = Gauge(
+            "idemproxy_db_pool_max", "The database pool's maximum size (database.pool_max).",
+            registry=registry)
+        Info("idemproxy_build", "The running idemproxy version.",
+             registry=registry).info({"version": __version__})
+
+    def declare_routes(self, names: Iterable[str]) -> None:
+        """Create every route × outcome series at zero, so rate() sees the first event."""
+        for name in (*names, UNROUTED):
+            for outcome in Outcome:
+                self.requests.labels(name, outcome.value)
+            self.takeovers.labels(name)
+            self.records_lost.labels(name)
 
     def count(self, route: str, outcome: Outcome) -> None:
         self.requests.labels(route, outcome.value).inc()
 
     def observe_store(self, op: str, seconds: float) -> None:
         self.store_seconds.labels(op).observe(seconds)
+
+    def observe_pool(self, pool: PoolStats) -> None:
+        """Refresh the pool gauges (called on each scrape)."""
+        self.pool_size.set(pool.get_size())
+        self.pool_idle.set(pool.get_idle_size())
+        self.pool_max.set(pool.get_max_size())
