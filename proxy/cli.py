@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from proxy import logs
@@ -71,15 +72,34 @@ async def _migrate(store: Any) -> list[str]:
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load(args.file)
     print(f"{args.file}: OK ({len(cfg.routes)} routes, upstream {cfg.upstream.url})")
+    if not cfg.admin.listen.is_loopback and not os.environ.get(cfg.admin.token_env):
+        print(f"warning: admin.listen {cfg.admin.listen} is beyond loopback and "
+              f"${cfg.admin.token_env} is not set here: key operations will be refused",
+              file=sys.stderr)
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from proxy.server import serve
-
     cfg = _config(args)
     logs.configure(fmt=cfg.logging.format, level=cfg.logging.level)
+    if os.environ.get("IDEMPROXY_WORKER"):  # started by the supervisor below
+        from proxy.server import serve
+        return _run(serve(cfg, worker=True))
+    if cfg.workers > 1:
+        prepare_multiprocess_metrics(cfg.data_dir)  # before prometheus_client is imported
+        from proxy.supervisor import supervise
+        return _run(supervise(cfg))
+    from proxy.server import serve
     return _run(serve(cfg))
+
+
+def prepare_multiprocess_metrics(data_dir: str) -> None:
+    """Call before prometheus_client is imported: metrics then live in shared files."""
+    path = Path(data_dir).expanduser().resolve() / "metrics"
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.iterdir():  # a previous run's values and worker ready marks
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -96,7 +116,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         async with open_store(_config(args)) as store:
-            await _migrate(store)
+            await _require_schema(store)
             n = await sweep_once(store)
         print(f"deleted {n} expired records")
         return 0
@@ -106,20 +126,38 @@ def cmd_purge(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with open_store(_config(args)) as store:
-            await _migrate(store)
+            await _require_schema(store)
             if args.verb == "list":
-                print(json.dumps(await store.in_flight(limit=100), indent=2))
+                print(json.dumps(await store.in_flight(limit=args.limit), indent=2))
                 return 0
             if args.verb == "show":
                 rec = await store.show(scope=args.scope, key=args.key)
-                print(json.dumps(rec, indent=2) if rec else "no such key")
-                return 0 if rec else 1
-            fn = store.delete if args.verb == "delete" else store.force_release
-            done = await fn(scope=args.scope, key=args.key)
-            print(f"{args.verb}d" if done else "no such key" if args.verb == "delete"
-                  else "no in-flight claim for that key")
+                if rec is None:
+                    print("no such key in that scope", file=sys.stderr)
+                    return 1
+                print(json.dumps(rec, indent=2))
+                return 0
+            if args.verb == "delete":
+                done = await store.delete(scope=args.scope, key=args.key)
+                miss = "no such key in that scope"
+            else:
+                done = await store.force_release(scope=args.scope, key=args.key)
+                miss = "no in-flight claim for that key in that scope"
+            print(f"{args.verb}d" if done else miss, file=sys.stdout if done else sys.stderr)
             return 0 if done else 1
     return _run(go())
+
+
+class SchemaNotCurrent(Exception):
+    """The database has not been migrated to the version this code needs."""
+
+
+async def _require_schema(store: Any) -> None:
+    """Operations never migrate as a side effect: a newer CLI must not change the schema
+    under an older fleet. `idemproxy migrate` (or `serve`) does that on purpose."""
+    if not await store.ready():
+        raise SchemaNotCurrent("the database schema is missing or older than this "
+                               "version; run `idemproxy migrate` first")
 
 
 def _run(coro: Awaitable[int]) -> int:
@@ -152,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("verb", choices=["show", "delete", "release", "list"])
     keys.add_argument("scope", nargs="?", default="", help="ROUTE:TENANT, as `list` shows")
     keys.add_argument("key", nargs="?", default="")
+    keys.add_argument("--limit", type=int, default=100, help="list: at most this many")
     keys.set_defaults(fn=cmd_keys)
     return p
 
@@ -170,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except StoreUnavailable as exc:
         print(f"error: database unreachable: {exc}", file=sys.stderr)
+        return 1
+    except SchemaNotCurrent as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -47,20 +49,23 @@ def check_parser(cfg: Config) -> None:
         log.warning("running on aiohttp's pure-Python HTTP parser (allow_python_parser)")
 
 
-async def serve(cfg: Config) -> int:
+async def serve(cfg: Config, *, worker: bool = False) -> int:
+    """Run the proxy. A supervisor's worker (`worker=True`) shares the proxied port with its
+    siblings and leaves migrations, the admin listener and the sweeper to the supervisor."""
     check_parser(cfg)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     async with open_store(cfg, wait=30) as store:
         store._observe = metrics.observe_store
-        applied = await _migrate(store)
-        if applied:
-            log.info("applied migrations: %s", ", ".join(applied))
+        if not worker:
+            applied = await _migrate(store)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
         async with Forwarder.open(cfg.upstream) as forwarder, \
                 Notifier(store.acquire_listener) as notifier:
             deps = Deps(store=store, forwarder=forwarder, metrics=metrics, notifier=notifier,
                         db_clock_offset=await _db_clock_offset(store))
-            return await _run_listeners(cfg, deps)
+            return await _run_listeners(cfg, deps, worker=worker)
 
 
 async def _db_clock_offset(store: object) -> float:
@@ -70,7 +75,7 @@ async def _db_clock_offset(store: object) -> float:
     return float(db_now) - time.time()
 
 
-async def _run_listeners(cfg: Config, deps: Deps) -> int:
+async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
     state = {"shutting_down": False}
     proxy_runner = web.AppRunner(create_proxy_app(cfg, deps), access_log=None,
                                  handler_cancellation=False,
@@ -82,12 +87,16 @@ async def _run_listeners(cfg: Config, deps: Deps) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sweeper = asyncio.create_task(run_sweeper(
+    sweeper = None if worker else asyncio.create_task(run_sweeper(
         deps.store, interval=cfg.sweep_interval, on_deleted=deps.metrics.swept.inc))
     try:
         await web.TCPSite(proxy_runner, cfg.listen.host, cfg.listen.port,
-                          reuse_port=cfg.workers > 1).start()
-        await web.TCPSite(admin_runner, cfg.admin.listen.host, cfg.admin.listen.port).start()
+                          reuse_port=worker).start()
+        if worker:
+            _report_ready()
+        else:
+            await web.TCPSite(admin_runner, cfg.admin.listen.host,
+                              cfg.admin.listen.port).start()
         log.info("idemproxy listening", extra={"fields": {
             "proxy": str(cfg.listen), "admin": str(cfg.admin.listen),
             "upstream": cfg.upstream.url, "routes": len(cfg.routes)}})
@@ -96,12 +105,20 @@ async def _run_listeners(cfg: Config, deps: Deps) -> int:
                  extra={"fields": {"grace_s": cfg.shutdown_grace}})
         state["shutting_down"] = True
     finally:
-        sweeper.cancel()
+        if sweeper is not None:
+            sweeper.cancel()
         await proxy_runner.cleanup()  # stop accepting; wait up to shutdown_grace
         await _drain(deps)
         await admin_runner.cleanup()
     log.info("stopped")
     return 0
+
+
+def _report_ready() -> None:
+    """Tell the supervisor this worker is listening (a file in its shared directory)."""
+    ready_dir = os.environ.get("IDEMPROXY_WORKER", "")
+    if os.path.isdir(ready_dir):
+        Path(ready_dir, f"ready-{os.getpid()}").touch()
 
 
 async def _drain(deps: Deps) -> None:

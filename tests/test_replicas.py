@@ -213,3 +213,31 @@ async def test_sigterm_finishes_in_flight_request_and_exits_0(cluster: Cluster,
     assert await asyncio.to_thread(p.proc.wait, 15) == 0
     _, h, body2 = await post(client, other.url + "/gate/term", key=key)
     assert body2 == body and h["Idempotent-Replayed"] == "true"
+
+
+async def test_workers_share_the_port_and_aggregate_metrics(cluster: Cluster,
+                                                            upstream: TestUpstream, client):
+    """workers: 2 — one supervisor, two workers on one port: exactly-once still holds,
+    /metrics adds up every worker, SIGTERM stops them all with exit 0."""
+    import psutil
+
+    p = await cluster.start(ROUTES, upstream=upstream.url, workers=2)
+    children = psutil.Process(p.proc.pid).children()
+    assert len(children) == 2
+    keys = [new_key() for _ in range(20)]
+    async with aiohttp.ClientSession() as fresh:  # new connections spread over workers
+        for key in keys:
+            await post(fresh, p.url + "/exec/wk", key=key)
+        results = await asyncio.gather(*[
+            post(aiohttp_session, p.url + "/exec/wk", key=keys[0])
+            for aiohttp_session in [fresh] * 10])
+    assert upstream.count("/exec/wk") == 20
+    assert all(s == 201 for s, _, _ in results)
+    async with client.get(p.admin_url + "/metrics") as r:
+        text = await r.text()
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith("idemproxy_requests_total") and 'outcome="forwarded"' in ln)
+    assert float(line.split()[-1]) == 20.0
+    p.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(p.proc.wait, 20) == 0
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)

@@ -75,7 +75,7 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
             timeout=r.get(db, "timeout", "database.timeout", parse_duration, 5.0)),
         routes=parse_routes(r, top.get("routes"), top.get("defaults")),
         data_dir=r.get(top, "data_dir", "data_dir", str_, d.data_dir),
-        workers=r.get(top, "workers", "workers", _workers, d.workers),
+        workers=r.get(top, "workers", "workers", _workers, _workers("auto")),
         shutdown_grace=r.get(top, "shutdown_grace", "shutdown_grace", parse_duration, 30.0),
         sweep_interval=r.get(top, "sweep_interval", "sweep_interval", parse_duration, 60.0),
         logging=Logging(
@@ -90,8 +90,9 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
 
 
 def _workers(value: object) -> int:
-    if value == "auto":
-        return os.cpu_count() or 1
+    if value == "auto":  # the cores this process may run on (cgroup/affinity aware)
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
     return int_in(1, 256)(value)
 
 
