@@ -1,0 +1,173 @@
+"""The real `idemproxy` CLI as a subprocess (design.md §5): check-config on every example,
+and migrate, keys list|show|delete|release and purge against real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from proxy.store.postgres import PostgresStore
+from tests.conftest import ROOT, free_port
+
+EXAMPLES = sorted((ROOT / "config").glob("*.yaml"))
+
+
+async def cli(*args: str, db: str | None = None, env: dict[str, str] | None = None
+              ) -> tuple[int, str, str]:
+    """Run `python -m proxy ARGS` from the repository root; (exit code, stdout, stderr)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMPROXY_")}
+    full_env.update(env or {})
+    if db is not None:
+        full_env["IDEMPROXY_DATABASE_URL"] = db
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, cwd=ROOT, env=full_env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def keys_cmd(verb: str, *rest: str) -> tuple[str, ...]:
+    return ("keys", verb, *rest, "--config", "config/example.yaml")
+
+
+async def claim(store: PostgresStore, scope: str, key: str, *, ttl: float = 60) -> None:
+    await store.claim(scope=scope, key=key, fingerprint=b"f" * 32, token=uuid.uuid4(),
+                      lease=60, ttl=ttl)
+
+
+@pytest.fixture
+async def fresh_db(db: str) -> AsyncIterator[str]:
+    """An empty database on the test server (never migrated), dropped afterwards."""
+    name = "idemproxy_cli_" + uuid.uuid4().hex[:8]
+    conn = await asyncpg.connect(db)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+        url = urlunsplit(urlsplit(db)._replace(path="/" + name))
+        yield url
+        await conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+async def test_every_example_config_passes_check_config(path: Path):
+    """`idemproxy check-config` accepts each config/*.yaml and exits 0."""
+    code, out, err = await cli("check-config", str(path.relative_to(ROOT)))
+    assert code == 0, err
+    assert "OK" in out and "Traceback" not in err
+
+
+def test_the_examples_are_there():
+    """The payments, webhooks and orders examples exist beside example.yaml."""
+    assert {p.name for p in EXAMPLES} >= {"example.yaml", "payments.yaml", "webhooks.yaml",
+                                          "orders.yaml"}
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("routes:\n  - name: a\n    match: {path: /a}\n    ttl: 24 hours\n",
+     "routes[0].ttl: '24 hours' is not a duration"),
+    ("upstream:\n  url: ftp://x\n", "upstream.url:"),
+    ("admin:\n  listen: 9090\n", "admin.listen:"),
+    ("routes:\n  - name: a\n    match: {path: /a}\n    colour: red\n", "routes[0].colour:"),
+    ("routes: [\n", "not valid YAML"),
+])
+async def test_a_bad_config_exits_2_naming_the_field(tmp_path, text, expect):
+    """A bad config exits 2 with the field path in stderr, and no traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    code, out, err = await cli("check-config", str(bad))
+    assert code == 2 and expect in err, err
+    assert "Traceback" not in err and "OK" not in out
+
+
+async def test_a_missing_config_file_exits_2():
+    """check-config on a file that does not exist exits 2 with one clear line."""
+    code, _, err = await cli("check-config", "config/no-such-file.yaml")
+    assert code == 2 and "no-such-file.yaml: cannot read" in err and "Traceback" not in err
+
+
+async def test_check_config_warns_about_an_open_admin_port_without_a_token(tmp_path):
+    """An admin listener beyond loopback without the token set passes with a warning."""
+    cfg = tmp_path / "open-admin.yaml"
+    cfg.write_text("admin:\n  listen: 0.0.0.0:9090\n")
+    code, _, err = await cli("check-config", str(cfg))
+    assert code == 0 and "IDEMPROXY_ADMIN_TOKEN" in err
+    code, _, err = await cli("check-config", str(cfg), env={"IDEMPROXY_ADMIN_TOKEN": "t"})
+    assert code == 0 and err == ""
+
+
+async def test_migrate_applies_once_and_keys_refuse_an_unmigrated_database(fresh_db):
+    """Key commands never migrate behind your back; `migrate` applies, then is a no-op."""
+    code, _, err = await cli(*keys_cmd("list"), db=fresh_db)
+    assert code == 1 and "idemproxy migrate" in err and "Traceback" not in err
+    code, out, _ = await cli("migrate", "--config", "config/example.yaml", db=fresh_db)
+    assert code == 0 and out.startswith("applied: 0001_")
+    code, out, _ = await cli("migrate", "--config", "config/example.yaml", db=fresh_db)
+    assert code == 0 and out.strip() == "schema is current"
+    code, out, _ = await cli(*keys_cmd("list"), db=fresh_db)
+    assert code == 0 and json.loads(out) == []
+
+
+async def test_keys_list_show_release(db, store):
+    """`keys list` shows an in-flight claim, `show` its record, `release` frees it once."""
+    scope, key = "cli-release:-", uuid.uuid4().hex
+    await claim(store, scope, key)
+    code, out, _ = await cli(*keys_cmd("list", "--limit", "10000"), db=db)
+    assert code == 0
+    assert [r["scope"] for r in json.loads(out) if r["key"] == key] == [scope]
+    code, out, _ = await cli(*keys_cmd("show", scope, key), db=db)
+    assert code == 0 and json.loads(out)["state"] == "in_flight"
+    code, out, _ = await cli(*keys_cmd("release", scope, key), db=db)
+    assert (code, out.strip()) == (0, "released")
+    code, _, err = await cli(*keys_cmd("release", scope, key), db=db)
+    assert code == 1 and "no in-flight claim" in err
+    assert await store.show(scope=scope, key=key) is None
+
+
+async def test_keys_delete_then_show_is_gone(db, store):
+    """`keys delete` removes a record; `show` and a second `delete` then exit 1."""
+    scope, key = "cli-delete:-", uuid.uuid4().hex
+    await claim(store, scope, key)
+    code, out, _ = await cli(*keys_cmd("delete", scope, key), db=db)
+    assert (code, out.strip()) == (0, "deleted")
+    for verb in ("show", "delete"):
+        code, out, err = await cli(*keys_cmd(verb, scope, key), db=db)
+        assert code == 1 and out == "" and "no such key" in err
+
+
+async def test_purge_deletes_expired_records(db, store):
+    """`purge` deletes records whose window has passed and leaves live ones."""
+    dead, live = uuid.uuid4().hex, uuid.uuid4().hex
+    await claim(store, "cli-purge:-", dead, ttl=0.01)
+    await claim(store, "cli-purge:-", live)
+    await asyncio.sleep(0.05)
+    code, out, _ = await cli("purge", "--config", "config/example.yaml", db=db)
+    assert code == 0 and out.startswith("deleted ") and int(out.split()[1]) >= 1
+    assert await store.show(scope="cli-purge:-", key=dead) is None
+    assert await store.show(scope="cli-purge:-", key=live) is not None
+
+
+async def test_keys_usage_errors_exit_2():
+    """`keys show` without SCOPE and KEY, or an unknown verb, exits 2 without a traceback."""
+    for args in (keys_cmd("show"), keys_cmd("delete", "only-scope"), keys_cmd("explode")):
+        code, _, err = await cli(*args)
+        assert code == 2 and "Traceback" not in err, args
+
+
+async def test_an_unreachable_database_exits_1_with_one_line():
+    """No database at the URL: exit 1 and one clear line, no traceback."""
+    url = f"postgresql://idemproxy@127.0.0.1:{free_port()}/none"
+    code, _, err = await cli(*keys_cmd("list"), db=url)
+    assert code == 1 and err.startswith("error: database unreachable")
+    assert "Traceback" not in err
