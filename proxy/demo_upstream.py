@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Iterator
 
 from aiohttp import web
 
-COUNTER = web.AppKey("counter", itertools.count[int])
+COUNTER: web.AppKey[Iterator[int]] = web.AppKey("counter")
 
 
 async def create_charge(request: web.Request) -> web.Response:
-    n: int = next(request.app[COUNTER])  # type: ignore[index]
+    counter: Iterator[int] = request.app[COUNTER]
+    n = next(counter)
     body = await request.text()
     return web.json_response({"id": f"ch_{n:06d}", "execution": n, "request_body": body},
                              status=201)

@@ -87,6 +87,7 @@ async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    orphan_watch: asyncio.Task[None] | None = None
     sweeper = None if worker else asyncio.create_task(run_sweeper(
         deps.store, interval=cfg.sweep_interval, on_deleted=deps.metrics.swept.inc))
     try:
@@ -94,24 +95,35 @@ async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
                           reuse_port=worker).start()
         if worker:
             _report_ready()
+            orphan_watch = asyncio.create_task(_stop_when_orphaned(stop))
         else:
             await web.TCPSite(admin_runner, cfg.admin.listen.host,
                               cfg.admin.listen.port).start()
         log.info("idemproxy listening", extra={"fields": {
-            "proxy": str(cfg.listen), "admin": str(cfg.admin.listen),
-            "upstream": cfg.upstream.url, "routes": len(cfg.routes)}})
+            "proxy": str(cfg.listen), "admin": "supervisor" if worker else str(cfg.admin.listen),
+            "upstream": cfg.upstream.url, "routes": len(cfg.routes), "pid": os.getpid()}})
         await stop.wait()
         log.info("shutting down: finishing in-flight requests",
                  extra={"fields": {"grace_s": cfg.shutdown_grace}})
         state["shutting_down"] = True
     finally:
-        if sweeper is not None:
-            sweeper.cancel()
+        for task in (sweeper, orphan_watch):
+            if task is not None:
+                task.cancel()
         await proxy_runner.cleanup()  # stop accepting; wait up to shutdown_grace
         await _drain(deps)
         await admin_runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (even by kill -9) shuts down instead of lingering."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1)
+    log.error("supervisor gone; worker shutting down")
+    stop.set()
 
 
 def _report_ready() -> None:

@@ -241,3 +241,15 @@ async def test_workers_share_the_port_and_aggregate_metrics(cluster: Cluster,
     p.signal(signal.SIGTERM)
     assert await asyncio.to_thread(p.proc.wait, 20) == 0
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
+async def test_workers_exit_when_the_supervisor_is_killed(cluster: Cluster,
+                                                          upstream: TestUpstream):
+    """kill -9 of the supervisor leaves no orphaned workers behind."""
+    import psutil
+
+    p = await cluster.start(ROUTES, upstream=upstream.url, workers=2)
+    children = psutil.Process(p.proc.pid).children()
+    p.signal(signal.SIGKILL)
+    _, alive = await asyncio.to_thread(psutil.wait_procs, children, 10)
+    assert alive == []
