@@ -108,31 +108,24 @@ async def handle(request: web.Request, m: Match, deps: Deps) -> web.StreamRespon
 
 async def _identify(request: web.Request, m: Match, deps: Deps
                     ) -> tuple[Guarded | None, bytes | None]:
-    """The key, scope and fingerprint; (None, body) when the request is unguarded."""
-    route, src, body = m.route, m.route.key, None
-    key: str | None = None
-    if src.header is not None:
-        key = keys.key_from_headers(request.headers.getall(src.header, []), header=src.header)
-    elif src.path is not None:
-        key = keys.parse_key_value(m.params[src.path], source=f"path parameter {src.path}")
-    else:
+    """The key, scope and fingerprint; (None, body) when the request is unguarded.
+
+    The body is read first only for body keys; bucketed keys use the database's clock.
+    """
+    route, body = m.route, None
+    if route.key.body:
         body = await read_body(request, limit=route.max_request_body)
-        bucket = None
-        if src.bucket:
-            bucket = int((time.time() + deps.db_clock_offset) // src.bucket)
-        key = keys.key_from_body(body, request.headers.get("Content-Type", ""),
-                                 pointers=src.body, bucket=bucket)
-    what = (f"an {src.header} header" if src.header else
-            f"the body fields {', '.join(src.body)}" if src.body else "a key")
-    if keys.require(key, route, what=what) is None:
+    key = keys.read_key(route, headers=request.headers, params=m.params, body=body,
+                        now=time.time() + deps.db_clock_offset)
+    if key is None:
         return None, body
-    assert key is not None
     if body is None:
         body = await read_body(request, limit=route.max_request_body)
     scope = keys.scope_of(route, keys.tenant_of(route, request.headers))
-    fp = keys.fingerprint(route, method=request.method, path=request.path,
+    fp = keys.fingerprint(route, method=request.method, path=request.rel_url.raw_path,
                           query=request.rel_url.raw_query_string, body=body,
-                          headers=request.headers)
+                          headers=request.headers,
+                          content_type=request.headers.get("Content-Type", ""))
     return Guarded(route, scope, key, fp, body), body
 
 

@@ -1,26 +1,65 @@
 """Pure: read a request's idempotency key, its tenant scope and its fingerprint.
 
-Nothing here touches a socket; the flow hands in the parts of the request it needs.
+Nothing here touches a socket or a clock; the flow hands in the parts of the request it
+needs (and the database's time, for bucketed body keys).
+
+    key.header  Idempotency-Key: "abc"       -> abc    (bare token or RFC 8941 sf-string)
+    key.path    PUT /orders/{order_id}       -> 42     (the parameter as routed)
+    key.body    {"to": .., "template": ..}   -> body:<SHA-256 of the canonical values>
+    key.raw     {"id": "evt_1"}              -> evt_1  (one value, used as it is)
+
+Every key is 1-255 printable ASCII characters, whatever its source.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from urllib.parse import parse_qs
+
+from multidict import MultiMapping
 
 from proxy.config import Route, TenantMode
 from proxy.errors import KeyMalformed, KeyMissing
 
 MAX_KEY_LENGTH = 255
+FORM = "application/x-www-form-urlencoded"
+_INDEX = re.compile(r"^(0|[1-9][0-9]*)$")  # RFC 6901 §4: array indexes, no leading zeros
+
+
+# --- the key ---------------------------------------------------------------------------
+
+def read_key(route: Route, *, headers: Mapping[str, str], params: Mapping[str, str],
+             body: bytes | None, now: float) -> str | None:
+    """The route's key for this request, or None when it has none and may go unguarded.
+
+    Raises KeyMissing (no key on a `require_key` route) or KeyMalformed (a key that is
+    there but unusable). `body` is needed only for body keys; `now` (the database clock,
+    in seconds) only for bucketed ones.
+    """
+    src = route.key
+    if src.header is not None:
+        key = key_from_headers(header_values(headers, src.header), header=src.header)
+        return require(key, route, what=f"an {src.header} header")
+    if src.path is not None:
+        return check_key(params[src.path], source=f"path parameter {{{src.path}}}")
+    return body_key(route, body or b"", content_type=headers.get("Content-Type", ""),
+                    now=now)
 
 
 def parse_key_value(raw: str, *, source: str) -> str:
-    """Validate one key: a bare token or an RFC 8941 sf-string; 1-255 printable ASCII."""
+    """Validate one header key: a bare token or an RFC 8941 sf-string."""
     value = raw.strip(" \t")
     if value.startswith('"'):
         value = _parse_sf_string(value, source=source)
+    return check_key(value, source=source)
+
+
+def check_key(value: str, *, source: str) -> str:
+    """A key is 1-255 printable ASCII characters (design §2); anything else is a 400."""
     if not value:
         raise KeyMalformed(f"The {source} is empty.")
     if len(value) > MAX_KEY_LENGTH:
@@ -61,35 +100,130 @@ def key_from_headers(values: Sequence[str], *, header: str) -> str | None:
     return parse_key_value(values[0], source=f"{header} header")
 
 
-def key_from_body(body: bytes, content_type: str, *, pointers: Sequence[str],
-                  bucket: int | None) -> str | None:
-    """A content-derived key: SHA-256 of the canonical JSON of the selected values.
+def require(key: str | None, route: Route, *, what: str) -> str | None:
+    """Apply `require_key`: no key on a route that needs one is a 400."""
+    if key is None and route.require_key:
+        raise KeyMissing(f"Route {route.name!r} requires {what}.")
+    return key
+
+
+# --- keys from the body ----------------------------------------------------------------
+
+class NoBodyValue(ValueError):
+    """Why a body yields no key: no body, not JSON or form, or a pointer that is absent."""
+
+
+def body_key(route: Route, body: bytes, *, content_type: str, now: float) -> str | None:
+    """A content-derived key: SHA-256 of the selected values, canonicalised, or raw.
+
+    A body that yields no key is a 400 on `require_key` routes, else None (unguarded).
+    """
+    src = route.key
+    try:
+        kind, values = select(body, content_type=content_type, pointers=src.body)
+    except NoBodyValue as exc:
+        if not route.require_key:
+            return None
+        raise KeyMissing(f"Route {route.name!r} takes its key from the request body "
+                         f"({', '.join(src.body) or 'the whole body'}), but {exc}.") from None
+    if src.raw:
+        return _raw_key(values[0], pointer=src.body[0])
+    material = f"{kind}:{canonical_json(values)}"
+    if src.bucket is not None:  # the window the database clock is in, since the epoch
+        material += f"|bucket:{src.bucket:g}:{int(now // src.bucket)}"
+    return "body:" + hashlib.sha256(material.encode("ascii")).hexdigest()
+
+
+def select(body: bytes, *, content_type: str, pointers: Sequence[str]
+           ) -> tuple[str, list[object]]:
+    """("json" | "form", the value at each pointer); raises NoBodyValue saying why not.
 
     JSON bodies are addressed by RFC 6901 pointers; form bodies by field name (the pointer
-    without its leading '/'). Returns None when any selected value is absent.
+    without its '/'; '' is the whole form) and give each field's list of values.
     """
-    values: list[object] = []
-    if content_type.startswith("application/x-www-form-urlencoded"):
-        form = parse_qs(body.decode("latin-1"), keep_blank_values=True)
-        for p in pointers:
-            got = form.get(p.lstrip("/"))
-            if got is None:
-                return None
-            values.append(got)
-    else:
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return None
-        for p in pointers:
-            found, value = resolve_pointer(doc, p)
-            if not found:
-                return None
-            values.append(value)
-    material = canonical_json(values)
-    if bucket is not None:
-        material += f"|bucket:{bucket}"
-    return "body:" + hashlib.sha256(material.encode()).hexdigest()
+    if not body:
+        raise NoBodyValue("the request has no body")
+    if media_type(content_type) == FORM:
+        form = parse_form(body)
+        return "form", [_form_field(form, p) for p in pointers]
+    try:
+        doc = parse_json(body)
+    except (ValueError, RecursionError) as exc:
+        raise NoBodyValue(f"the body is not JSON or form-encoded (Content-Type: "
+                          f"{content_type or 'none'}; {_reason(exc)})") from None
+    values = []
+    for p in pointers:
+        found, value = resolve_pointer(doc, p)
+        if not found:
+            raise NoBodyValue(f"the body has no value at {p}")
+        values.append(value)
+    return "json", values
+
+
+def _form_field(form: dict[str, list[str]], pointer: str) -> object:
+    if pointer == "":
+        return form
+    name = _unescape(pointer[1:])
+    if name not in form:
+        raise NoBodyValue(f"the form body has no field {name!r}")
+    return form[name]
+
+
+def _raw_key(value: object, *, pointer: str) -> str:
+    """`raw: true`: the value itself is the key: a string or an integer, validated."""
+    if isinstance(value, list) and len(value) == 1:  # a form field sent once
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise KeyMalformed(f"The body value at {pointer} is not a string or an integer, "
+                           "so it cannot be the idempotency key.")
+    return check_key(str(value), source=f"body value at {pointer}")
+
+
+def _reason(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
+# --- JSON: parsing, pointers, canonical form -------------------------------------------
+
+class _Dropped:
+    """Marks a value removed by `fingerprint.ignore`; canonical_json leaves it out."""
+
+
+DROPPED = _Dropped()
+
+
+def media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def parse_json(body: bytes) -> object:
+    """One JSON text, exactly: numbers kept exact (Decimal); NaN, Infinity and duplicate
+    member names refused (a duplicate means different things to different parsers)."""
+    return json.loads(body, parse_float=Decimal, parse_constant=_no_constant,
+                      object_pairs_hook=_unique_members)
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_members(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    doc: dict[str, object] = {}
+    for name, value in pairs:
+        if name in doc:
+            raise ValueError(f"duplicate member name {name!r}")
+        doc[name] = value
+    return doc
+
+
+def parse_form(body: bytes) -> dict[str, list[str]]:
+    """application/x-www-form-urlencoded; undecodable bytes kept distinct, not replaced."""
+    return parse_qs(body.decode("utf-8", "surrogateescape"), keep_blank_values=True,
+                    encoding="utf-8", errors="surrogateescape")
+
+
+def _unescape(token: str) -> str:
+    return token.replace("~1", "/").replace("~0", "~")
 
 
 def resolve_pointer(doc: object, pointer: str) -> tuple[bool, object]:
@@ -98,26 +232,86 @@ def resolve_pointer(doc: object, pointer: str) -> tuple[bool, object]:
         return True, doc
     node = doc
     for token in pointer[1:].split("/"):
-        token = token.replace("~1", "/").replace("~0", "~")
+        token = _unescape(token)
         if isinstance(node, dict) and token in node:
             node = node[token]
-        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+        elif isinstance(node, list) and _INDEX.match(token) and int(token) < len(node):
             node = node[int(token)]
         else:
             return False, None
     return True, node
 
 
+def drop(doc: object, pointer: str) -> None:
+    """Mark the value at `pointer` as ignored (absent pointers are fine: nothing to drop)."""
+    head, _, last = pointer.rpartition("/")
+    found, parent = resolve_pointer(doc, head)
+    token = _unescape(last)
+    if found and isinstance(parent, dict) and token in parent:
+        parent[token] = DROPPED
+    elif found and isinstance(parent, list) and _INDEX.match(token) and \
+            int(token) < len(parent):
+        parent[int(token)] = DROPPED
+
+
 def canonical_json(value: object) -> str:
-    """Key order and whitespace do not matter; numbers and strings keep their value."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """One text per JSON value: members sorted, no whitespace, strings ASCII-escaped, and
+    numbers by exact value (1, 1.0 and 10e-1 are alike; no float rounding, unlike RFC 8785).
+    """
+    out: list[str] = []
+    _emit(value, out)
+    return "".join(out)
+
+
+def _emit(value: object, out: list[str]) -> None:
+    if isinstance(value, dict):
+        items = [(k, v) for k, v in sorted(value.items()) if v is not DROPPED]
+        out.append("{")
+        for i, (k, v) in enumerate(items):
+            out.append(("," if i else "") + json.dumps(k) + ":")
+            _emit(v, out)
+        out.append("}")
+    elif isinstance(value, list):
+        out.append("[")
+        for i, v in enumerate(x for x in value if x is not DROPPED):
+            out.append("," if i else "")
+            _emit(v, out)
+        out.append("]")
+    elif value is None or isinstance(value, (bool, str)):
+        out.append(json.dumps(value))
+    elif isinstance(value, (int, Decimal)):
+        out.append(_number(value))
+    else:
+        raise TypeError(f"not a JSON value: {value!r}")
+
+
+def _number(n: int | Decimal) -> str:
+    sign, digits, exp = Decimal(n).as_tuple()
+    assert isinstance(exp, int)  # NaN and Infinity never get here (parse_json)
+    kept = list(digits)
+    while len(kept) > 1 and kept[-1] == 0:
+        kept.pop()
+        exp += 1
+    if kept == [0]:
+        return "0"  # -0 and 0.000 too
+    return f"{'-' if sign else ''}{''.join(map(str, kept))}e{exp}"
+
+
+# --- scope and fingerprint -------------------------------------------------------------
+
+def header_values(headers: Mapping[str, str], name: str) -> list[str]:
+    """Every line of a header (a multidict), or the one value of a plain mapping."""
+    if isinstance(headers, MultiMapping):
+        return list(headers.getall(name, []))
+    value = headers.get(name)
+    return [] if value is None else [value]
 
 
 def tenant_of(route: Route, headers: Mapping[str, str]) -> str:
     """A hash naming the tenant; raw credentials are never stored or logged."""
     if route.tenant.mode is TenantMode.NONE:
         return "-"
-    value = headers.get(route.tenant.header, "")
+    value = "\n".join(header_values(headers, route.tenant.header))
     return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
@@ -127,22 +321,48 @@ def scope_of(route: Route, tenant: str) -> str:
 
 
 def fingerprint(route: Route, *, method: str, path: str, query: str, body: bytes,
-                headers: Mapping[str, str]) -> bytes:
-    """SHA-256 over method, path, query and body (the parts the route counts)."""
+                headers: Mapping[str, str], content_type: str = "") -> bytes:
+    """SHA-256 over method, path and the parts the route counts (design §2).
+
+    Each part is length-prefixed, so no two different requests run together into one
+    byte string; an absent part differs from an empty one.
+    """
+    fp = route.fingerprint
     h = hashlib.sha256()
-    for part in (method, path, query if route.fingerprint.query else ""):
-        h.update(part.encode("utf-8", "surrogateescape"))
-        h.update(b"\x00")
-    for name in route.fingerprint.headers:
-        h.update(f"{name.lower()}:{headers.get(name, '')}".encode("utf-8", "surrogateescape"))
-        h.update(b"\x00")
-    if route.fingerprint.body:
-        h.update(body)
+    _feed(h, method.encode())
+    _feed(h, path.encode("utf-8", "surrogateescape"))
+    _feed(h, query.encode("utf-8", "surrogateescape") if fp.query else None)
+    for name in fp.headers:
+        values = header_values(headers, name)
+        _feed(h, name.lower().encode())
+        _feed(h, "\n".join(values).encode("utf-8", "surrogateescape") if values else None)
+    if not fp.body:
+        _feed(h, None)
+    elif fp.canonical_json and (canonical := _canonical_body(body, content_type, fp.ignore)):
+        h.update(b"json")
+        _feed(h, canonical)
+    else:
+        h.update(b"raw")
+        _feed(h, body)
     return h.digest()
 
 
-def require(key: str | None, route: Route, *, what: str) -> str | None:
-    """Apply `require_key`: no key on a route that needs one is a 400."""
-    if key is None and route.require_key:
-        raise KeyMissing(f"Route {route.name!r} requires {what}.")
-    return key
+def _canonical_body(body: bytes, content_type: str, ignore: Sequence[str]) -> bytes | None:
+    """The body as canonical JSON without the ignored values; None if it is not JSON."""
+    if not body or media_type(content_type) == FORM:
+        return None
+    try:
+        doc = parse_json(body)
+        for pointer in ignore:
+            drop(doc, pointer)
+        return canonical_json(doc).encode("ascii")
+    except (ValueError, RecursionError):
+        return None
+
+
+def _feed(h: hashlib._Hash, part: bytes | None) -> None:
+    if part is None:
+        h.update(b"-")
+    else:
+        h.update(b"%d:" % len(part))
+        h.update(part)

@@ -1,7 +1,16 @@
-"""Parse `routes` (with `defaults` and `preset`s merged in) into `Route` dataclasses."""
+"""Parse `routes` (with `defaults` and `preset`s merged in) into `Route` dataclasses.
+
+A route's fields come from three layers, later ones winning: `defaults`, the route's
+`preset`, the route itself. `key` and `tenant` replace as a whole; `fingerprint` merges
+field by field. Every problem names the layer it came from, so a bad `defaults.ttl` is
+reported once, as `defaults.ttl`, whether there are no routes or twenty.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.config.schema import (
@@ -9,7 +18,8 @@ from proxy.config.schema import (
     TenantMode, UnknownOutcome,
 )
 from proxy.config.values import (
-    Reader, bool_, enum_, parse_duration, parse_header_name, parse_size, str_,
+    Reader, bool_, enum_, format_duration, parse_duration, parse_header_name, parse_size,
+    str_,
 )
 from proxy.routing import PathPattern
 
@@ -19,123 +29,200 @@ ROUTE_FIELDS = {
     "max_request_body", "max_stored_body", "store_unavailable", "replay_set_cookie",
     "replay_header", "expires_header",
 }
-DEFAULT_FIELDS = ROUTE_FIELDS - {"name", "match"}
+DEFAULT_FIELDS = ROUTE_FIELDS - {"name", "match", "preset"}
+KEY_FIELDS = {"header", "path", "body", "bucket", "raw"}
+FINGERPRINT_FIELDS = {"query", "body", "headers", "ignore", "canonical_json"}
 
-# Webhook senders: the delivery id is the key, tenants do not apply (the sender signs,
-# it does not authenticate with Authorization), retries change timestamp and signature
-# headers but never the body, and the window covers the sender's retry horizon.
+# Webhook senders: the delivery id is the key; tenants do not apply (the sender signs, it
+# does not authenticate with Authorization); retries change the timestamp and signature
+# headers but not the body, so only the body counts. 96h covers every sender's horizon
+# with a day to spare: Stripe retries for 3 days, GitHub redelivers for 3 days, Standard
+# Webhooks (Svix) retries for ~28h plus manual replays, Shopify for 4h (48h formerly).
 PRESETS: dict[str, dict[str, Any]] = {
-    "github": {"key": {"header": "X-GitHub-Delivery"}, "ttl": "72h"},
-    "shopify": {"key": {"header": "X-Shopify-Webhook-Id"}, "ttl": "72h"},
-    "standard-webhooks": {"key": {"header": "webhook-id"}, "ttl": "96h"},
-    "stripe": {"key": {"body": ["/id"]}, "ttl": "96h"},
+    "github": {"key": {"header": "X-GitHub-Delivery"}},
+    "shopify": {"key": {"header": "X-Shopify-Webhook-Id"}},
+    "standard-webhooks": {"key": {"header": "webhook-id"}},
+    # The event id is already a printable, bounded, unique id: the key is the id itself,
+    # so `idemproxy keys show` finds the evt_... an operator sees in Stripe's dashboard.
+    # `pending_webhooks` counts the endpoints still waiting, so it can differ between
+    # two deliveries of one event: it must not make a retry a 422.
+    "stripe": {"key": {"body": ["/id"], "raw": True},
+               "fingerprint": {"canonical_json": True, "ignore": ["/pending_webhooks"]}},
 }
 _PRESET_COMMON: dict[str, Any] = {
-    "tenant": "none", "require_key": True, "fingerprint": {"query": False, "body": True},
+    "tenant": "none", "require_key": True, "ttl": "96h",
+    "fingerprint": {"query": False, "body": True, "headers": []},
 }
+# Response headers the proxy may not take over for replay_header / expires_header.
+_RESERVED_RESPONSE_HEADERS = frozenset({
+    "connection", "content-encoding", "content-length", "content-type", "date",
+    "keep-alive", "location", "server", "set-cookie", "te", "trailer",
+    "transfer-encoding", "upgrade", "idempotency-body",
+})
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token (methods)
+
+
+@dataclass
+class _Layers:
+    """A route's merged fields and, for each, the path of the layer that set it."""
+
+    path: str
+    values: dict[str, Any] = field(default_factory=dict)
+    where: dict[str, str] = field(default_factory=dict)
+
+    def add(self, prefix: str, data: dict[str, Any]) -> None:
+        for name, value in data.items():
+            if name == "fingerprint":  # merges field by field (checked by _section_fp)
+                merged = dict(self.values.get("fingerprint", {}))
+                for sub, v in value.items():
+                    merged[sub] = v
+                    self.where[f"fingerprint.{sub}"] = prefix
+                value = merged
+            self.values[name] = value
+            self.where[name] = prefix
+
+    def at(self, name: str) -> str:
+        """`defaults.ttl`, `routes[2].preset.key` or `routes[2].ttl`: where it was set."""
+        return f"{self.where.get(name, self.path)}.{name}"
 
 
 def parse_routes(r: Reader, raw: object, raw_defaults: object) -> tuple[Route, ...]:
     defaults = r.section(raw_defaults, "defaults", DEFAULT_FIELDS)
+    _section_fp(r, defaults, "defaults")
+    if defaults:  # checked once on its own, so it is checked even with no routes
+        layers = _Layers("defaults")
+        layers.add("defaults", defaults)
+        _parse_route(r, layers, check_params=False)
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        r.problems.append(f"routes: expected a list of routes, got {raw!r}")
+        r.report(f"routes: expected a list of routes, got {raw!r}")
         return ()
     routes: list[Route] = []
     names: set[str] = set()
     for i, item in enumerate(raw):
-        path = f"routes[{i}]"
-        data = r.section(item, path, ROUTE_FIELDS)
-        preset = data.get("preset")
-        merged = dict(defaults)
-        if preset is not None:
-            if preset not in PRESETS:
-                r.problems.append(f"{path}.preset: {preset!r} is not one of: "
-                                  f"{', '.join(PRESETS)}")
-            else:
-                merged.update(_PRESET_COMMON)
-                merged.update(PRESETS[preset])
-        merged.update(data)
-        route = _parse_route(r, merged, path)
+        route = _parse_route(r, _layers_of(r, item, defaults, f"routes[{i}]"))
         if route is not None:
-            if route.name in names:
-                r.problems.append(f"{path}.name: {route.name!r} is used by an earlier route")
+            if route.name and route.name in names:
+                r.report(f"routes[{i}].name: {route.name!r} is used by an earlier route")
             names.add(route.name)
             routes.append(route)
     return tuple(routes)
 
 
-def _parse_route(r: Reader, d: dict[str, Any], path: str) -> Route | None:
-    name = r.get(d, "name", f"{path}.name", _name, "")
-    if "name" not in d:
-        r.problems.append(f"{path}.name: missing (every route needs a unique name)")
-    match = r.section(d.get("match"), f"{path}.match", {"methods", "path"})
-    if "path" not in match:
-        r.problems.append(f"{path}.match.path: missing")
+def _layers_of(r: Reader, item: object, defaults: dict[str, Any], path: str) -> _Layers:
+    data = r.section(item, path, ROUTE_FIELDS)
+    _section_fp(r, data, path)
+    layers = _Layers(path)
+    layers.add("defaults", defaults)
+    preset = data.get("preset")
+    if preset is not None:
+        if isinstance(preset, str) and preset in PRESETS:
+            layers.add(f"{path}.preset", _PRESET_COMMON)
+            layers.add(f"{path}.preset", PRESETS[preset])
+        else:
+            r.report(f"{path}.preset: {preset!r} is not one of: {', '.join(PRESETS)}")
+    layers.add(path, data)
+    if "name" not in data and isinstance(item, dict):
+        r.report(f"{path}.name: missing (every route needs a unique name)")
+    return layers
+
+
+def _section_fp(r: Reader, data: dict[str, Any], prefix: str) -> None:
+    """Check a layer's own `fingerprint` mapping (unknown fields, ${VAR}) before merging."""
+    if "fingerprint" in data:
+        data["fingerprint"] = r.section(data["fingerprint"], f"{prefix}.fingerprint",
+                                        FINGERPRINT_FIELDS)
+
+
+def _parse_route(r: Reader, layers: _Layers, *, check_params: bool = True) -> Route | None:
+    d, at = layers.values, layers.at
+    name = r.get(d, "name", at("name"), _name, "")
+    match = r.section(d.get("match"), at("match"), {"methods", "path"})
+    if check_params and "path" not in match:
+        r.report(f"{at('match')}.path: missing")
         return None
-    pattern = r.get(match, "path", f"{path}.match.path", _pattern, None)
-    if pattern is None:
-        return None
-    methods = r.get(match, "methods", f"{path}.match.methods", _methods, frozenset({"POST"}))
-    key = _parse_key(r, d.get("key"), f"{path}.key", pattern)
-    dflt = Route(name="", methods=frozenset(), path=pattern)
+    pattern = r.get(match, "path", f"{at('match')}.path", _pattern, PathPattern.compile("/"))
+    methods = r.get(match, "methods", f"{at('match')}.methods", _methods, frozenset({"POST"}))
+    key = _parse_key(r, d.get("key"), at("key"), pattern if check_params else None)
+    route = Route(name=name, methods=methods, path=pattern, key=key,
+                  preset=_preset_name(d.get("preset")),
+                  tenant=_parse_tenant(r, d.get("tenant"), at("tenant")),
+                  fingerprint=_parse_fingerprint(r, d.get("fingerprint"), layers),
+                  **_policies(r, layers))
+    _check_route(r, route, layers)
+    return route
+
+
+def _policies(r: Reader, layers: _Layers) -> dict[str, Any]:
+    """The scalar fields: each parsed from whichever layer set it, or the Route default."""
+    d, at = layers.values, layers.at
+    parsers: dict[str, Callable[[object], Any]] = {
+        "require_key": bool_, "ttl": _positive(parse_duration),
+        "lock_timeout": _positive(parse_duration), "concurrent": enum_(Concurrent),
+        "wait_timeout": parse_duration, "release_statuses": _statuses,
+        "unknown_outcome": enum_(UnknownOutcome), "max_request_body": parse_size,
+        "max_stored_body": parse_size, "store_unavailable": enum_(StoreUnavailablePolicy),
+        "replay_set_cookie": bool_, "replay_header": _response_header,
+    }
+    dflt = Route(name="", methods=frozenset(), path=PathPattern.compile("/"))
+    out = {f: r.get(d, f, at(f), parse, getattr(dflt, f)) for f, parse in parsers.items()}
     expires = d.get("expires_header", dflt.expires_header)
-    return Route(
-        name=name, methods=methods, path=pattern, key=key,
-        require_key=r.get(d, "require_key", f"{path}.require_key", bool_, dflt.require_key),
-        tenant=_parse_tenant(r, d.get("tenant"), f"{path}.tenant"),
-        fingerprint=_parse_fingerprint(r, d.get("fingerprint"), f"{path}.fingerprint"),
-        ttl=r.get(d, "ttl", f"{path}.ttl", _positive(parse_duration), dflt.ttl),
-        lock_timeout=r.get(d, "lock_timeout", f"{path}.lock_timeout",
-                           _positive(parse_duration), dflt.lock_timeout),
-        concurrent=r.get(d, "concurrent", f"{path}.concurrent", enum_(Concurrent),
-                         dflt.concurrent),
-        wait_timeout=r.get(d, "wait_timeout", f"{path}.wait_timeout", parse_duration,
-                           dflt.wait_timeout),
-        release_statuses=r.get(d, "release_statuses", f"{path}.release_statuses", _statuses,
-                               dflt.release_statuses),
-        unknown_outcome=r.get(d, "unknown_outcome", f"{path}.unknown_outcome",
-                              enum_(UnknownOutcome), dflt.unknown_outcome),
-        max_request_body=r.get(d, "max_request_body", f"{path}.max_request_body", parse_size,
-                               dflt.max_request_body),
-        max_stored_body=r.get(d, "max_stored_body", f"{path}.max_stored_body", parse_size,
-                              dflt.max_stored_body),
-        store_unavailable=r.get(d, "store_unavailable", f"{path}.store_unavailable",
-                                enum_(StoreUnavailablePolicy), dflt.store_unavailable),
-        replay_set_cookie=r.get(d, "replay_set_cookie", f"{path}.replay_set_cookie", bool_,
-                                dflt.replay_set_cookie),
-        replay_header=r.get(d, "replay_header", f"{path}.replay_header", parse_header_name,
-                            dflt.replay_header),
-        expires_header=None if expires in (None, False) else
-        r.get(d, "expires_header", f"{path}.expires_header", parse_header_name,
-              dflt.expires_header),
-    )
+    out["expires_header"] = None if expires is None or expires is False else \
+        r.get(d, "expires_header", at("expires_header"), _response_header,
+              dflt.expires_header)
+    return out
 
 
-def _parse_key(r: Reader, raw: object, path: str, pattern: PathPattern) -> KeySource:
+def _check_route(r: Reader, route: Route, layers: _Layers) -> None:
+    """Problems that only show in a combination of fields."""
+    bucket = route.key.bucket
+    if bucket is not None and route.ttl < bucket:
+        r.report(f"{layers.at('ttl')}: {format_duration(route.ttl)} is shorter than "
+                 f"key.bucket ({format_duration(bucket)}): a duplicate later in the same "
+                 "bucket would run again")
+    if route.expires_header is not None and \
+            route.expires_header.lower() == route.replay_header.lower():
+        r.report(f"{layers.at('expires_header')}: {route.expires_header!r} is also the "
+                 "replay_header")
+
+
+def _parse_key(r: Reader, raw: object, path: str, pattern: PathPattern | None) -> KeySource:
     if raw is None:
         return KeySource()
-    d = r.section(raw, path, {"header", "path", "body", "bucket"})
+    d = r.section(raw, path, KEY_FIELDS)
     given = [k for k in ("header", "path", "body") if k in d]
     if len(given) != 1:
-        r.problems.append(f"{path}: set exactly one of header, path, body (got "
-                          f"{', '.join(given) or 'none'})")
+        r.report(f"{path}: set exactly one of header, path, body (got "
+                 f"{', '.join(given) or 'none'})")
         return KeySource()
-    if "bucket" in d and "body" not in d:
-        r.problems.append(f"{path}.bucket: only applies to key.body")
+    for extra in ("bucket", "raw"):
+        if extra in d and "body" not in d:
+            r.report(f"{path}.{extra}: only applies to key.body")
     if "header" in d:
-        return KeySource(header=r.get(d, "header", f"{path}.header", parse_header_name, None))
+        return KeySource(header=r.get(d, "header", f"{path}.header", parse_header_name,
+                                      KeySource().header))
     if "path" in d:
         param = r.get(d, "path", f"{path}.path", str_, "")
-        if param not in pattern.params:
-            r.problems.append(f"{path}.path: {param!r} is not a parameter of "
-                              f"{pattern.text!r} (has: {', '.join(pattern.params) or 'none'})")
+        if pattern is not None and param not in pattern.params:
+            r.report(f"{path}.path: {param!r} is not a parameter of {pattern.text!r} "
+                     f"(has: {', '.join(pattern.params) or 'none'})")
         return KeySource(header=None, path=param)
-    pointers = r.get(d, "body", f"{path}.body", _pointers, None) or ()
-    return KeySource(header=None, body=pointers,
-                     bucket=r.get(d, "bucket", f"{path}.bucket",
-                                  _positive(parse_duration), None))
+    return _parse_body_key(r, d, path)
+
+
+def _parse_body_key(r: Reader, d: dict[str, Any], path: str) -> KeySource:
+    whole: tuple[str, ...] = ("",)
+    pointers = r.get(d, "body", f"{path}.body", _pointers, whole)
+    src = KeySource(header=None, body=pointers,
+                    bucket=r.get(d, "bucket", f"{path}.bucket", _positive(parse_duration),
+                                 None),
+                    raw=r.get(d, "raw", f"{path}.raw", bool_, False))
+    if src.raw and (len(src.body) != 1 or src.body[0] == "" or src.bucket is not None):
+        r.report(f"{path}.raw: true needs exactly one pointer to a value and no bucket "
+                 f"(got body: {list(src.body)}"
+                 f"{', bucket' if src.bucket is not None else ''})")
+    return src
 
 
 def _parse_tenant(r: Reader, raw: object, path: str) -> Tenant:
@@ -148,17 +235,33 @@ def _parse_tenant(r: Reader, raw: object, path: str) -> Tenant:
         header = r.get(d, "header", f"{path}.header", parse_header_name, "")
         if header:
             return Tenant(mode=TenantMode.HEADER, header=header)
-    r.problems.append(f"{path}: {raw!r} is not one of: authorization, none, {{header: NAME}}")
+        if "header" in d:
+            return Tenant()
+    r.report(f"{path}: {raw!r} is not one of: authorization, none, {{header: NAME}}")
     return Tenant()
 
 
-def _parse_fingerprint(r: Reader, raw: object, path: str) -> Fingerprint:
-    d = r.section(raw, path, {"query", "body", "headers"})
-    dflt = Fingerprint()
-    headers = r.get(d, "headers", f"{path}.headers", _header_list, dflt.headers)
-    return Fingerprint(query=r.get(d, "query", f"{path}.query", bool_, dflt.query),
-                       body=r.get(d, "body", f"{path}.body", bool_, dflt.body),
-                       headers=headers)
+def _preset_name(value: object) -> str | None:
+    return value if isinstance(value, str) and value in PRESETS else None
+
+
+def _parse_fingerprint(r: Reader, raw: object, layers: _Layers) -> Fingerprint:
+    d: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    at, dflt = layers.at, Fingerprint()
+    ignore = r.get(d, "ignore", at("fingerprint.ignore"), _ignore_pointers, dflt.ignore)
+    fp = Fingerprint(
+        query=r.get(d, "query", at("fingerprint.query"), bool_, dflt.query),
+        body=r.get(d, "body", at("fingerprint.body"), bool_, dflt.body),
+        headers=r.get(d, "headers", at("fingerprint.headers"), _header_list, dflt.headers),
+        ignore=ignore,
+        canonical_json=r.get(d, "canonical_json", at("fingerprint.canonical_json"), bool_,
+                             bool(ignore)))
+    if fp.ignore and not fp.body:
+        r.report(f"{at('fingerprint.ignore')}: only applies when fingerprint.body is true")
+    if fp.ignore and not fp.canonical_json:
+        r.report(f"{at('fingerprint.canonical_json')}: must be true with ignore (the body "
+                 "is re-serialised without the ignored fields)")
+    return fp
 
 
 def _name(value: object) -> str:
@@ -174,13 +277,14 @@ def _pattern(value: object) -> PathPattern:
 
 def _methods(value: object) -> frozenset[str]:
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items:
+    if not isinstance(items, list) or not items or \
+            not all(isinstance(m, str) and _TOKEN.match(m) for m in items):
         raise ValueError(f"{value!r} is not a list of methods like [POST, PUT]")
-    methods = frozenset(str(m).upper() for m in items)
+    methods = frozenset(m.upper() for m in items)
     safe = sorted(methods & SAFE_METHODS)
     if safe:
-        raise ValueError(f"{', '.join(safe)} {'is a safe method' if len(safe) == 1 else 'are safe methods'} "
-                         "and never guarded")
+        verb = "is a safe method" if len(safe) == 1 else "are safe methods"
+        raise ValueError(f"{', '.join(safe)} {verb} and never guarded")
     return methods
 
 
@@ -191,13 +295,28 @@ def _statuses(value: object) -> frozenset[int]:
     return frozenset(value)
 
 
+def _pointer(value: object) -> str:
+    # RFC 6901 §3: '' or '/'-separated tokens; '~' only as '~0' or '~1'.
+    if not isinstance(value, str) or (value and not value.startswith("/")) or \
+            re.search(r"~(?![01])", value):
+        raise ValueError(f"{value!r} is not a JSON pointer (RFC 6901: '' or /a/b, "
+                         "with ~0 for ~ and ~1 for /)")
+    return value
+
+
 def _pointers(value: object) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
+    if not isinstance(value, list) or not value:
         raise ValueError(f"{value!r} is not a list of JSON pointers like [/to, /template]")
-    bad = [p for p in value if p and not p.startswith("/")]
-    if bad:
-        raise ValueError(f"{bad[0]!r} is not a JSON pointer (RFC 6901: '' or starting with /)")
-    return tuple(value)
+    return tuple(_pointer(p) for p in value)
+
+
+def _ignore_pointers(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"{value!r} is not a list of JSON pointers like [/timestamp]")
+    pointers = tuple(_pointer(p) for p in value)
+    if "" in pointers:
+        raise ValueError("'' would ignore the whole body; set fingerprint.body: false")
+    return pointers
 
 
 def _header_list(value: object) -> tuple[str, ...]:
@@ -206,9 +325,16 @@ def _header_list(value: object) -> tuple[str, ...]:
     return tuple(parse_header_name(h) for h in value)
 
 
-def _positive(parse: Any) -> Any:
+def _response_header(value: object) -> str:
+    name = parse_header_name(value)
+    if name.lower() in _RESERVED_RESPONSE_HEADERS:
+        raise ValueError(f"{name!r} is a header the proxy or the upstream sets itself")
+    return name
+
+
+def _positive(parse: Callable[[object], float]) -> Callable[[object], float]:
     def check(value: object) -> float:
-        result: float = parse(value)
+        result = parse(value)
         if result <= 0:
             raise ValueError(f"{value!r} must be more than zero")
         return result

@@ -43,27 +43,32 @@ class TenantMode(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Tenant:
-    mode: TenantMode = TenantMode.AUTHORIZATION
-    header: str = "Authorization"
+    """Whose keys these are: keys only ever match inside route name + tenant."""
+
+    mode: TenantMode = TenantMode.AUTHORIZATION  # default: SHA-256 of Authorization
+    header: str = "Authorization"  # the header hashed for mode header (X-Api-Key, ...)
 
 
 @dataclass(frozen=True, slots=True)
 class KeySource:
     """Where the key comes from: exactly one of header, path parameter or body pointers."""
 
-    header: str | None = "Idempotency-Key"
-    path: str | None = None
-    body: tuple[str, ...] = ()
-    bucket: float | None = None  # seconds; folds the database's time window into body keys
+    header: str | None = "Idempotency-Key"  # default Idempotency-Key
+    path: str | None = None  # default none; a {param} of match.path
+    body: tuple[str, ...] = ()  # default none; JSON pointers (or /form-field names)
+    bucket: float | None = None  # default none; seconds of the database clock folded in
+    raw: bool = False  # default false: body keys are a SHA-256; true: the one value itself
 
 
 @dataclass(frozen=True, slots=True)
 class Fingerprint:
     """Which parts of a request make its fingerprint (method and path always count)."""
 
-    query: bool = True
-    body: bool = True
-    headers: tuple[str, ...] = ()
+    query: bool = True  # default true
+    body: bool = True  # default true
+    headers: tuple[str, ...] = ()  # default none; named request headers that count
+    ignore: tuple[str, ...] = ()  # default none; JSON pointers dropped before hashing
+    canonical_json: bool = False  # default false; key order and whitespace do not count
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +76,11 @@ class Route:
     name: str
     methods: frozenset[str]
     path: PathPattern
-    key: KeySource = KeySource()
+    key: KeySource = KeySource()  # default: the Idempotency-Key header
+    preset: str | None = None  # default none; github | shopify | standard-webhooks | stripe
     require_key: bool = False  # default false: no key streams through unguarded
     tenant: Tenant = Tenant()  # default: SHA-256 of Authorization
-    fingerprint: Fingerprint = Fingerprint()
+    fingerprint: Fingerprint = Fingerprint()  # default: method, path, query and body
     ttl: float = 86400.0  # default 24h
     lock_timeout: float = 60.0  # default 60s: the lease of a claim
     concurrent: Concurrent = Concurrent.REJECT
@@ -85,8 +91,8 @@ class Route:
     max_stored_body: int = 100 * 2**20  # default 100MiB
     store_unavailable: StoreUnavailablePolicy = StoreUnavailablePolicy.REJECT
     replay_set_cookie: bool = False
-    replay_header: str = "Idempotent-Replayed"
-    expires_header: str | None = "Idempotency-Expires"  # null turns it off
+    replay_header: str = "Idempotent-Replayed"  # default Idempotent-Replayed: true on replays
+    expires_header: str | None = "Idempotency-Expires"  # default; null turns it off
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +144,7 @@ class Config:
     database: Database = Database()
     routes: tuple[Route, ...] = ()
     data_dir: str = "./.idemproxy"
-    workers: int = 1
+    workers: int = 1  # default auto: the cores available (workers: auto); 1 = one process
     shutdown_grace: float = 30.0
     sweep_interval: float = 60.0
     logging: Logging = Logging()

@@ -14,7 +14,8 @@ T = TypeVar("T")
 
 # --- scalar parsers: each returns a value or raises ValueError with the "is not ..." text ---
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$")  # 30s, 1.5h, 1h30m
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
@@ -24,17 +25,28 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token (header
 
 
 def parse_duration(value: object) -> float:
+    """Seconds from `500ms`, `30s`, `15m`, `24h`, `7d` or a sum like `1h30m`; `0` is zero."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"{value!r} is not a duration like 30s, 15m, 24h, 7d")
-    if value == 0:
+    text = "".join(str(value).split())  # `1h 30m` and `30 s` read as written
+    if text == "0":
         return 0.0
-    m = _DURATION.match(str(value))
-    if not m:
+    if not _DURATION.match(text):
         raise ValueError(f"{value!r} is not a duration like 30s, 15m, 24h, 7d")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+def format_duration(seconds: float) -> str:
+    """The largest whole unit: 86400 -> 1d, 5400 -> 90m, 0.5 -> 500ms (for messages)."""
+    for unit in ("d", "h", "m", "s", "ms"):
+        count = seconds / _DURATION_UNITS[unit]
+        if count >= 1 and count == int(count):
+            return f"{int(count)}{unit}"
+    return f"{seconds:g}s"
 
 
 def parse_size(value: object) -> int:
+    """Bytes from a plain number or `512KiB`, `10MiB`, `1GiB` (KB/MB/GB are powers of 10)."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"{value!r} is not a size like 512KiB, 10MiB, 1GiB")
     m = _SIZE.match(str(value))
@@ -79,25 +91,33 @@ class Reader:
         self.problems = problems
         self.env = env
 
+    def report(self, problem: str) -> None:
+        """Add a problem once (a bad `defaults` field is met again by every route)."""
+        if problem not in self.problems:
+            self.problems.append(problem)
+
     def section(self, raw: object, path: str, allowed: set[str]) -> dict[str, Any]:
         if raw is None:
             return {}
         if not isinstance(raw, dict):
-            self.problems.append(f"{path or 'config'}: expected a mapping, got {raw!r}")
+            self.report(f"{path or 'config'}: expected a mapping, got {raw!r}")
             return {}
         for k in raw:
             if k not in allowed:
                 where = f"{path}.{k}" if path else str(k)
-                self.problems.append(f"{where}: unknown field (expected one of: "
-                                     f"{', '.join(sorted(allowed))})")
+                self.report(f"{where}: unknown field (expected one of: "
+                            f"{', '.join(sorted(allowed))})")
         return {k: self.expand(v, f"{path}.{k}" if path else str(k)) for k, v in raw.items()}
 
     def expand(self, value: object, path: str) -> object:
+        """`${VAR}` in a string, or in each string of a list (`methods: [${M}]`)."""
+        if isinstance(value, list):
+            return [self.expand(v, f"{path}[{i}]") for i, v in enumerate(value)]
         if isinstance(value, str):
             try:
                 return expand_env(value, self.env)
             except ValueError as exc:
-                self.problems.append(f"{path}: {exc}")
+                self.report(f"{path}: {exc}")
         return value
 
     def get(self, data: dict[str, Any], name: str, path: str,
@@ -107,7 +127,7 @@ class Reader:
         try:
             return parse(data[name])
         except ValueError as exc:
-            self.problems.append(f"{path}: {exc}")
+            self.report(f"{path}: {exc}")
             return default
 
 
@@ -139,8 +159,6 @@ def str_(value: object) -> str:
     if not isinstance(value, (str, int)) or isinstance(value, bool):
         raise ValueError(f"{value!r} is not a string")
     return str(value)
-
-
 
 
 def choice(*options: str) -> Callable[[object], str]:
