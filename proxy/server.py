@@ -23,6 +23,7 @@ from proxy.app import create_admin_app, create_proxy_app
 from proxy.cli import _migrate, open_store
 from proxy.config import Config
 from proxy.forward import Forwarder
+from proxy.framing import ProxyRunner
 from proxy.idempotency import Deps
 from proxy.metrics import Metrics
 from proxy.store.notify import Notifier
@@ -77,7 +78,7 @@ async def _db_clock_offset(store: object) -> float:
 
 async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
     state = {"shutting_down": False}
-    proxy_runner = web.AppRunner(create_proxy_app(cfg, deps), access_log=None,
+    proxy_runner = ProxyRunner(create_proxy_app(cfg, deps), access_log=None,
                                  handler_cancellation=False,
                                  shutdown_timeout=cfg.shutdown_grace)
     admin_runner = web.AppRunner(create_admin_app(cfg, deps, state=state), access_log=None)

@@ -151,9 +151,11 @@ async def test_conflicting_framing_is_rejected_before_the_upstream(make_proxy, u
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(raw)
     await writer.drain()
-    status_line = await asyncio.wait_for(reader.readline(), 5)
+    answer = await asyncio.wait_for(reader.read(), 5)
     writer.close()
-    assert status_line.split()[1] == b"400"
+    assert answer.split()[1] == b"400"
+    assert b"Content-Type: application/problem+json" in answer
+    assert b'"type": "https://idemproxy.dev/errors/bad-request"' in answer
     assert upstream.count("/exec/smuggle") == 0
 
 

@@ -1,0 +1,56 @@
+"""Requests the HTTP parser itself refuses (bad framing, smuggling attempts, oversized
+headers) are answered as problem+json too, with one log line and no traceback.
+
+aiohttp answers parser errors from its protocol handler, before any application code or
+middleware runs, with a text/plain body and a logged traceback. `ProxyRunner` swaps in a
+protocol handler whose `handle_error` speaks RFC 9457 instead; the connection is closed
+either way, since after a framing error the byte stream cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web, web_protocol, web_server
+
+from proxy.errors import ERROR_BASE
+
+log = logging.getLogger("idemproxy.framing")
+
+
+class _ProblemRequestHandler(web_protocol.RequestHandler):
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        reason = str(getattr(exc, "message", "") or message or exc or "").splitlines()
+        detail = reason[0] if reason else "The request could not be parsed."
+        if status >= 500:
+            log.error("internal error while handling a request", exc_info=exc)
+            detail = "The proxy hit an internal error."
+        else:
+            log.warning("malformed request refused", extra={"fields": {
+                "status": status, "error": type(exc).__name__ if exc else "", "detail": detail}})
+        doc = {"type": ERROR_BASE + ("bad-request" if status < 500 else "internal"),
+               "title": "Malformed request" if status < 500 else "Internal error",
+               "status": status, "detail": detail[:300]}
+        resp = web.Response(status=status, text=json.dumps(doc),
+                            content_type="application/problem+json")
+        resp.force_close()
+        return resp
+
+
+class _ProblemServer(web_server.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """An AppRunner whose connections answer parser errors as problem+json."""
+
+    async def _make_server(self) -> web_server.Server:
+        server = await super()._make_server()
+        server.__class__ = _ProblemServer
+        return server
