@@ -44,7 +44,7 @@ def notify_channel_id(scope: str, key: str) -> str:
 
 
 @contextlib.contextmanager
-def _guard() -> Iterator[None]:
+def guard() -> Iterator[None]:
     try:
         yield
     except CONNECTION_ERRORS as exc:
@@ -65,7 +65,7 @@ class PostgresStore:
     async def connect(cls, url: str, *, min_size: int = 2, max_size: int = 10,
                       timeout: float = 5.0,
                       observe: Callable[[str, float], None] | None = None) -> PostgresStore:
-        with _guard():
+        with guard():
             pool = await asyncpg.create_pool(
                 url, min_size=min_size, max_size=max_size, command_timeout=timeout,
                 timeout=timeout, max_inactive_connection_lifetime=60)
@@ -78,7 +78,7 @@ class PostgresStore:
     async def _call(self, op: str, method: str, query: str, *args: Any) -> Any:
         start = time.perf_counter()
         try:
-            with _guard():
+            with guard():
                 async with self.pool.acquire(timeout=self.timeout) as conn:
                     return await getattr(conn, method)(query, *args, timeout=self.timeout)
         finally:
@@ -118,7 +118,7 @@ class PostgresStore:
 
     async def read_chunks(self, *, scope: str, key: str, token: UUID) -> AsyncIterator[bytes]:
         """Stream a body's chunks in order from a cursor: bounded memory for any size."""
-        with _guard():
+        with guard():
             async with self.pool.acquire(timeout=self.timeout) as conn:
                 async with conn.transaction(readonly=True):
                     cursor = conn.cursor(_READ_CHUNKS, scope, key, token, prefetch=2)
@@ -128,7 +128,7 @@ class PostgresStore:
     async def ready(self) -> bool:
         """Reachable and migrated to the version this code expects."""
         try:
-            with _guard():
+            with guard():
                 async with self.pool.acquire(timeout=self.timeout) as conn:
                     return await current_version(conn) >= SCHEMA_VERSION  # type: ignore[arg-type]
         except StoreUnavailable:
@@ -195,7 +195,7 @@ class PostgresStore:
         return n
 
     async def acquire_listener(self) -> asyncpg.Connection:
-        with _guard():
+        with guard():
             conn: asyncpg.Connection = await asyncpg.connect(self.url, timeout=self.timeout)
             return conn
 
