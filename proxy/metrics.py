@@ -1,7 +1,8 @@
 """Prometheus collectors on a registry that is passed in (no global state).
 
 Labels are low-cardinality only: route names from the config, fixed outcome names and
-fixed store operation names. Never a key, a tenant or a path.
+fixed store operation names. Never a key, a tenant or a path. Gauges sum over live
+processes when `workers: N` runs prometheus_client's multiprocess mode (no pid label).
 
     idemproxy_requests_total{route,outcome}      every request the proxy answered
     idemproxy_upstream_seconds{route}            time to the upstream's response headers
@@ -21,7 +22,7 @@ import enum
 from collections.abc import Iterable
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proxy import __version__
 
@@ -65,11 +66,11 @@ class Metrics:
             "idemproxy_store_seconds", "Store round-trip time by operation.", ["op"],
             buckets=_LATENCY_BUCKETS, registry=registry)
         self.in_flight = Gauge(
-            "idemproxy_claims_in_flight", "Claims this process holds right now.",
-            registry=registry)
+            "idemproxy_claims_in_flight", "Claims this instance is executing right now.",
+            multiprocess_mode="livesum", registry=registry)
         self.waiters = Gauge(
             "idemproxy_waiters", "Retries waiting for an in-flight key (concurrent: wait).",
-            registry=registry)
+            multiprocess_mode="livesum", registry=registry)
         self.takeovers = Counter(
             "idemproxy_claims_taken_over", "Claims taken over after their lease ended.",
             ["route"], registry=registry)
@@ -81,15 +82,17 @@ class Metrics:
             registry=registry)
         self.pool_size = Gauge(
             "idemproxy_db_pool_size", "Open connections in the database pool.",
-            registry=registry)
+            multiprocess_mode="livesum", registry=registry)
         self.pool_idle = Gauge(
             "idemproxy_db_pool_idle", "Idle connections in the database pool.",
-            registry=registry)
+            multiprocess_mode="livesum", registry=registry)
         self.pool_max = Gauge(
             "idemproxy_db_pool_max", "The database pool's maximum size (database.pool_max).",
-            registry=registry)
-        Info("idemproxy_build", "The running idemproxy version.",
-             registry=registry).info({"version": __version__})
+            multiprocess_mode="livesum", registry=registry)
+        # A gauge, not an Info: Info does not survive prometheus_client's multiprocess mode.
+        Gauge("idemproxy_build_info", "The running idemproxy version (always 1).",
+              ["version"], multiprocess_mode="livemax", registry=registry
+              ).labels(__version__).set(1)
 
     def declare_routes(self, names: Iterable[str]) -> None:
         """Create every route × outcome series at zero, so rate() sees the first event."""

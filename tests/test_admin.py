@@ -269,3 +269,33 @@ async def test_in_flight_and_waiters_gauges_follow_a_wait(make_proxy, upstream, 
     upstream.gate.set()
     assert [s for s, _ in await asyncio.gather(first, second)] == [201, 201]
     assert p.metric("idemproxy_waiters") == 0 and p.metric("idemproxy_claims_in_flight") == 0
+
+
+MULTIPROCESS_SCRAPE = """
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from proxy.metrics import Metrics
+m = Metrics(CollectorRegistry())
+m.declare_routes(["charges"])
+m.in_flight.inc()
+m.pool_size.set(3)
+scrape = CollectorRegistry()
+multiprocess.MultiProcessCollector(scrape)
+print(generate_latest(scrape).decode())
+"""
+
+
+async def test_workers_metrics_sum_gauges_without_a_pid_label(tmp_path):
+    """In multiprocess mode (workers: N) gauges add up across processes, with no pid label,
+    and the build info survives."""
+    import os
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", MULTIPROCESS_SCRAPE, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    samples = scrape(out.decode())
+    assert samples[("idemproxy_claims_in_flight", ())] == 1
+    assert samples[("idemproxy_db_pool_size", ())] == 3
+    assert samples[("idemproxy_build_info", (("version", "0.1.0"),))] == 1
+    assert not any("pid" in dict(labels) for _, labels in samples)
