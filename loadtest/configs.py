@@ -1,0 +1,75 @@
+"""Pure: the configs the harness generates (the proxy's YAML, nginx's conf)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+AUTHORIZATION = "Bearer loadtest"
+BODY = '{"amount":2000,"currency":"eur","customer":"cus_loadtest","description":"bench"}'
+
+
+def proxy_yaml(*, port: int, admin_port: int, upstream_port: int, data_dir: Path,
+               workers: int | None = None) -> str:
+    """The proxy under test: one guarded route per scenario, defaults everywhere else.
+
+    The database URL comes from IDEMPROXY_DATABASE_URL in the proxy's environment.
+    """
+    lines = [
+        f"listen: 127.0.0.1:{port}",
+        f"admin: {{listen: '127.0.0.1:{admin_port}'}}",
+        f"upstream: {{url: 'http://127.0.0.1:{upstream_port}', connect_timeout: 5s, "
+        "timeout: 30s}",
+        f"data_dir: '{data_dir}'",
+        "logging: {format: json, level: info}",
+    ]
+    if workers is not None:
+        lines.append(f"workers: {workers}")
+    lines += [
+        "routes:",
+        "  - name: charges",
+        "    match: {methods: [POST], path: /v1/charges}",
+        "    require_key: true",
+        "  - name: hot",
+        "    match: {methods: [POST], path: /v1/hot}",
+        "    require_key: true",
+        "    concurrent: wait",
+        "  - name: big",
+        "    match: {methods: [POST], path: /big}",
+        "    require_key: true",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def nginx_conf(*, port: int, upstream_port: int, prefix: Path) -> str:
+    """nginx as a plain reverse proxy with upstream keep-alive: the C ceiling.
+
+    One worker, like the single-process proxies it is compared with; everything it
+    writes stays under `prefix`.
+    """
+    temp = "\n".join(f"    {d}_temp_path {prefix}/{d}_temp;"
+                     for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""daemon off;
+master_process on;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+{temp}
+    upstream backend {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $proxy_host;
+        }}
+    }}
+}}
+"""

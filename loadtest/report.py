@@ -1,0 +1,141 @@
+"""Pure: from the runs of one benchmark to the table, the ratios and the verdicts.
+
+`runs` maps a measurement ("proxy replay", "noop post", …) to one dict per round with at
+least `rps`, and `p50_ms`/`p99_ms` for wrk runs. Ratios are the median of round-by-round
+ratios against the do-nothing proxy's same-shaped request ("noop get" for GETs, "noop
+post" for POSTs, "noop post paced" for the paced run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from loadtest.stats import TARGETS, Summary, paired_ratios, rss_met, summarize
+
+Runs = Mapping[str, Sequence[Mapping[str, Any]]]
+
+ORDER = (
+    "upstream get", "upstream post", "nginx get", "nginx post", "noop get", "noop post",
+    "proxy get", "proxy first", "proxy replay", "proxy hot", "pgbench first",
+    "pgbench replay", "noop post paced", "proxy replay paced",
+)
+LABELS = {
+    "upstream get": "upstream direct, GET", "upstream post": "upstream direct, POST",
+    "nginx get": "nginx proxy_pass, GET", "nginx post": "nginx proxy_pass, POST",
+    "noop get": "do-nothing aiohttp proxy, GET", "noop post": "do-nothing aiohttp proxy, POST",
+    "proxy get": "idemproxy pass-through (GET)", "proxy first": "idemproxy first requests",
+    "proxy replay": "idemproxy replays", "proxy hot": "idemproxy hot key",
+    "pgbench first": "pgbench claim+complete (p50: mean)",
+    "pgbench replay": "pgbench claim, replay (p50: mean)",
+    "noop post paced": "do-nothing POST, paced", "proxy replay paced": "idemproxy replays, paced",
+}
+
+
+def baseline_of(name: str) -> str:
+    if name.endswith(" bigtable"):
+        return baseline_of(name.removesuffix(" bigtable")) + " bigtable"
+    if name.endswith("paced"):
+        return "noop post paced"
+    return "noop get" if name.endswith("get") else "noop post"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    name: str
+    rps: Summary
+    p50_ms: float | None
+    p99_ms: float | None
+    ratio: Summary | None  # rps against the baseline, round by round
+    p99_ratio: Summary | None  # p99 against the baseline's p99, round by round
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": LABELS.get(self.name, self.name), "rps": self.rps.as_dict(),
+                "p50_ms": self.p50_ms, "p99_ms": self.p99_ms,
+                "ratio_vs_noop": self.ratio.as_dict() if self.ratio else None,
+                "p99_ratio_vs_noop": self.p99_ratio.as_dict() if self.p99_ratio else None}
+
+
+def _median_of(runs: Sequence[Mapping[str, Any]], field: str) -> float | None:
+    vals = [r[field] for r in runs if r.get(field) is not None]
+    return summarize(vals).median if vals else None
+
+
+def rows(runs: Runs) -> list[Row]:
+    out = []
+    for name in [n for n in ORDER if n in runs] + sorted(set(runs) - set(ORDER)):
+        rs = runs[name]
+        base = runs.get(baseline_of(name))
+        ratio = p99_ratio = None
+        if base and name != baseline_of(name):
+            n = min(len(rs), len(base))
+            ratio = _summary(paired_ratios([r["rps"] for r in rs[:n]],
+                                           [b["rps"] for b in base[:n]]))
+            if all(r.get("p99_ms") for r in list(rs[:n]) + list(base[:n])):
+                p99_ratio = _summary(paired_ratios([r["p99_ms"] for r in rs[:n]],
+                                                   [b["p99_ms"] for b in base[:n]]))
+        # pgbench reports a mean latency only: it goes in the p50 column, marked (mean)
+        out.append(Row(name, summarize([r["rps"] for r in rs]),
+                       _median_of(rs, "p50_ms") or _median_of(rs, "mean_ms"),
+                       _median_of(rs, "p99_ms"), ratio, p99_ratio))
+    return out
+
+
+def _summary(values: list[float]) -> Summary | None:
+    return summarize(values) if values else None
+
+
+def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None) -> list[dict[str, Any]]:
+    """Each target of design §8: the measured value, the bound, met or not (None: not run)."""
+    by_name = {r.name: r for r in table}
+    out: list[dict[str, Any]] = []
+    for t in TARGETS:
+        value: float | None = None
+        if t.metric == "rss_mib":
+            value = rss_growth_mib
+        elif (row := by_name.get(t.scenario)) is not None:
+            s = row.ratio if t.metric == "rps" else row.p99_ratio
+            value = s.median if s else None
+        met = None if value is None else (rss_met(value, t.bound) if t.metric == "rss_mib"
+                                          else t.met(value))
+        out.append({"target": t.name, "value": None if value is None else round(value, 3),
+                    "bound": t.describe(), "met": met})
+    for name in ("proxy first", "proxy replay"):
+        slow = big_table_slowdown(by_name, name)
+        if slow is not None:
+            out.append({"target": f"{LABELS[name]}, 10M-key table slowdown",
+                        "value": round(slow * 100, 1), "bound": "< 20 %", "met": slow < 0.2})
+    return out
+
+
+def big_table_slowdown(by_name: Mapping[str, Row], name: str) -> float | None:
+    """1 - (ratio to the noop on the big table) / (ratio on the small table)."""
+    before, after = by_name.get(name), by_name.get(name + " bigtable")
+    if not (before and after and before.ratio and after.ratio):
+        return None
+    return 1.0 - after.ratio.median / before.ratio.median
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def render(table: Sequence[Row], checks: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table (measurements), then one line per target."""
+    lines = ["| measurement | req/s (median) | spread | p50 ms | p99 ms | × do-nothing | "
+             "p99 × do-nothing |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in table:
+        ratio = f"{r.ratio.median:.2f} ({r.ratio.low:.2f}–{r.ratio.high:.2f})" if r.ratio \
+            else ("1.00" if r.name == baseline_of(r.name) else "-")
+        p99r = f"{r.p99_ratio.median:.2f}" if r.p99_ratio else "-"
+        lines.append(f"| {LABELS.get(r.name, r.name)} | {_fmt(r.rps.median, 0)} | "
+                     f"±{r.rps.spread_pct / 2:.0f} % | {_fmt(r.p50_ms, 2)} | "
+                     f"{_fmt(r.p99_ms, 2)} | {ratio} | {p99r} |")
+    lines += ["", "| target | measured | bound | met |", "|---|---:|---|---|"]
+    for c in checks:
+        met = {True: "yes", False: "**no**", None: "not run"}[c["met"]]
+        unit = " MiB" if "MiB" in c["bound"] else " %" if "%" in c["bound"] else "×"
+        value = "-" if c["value"] is None else f"{c['value']:.2f}{unit}"
+        lines.append(f"| {c['target']} | {value} | {c['bound']} | {met} |")
+    return "\n".join(lines)

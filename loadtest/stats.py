@@ -1,0 +1,71 @@
+"""Pure: medians, spread and the targets of design §8, as ratios within one run."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def spread_pct(self) -> float:
+        """(max - min) / median, in percent: how much the runs disagreed."""
+        return 100.0 * (self.high - self.low) / self.median if self.median else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"median": self.median, "min": self.low, "max": self.high, "n": self.n,
+                "spread_pct": round(self.spread_pct, 1)}
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    if not values:
+        raise ValueError("no values to summarize")
+    return Summary(statistics.median(values), min(values), max(values), len(values))
+
+
+def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """Round-by-round ratios: each pair ran minutes apart at most, so drift cancels."""
+    return [a / b for a, b in zip(num, den, strict=True) if b]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One target of design §8: `ratio` of the proxy to the baseline, and the bound."""
+
+    name: str
+    scenario: str
+    baseline: str
+    metric: str  # "rps" (higher is better) or "p99_ms"/"rss_mib" (lower is better)
+    bound: float
+    higher_is_better: bool
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.higher_is_better else value <= self.bound
+
+    def describe(self) -> str:
+        op = ">=" if self.higher_is_better else "<="
+        unit = "x" if self.metric in ("rps", "p99_ms") else " MiB"
+        if self.metric == "rss_mib":
+            op = "<"
+        return f"{op} {self.bound:g}{unit}"
+
+
+TARGETS = (
+    Target("pass-through", "proxy get", "noop get", "rps", 0.95, True),
+    Target("replays", "proxy replay", "noop post", "rps", 1.5, True),
+    Target("first requests", "proxy first", "noop post", "rps", 0.6, True),
+    Target("replay p99 at the same load", "proxy replay paced", "noop post paced",
+           "p99_ms", 1.0, False),
+    Target("100 MiB body, RSS growth", "bigbody", "", "rss_mib", 50.0, False),
+)
+
+
+def rss_met(growth_mib: float, bound: float = 50.0) -> bool:
+    return growth_mib < bound

@@ -1,0 +1,172 @@
+"""The load harness's pure parts: parsing tool output, ratios and verdicts, generated
+configs. No timing thresholds here, ever: the benchmark itself reports the ratios."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loadtest import pgbench, profile, report, stats, wrk
+from loadtest.clients import parse_outcomes
+from loadtest.configs import AUTHORIZATION, nginx_conf, proxy_yaml
+from proxy.config import Concurrent, loads
+
+WRK_OUTPUT = """Running 5s test @ http://127.0.0.1:1234
+  1 threads and 50 connections
+Requests/sec:   4000.00
+WRK_JSON {"requests":20000,"duration_us":5000000,"bytes":1,"connect":0,"read":1,"write":0,\
+"status":3,"timeout":2,"mean":12500.0,"max":90000,"p50":10000,"p90":20000,"p99":45000,\
+"p999":80000}
+"""
+
+PGBENCH_OUTPUT = """transaction type: first.sql
+number of transactions actually processed: 18000
+number of failed transactions: 0 (0.000%)
+latency average = 2.612 ms
+initial connection time = 12.010 ms
+tps = 3829.123456 (without initial connection time)
+"""
+
+
+def test_wrk_parse_reads_the_summary_line() -> None:
+    """wrk's output becomes req/s, millisecond percentiles and error counts."""
+    r = wrk.parse(WRK_OUTPUT)
+    assert r.requests == 20000 and r.rps == 4000.0
+    assert (r.p50_ms, r.p99_ms, r.p999_ms, r.mean_ms) == (10.0, 45.0, 80.0, 12.5)
+    assert r.errors == 3 and r.non_2xx == 3
+
+
+def test_wrk_parse_without_summary_fails_loudly() -> None:
+    """Output without our summary line (a crashed script) is an error, not zeros."""
+    with pytest.raises(ValueError, match="WRK_JSON"):
+        wrk.parse("Running 5s test\nunable to connect\n")
+
+
+@pytest.mark.parametrize("scenario", ["get", "first", "replay", "hot", "replay_paced",
+                                      "first_paced"])
+def test_wrk_scripts_carry_the_summary_and_credentials(scenario: str) -> None:
+    """Every scenario script gets the shared done() and the substituted Authorization."""
+    text = wrk.script_text(scenario)
+    assert "function done(" in text and "WRK_JSON" in text
+    assert AUTHORIZATION in text and "__AUTH__" not in text and "__BODY__" not in text
+
+
+def test_pgbench_parse() -> None:
+    """pgbench's tps and mean latency are read from its summary."""
+    r = pgbench.parse(PGBENCH_OUTPUT)
+    assert (r.tps, r.latency_ms, r.failed) == (3829.123456, 2.612, 0)
+    with pytest.raises(ValueError):
+        pgbench.parse("pgbench: error: connection refused")
+
+
+def test_pgbench_scripts_use_the_proxys_functions() -> None:
+    """The scripts run idemproxy_claim/complete, chain the token, and keep ':' out of literals."""
+    first, replay = pgbench.first_script(), pgbench.replay_script(500)
+    assert "idemproxy_claim(" in first and "idemproxy_complete(" in first
+    assert "\\gset" in first and ":tok" in first
+    assert "random(1, 500)" in replay
+    for text in (first, replay, pgbench.fill_sql(scope=pgbench.REPLAY_SCOPE, prefix="r",
+                                                 count=10)):
+        literals = text.split("'")[1::2]
+        assert not any(":" in lit for lit in literals)
+
+
+def test_summary_median_and_spread() -> None:
+    """The median of the runs and their spread as a share of it."""
+    s = stats.summarize([100.0, 120.0, 80.0])
+    assert (s.median, s.low, s.high, s.n) == (100.0, 80.0, 120.0, 3)
+    assert s.spread_pct == pytest.approx(40.0)
+    with pytest.raises(ValueError):
+        stats.summarize([])
+
+
+def test_paired_ratios_are_round_by_round() -> None:
+    """Ratios pair each round's runs, skipping a zero baseline."""
+    assert stats.paired_ratios([10.0, 30.0, 5.0], [5.0, 10.0, 0.0]) == [2.0, 3.0]
+
+
+def _runs(proxy_replay: float, proxy_first: float, p99: float) -> report.Runs:
+    def r(rps: float, p99_ms: float = 10.0) -> dict[str, float]:
+        return {"rps": rps, "p50_ms": 1.0, "p99_ms": p99_ms}
+
+    return {
+        "noop get": [r(1000), r(1000)], "proxy get": [r(960), r(980)],
+        "noop post": [r(1000), r(800)], "proxy replay": [r(proxy_replay), r(proxy_replay)],
+        "proxy first": [r(proxy_first), r(proxy_first)],
+        "noop post paced": [r(500, 8.0)], "proxy replay paced": [r(500, p99)],
+        "pgbench first": [{"rps": 3000.0, "mean_ms": 2.5}],
+    }
+
+
+def test_report_ratios_and_verdicts() -> None:
+    """Each target compares idemproxy with the do-nothing proxy's same-shaped request."""
+    table = report.rows(_runs(proxy_replay=2000.0, proxy_first=500.0, p99=6.0))
+    by = {r.name: r for r in table}
+    assert by["proxy get"].ratio is not None and by["proxy get"].ratio.median == 0.97
+    assert by["proxy replay"].ratio is not None
+    assert by["proxy replay"].ratio.median == pytest.approx(2.25)  # median of 2.0, 2.5
+    assert by["pgbench first"].p50_ms == 2.5  # pgbench's mean latency
+    checks = {c["target"]: c for c in report.verdicts(table, rss_growth_mib=12.0)}
+    assert checks["pass-through"]["met"] is True
+    assert checks["replays"]["met"] is True
+    assert checks["first requests"]["met"] is False
+    assert checks["replay p99 at the same load"]["value"] == 0.75
+    assert checks["100 MiB body, RSS growth"]["met"] is True
+    text = report.render(table, list(checks.values()))
+    assert "| idemproxy replays |" in text and "**no**" in text
+
+
+def test_report_marks_targets_not_run() -> None:
+    """A scenario that did not run is 'not run', never a pass."""
+    checks = report.verdicts(report.rows({"noop get": [{"rps": 1.0}]}), rss_growth_mib=None)
+    assert all(c["met"] is None for c in checks)
+
+
+def test_big_table_slowdown_is_relative_to_the_noop() -> None:
+    """The 10M-key slowdown compares ratios to the noop, so machine drift cancels."""
+    runs = dict(_runs(proxy_replay=2000.0, proxy_first=500.0, p99=6.0))
+    runs["noop post bigtable"] = [{"rps": 500.0}]
+    runs["proxy replay bigtable"] = [{"rps": 900.0}]
+    table = report.rows(runs)
+    slow = report.big_table_slowdown({r.name: r for r in table}, "proxy replay")
+    assert slow == pytest.approx(1 - 1.8 / 2.25)
+
+
+def test_proxy_yaml_is_a_valid_idemproxy_config(tmp_path: Path) -> None:
+    """The generated config passes the proxy's own loader, on loopback only."""
+    cfg = loads(proxy_yaml(port=18001, admin_port=18002, upstream_port=18003,
+                           data_dir=tmp_path), env={})
+    assert (cfg.listen.host, cfg.listen.port) == ("127.0.0.1", 18001)
+    assert cfg.admin.listen.is_loopback and cfg.upstream.url == "http://127.0.0.1:18003"
+    routes = {r.name: r for r in cfg.routes}
+    assert routes["charges"].require_key and routes["hot"].concurrent is Concurrent.WAIT
+    assert routes["big"].max_stored_body >= 100 * 2**20
+
+
+def test_nginx_conf_keeps_upstream_connections_alive(tmp_path: Path) -> None:
+    """nginx listens on loopback, reuses upstream connections, writes only under prefix."""
+    conf = nginx_conf(port=18004, upstream_port=18003, prefix=tmp_path)
+    assert "listen 127.0.0.1:18004;" in conf and "server 127.0.0.1:18003;" in conf
+    assert "keepalive 64;" in conf and 'proxy_set_header Connection "";' in conf
+    assert "proxy_http_version 1.1;" in conf and "daemon off;" in conf
+    paths = [w.rstrip(";") for w in conf.split() if w.startswith("/") and w != "/"]
+    assert paths and all(p.startswith(str(tmp_path)) for p in paths)
+
+
+def test_parse_outcomes_reads_labels_in_any_order() -> None:
+    """The proxy's request counters become route/outcome counts."""
+    text = ('idemproxy_requests_total{outcome="replayed",route="charges"} 3.0\n'
+            'idemproxy_requests_created{outcome="replayed",route="charges"} 1.7e+09\n'
+            'idemproxy_requests_total{route="hot",outcome="forwarded"} 1.0\n')
+    assert parse_outcomes(text) == {"charges/replayed": 3, "hot/forwarded": 1}
+
+
+def test_profile_top_costs() -> None:
+    """Collapsed stacks become self and inclusive shares per function."""
+    collapsed = ("main (a.py:1);handle (proxy/idempotency.py:10);claim (proxy/s.py:3) 6\n"
+                 "main (a.py:1);handle (proxy/idempotency.py:12) 4\n")
+    top = profile.top_costs(collapsed)
+    assert top["samples"] == 10
+    assert ("claim (proxy/s.py)", 60.0) in top["self"]
+    assert ("handle (proxy/idempotency.py)", 100.0) in top["inclusive"]
