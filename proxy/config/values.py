@@ -90,6 +90,7 @@ class Reader:
     def __init__(self, problems: list[str], env: Mapping[str, str]) -> None:
         self.problems = problems
         self.env = env
+        self.unexpanded: set[str] = set()  # paths whose ${VAR} failed: reported already
 
     def report(self, problem: str) -> None:
         """Add a problem once (a bad `defaults` field is met again by every route)."""
@@ -118,11 +119,13 @@ class Reader:
                 return expand_env(value, self.env)
             except ValueError as exc:
                 self.report(f"{path}: {exc}")
+                self.unexpanded.add(path.rsplit("[", 1)[0] if path.endswith("]") else path)
         return value
 
     def get(self, data: dict[str, Any], name: str, path: str,
             parse: Callable[[object], T], default: T) -> T:
-        if name not in data or data[name] is None and default is None:
+        if name not in data or data[name] is None and default is None or \
+                path in self.unexpanded:
             return default
         try:
             return parse(data[name])
