@@ -215,10 +215,28 @@ async def _sleep_until_notified(deps: Deps, g: Guarded, timeout: float) -> None:
             await asyncio.wait_for(fut, timeout)
 
 
+async def _heartbeat(deps: Deps, g: Guarded) -> None:
+    """Keep a live claim's lease from running out under a slow upstream or a long body.
+
+    Only a claim whose proxy is alive and still working is renewed, so a crashed or
+    frozen owner's lease still ends and its key can be taken over.
+    """
+    lease = g.route.lock_timeout
+    while True:
+        await asyncio.sleep(lease / 3)
+        try:
+            if not await deps.store.extend(scope=g.scope, key=g.key, token=g.token,
+                                           lease=lease):
+                return  # taken over or finished: nothing left to renew
+        except StoreUnavailable as exc:
+            log.warning("could not renew a lease: %s", exc)
+
+
 async def _execute(request: web.Request, deps: Deps, g: Guarded,
                    claim: Claim) -> web.StreamResponse:
     deps.metrics.in_flight.inc()
     sent = False
+    heartbeat = asyncio.get_running_loop().create_task(_heartbeat(deps, g))
     try:
         start = time.perf_counter()
         try:
@@ -241,6 +259,7 @@ async def _execute(request: web.Request, deps: Deps, g: Guarded,
             deps.spawn(_release_quietly(deps, g))
         raise
     finally:
+        heartbeat.cancel()
         deps.metrics.in_flight.dec()
 
 

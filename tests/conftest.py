@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
+import tempfile
 import textwrap
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -44,17 +46,25 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real PostgreSQL for the whole session."""
+def pg_url() -> Iterator[str]:
+    """A real PostgreSQL for the whole session.
+
+    Its data lives outside pytest's numbered tmp dirs: pytest prunes old ones, and a
+    concurrent session's pruning must not delete a running server's data directory.
+    """
     url = os.environ.get("IDEMPROXY_TEST_DATABASE_URL")
     if url:
         yield url
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from proxy.embedded import embedded_postgres
-        with embedded_postgres(tmp_path_factory.mktemp("pg")) as url:
-            yield url
+    data = Path(tempfile.mkdtemp(prefix="idemproxy-test-"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from proxy.embedded import embedded_postgres
+            with embedded_postgres(data) as url:
+                yield url
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

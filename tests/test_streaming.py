@@ -172,3 +172,20 @@ def test_refuses_to_start_without_the_c_parser(monkeypatch):
 def test_c_parser_is_active_here():
     """The default install runs on the C parser, so serve starts."""
     check_parser(loads("{}", env={}))
+
+
+async def test_live_claim_keeps_its_lease_under_a_slow_upstream(make_proxy, upstream, client):
+    """A request slower than lock_timeout is not taken over while its proxy is alive."""
+    p = await make_proxy("""
+        - name: slow
+          match: {methods: [POST], path: "/exec/*"}
+          lock_timeout: 600ms
+    """)
+    key = new_key()
+    first = asyncio.create_task(post(client, p.url + "/exec/slow?delay=1.6", key=key))
+    await asyncio.sleep(1.1)  # well past the first lease
+    s, _, _ = await post(client, p.url + "/exec/slow?delay=1.6", key=key)
+    assert s == 409
+    assert (await first)[0] == 201
+    _, h, _ = await post(client, p.url + "/exec/slow?delay=1.6", key=key)
+    assert h["Idempotent-Replayed"] == "true" and upstream.count("/exec/slow") == 1

@@ -32,6 +32,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 _CLAIM = "SELECT * FROM idemproxy_claim($1, $2, $3, $4, $5, $6)"
 _COMPLETE = "SELECT idemproxy_complete($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 _RELEASE = "SELECT idemproxy_release($1, $2, $3)"
+_EXTEND = ("UPDATE idemproxy_keys SET locked_until = now() + make_interval(secs => $4) "
+           "WHERE scope = $1 AND key = $2 AND lock_token = $3 AND state = 1")
 _CHUNK = ("INSERT INTO idemproxy_chunks (scope, key, lock_token, seq, data) "
           "VALUES ($1, $2, $3, $4, $5)")
 _READ_CHUNKS = ("SELECT data FROM idemproxy_chunks WHERE scope = $1 AND key = $2 "
@@ -107,6 +109,11 @@ class PostgresStore:
     async def release(self, *, scope: str, key: str, token: UUID) -> bool:
         ok: bool = await self._call("release", "fetchval", _RELEASE, scope, key, token)
         return ok
+
+    async def extend(self, *, scope: str, key: str, token: UUID, lease: float) -> bool:
+        """Renew a live claim's lease (database clock); False if it is no longer ours."""
+        status: str = await self._call("extend", "execute", _EXTEND, scope, key, token, lease)
+        return status == "UPDATE 1"
 
     async def write_chunk(self, *, scope: str, key: str, token: UUID, seq: int,
                           data: bytes) -> None:
