@@ -9,6 +9,7 @@ from email.utils import format_datetime
 from aiohttp import web
 
 from proxy.config import Route
+from proxy.errors import StoreUnavailable
 from proxy.relay import ClientSink
 from proxy.store import Record
 from proxy.store.postgres import PostgresStore
@@ -46,11 +47,16 @@ async def replay(request: web.Request, record: Record, *, route: Route, scope: s
     sink = ClientSink(request, resp)
     await sink.start()
     written = 0
-    async for chunk in store.read_chunks(scope=scope, key=key, token=record.lock_token):
-        written += len(chunk)
-        await sink.write(chunk)
-        if sink.gone:
-            return resp
+    try:
+        async for chunk in store.read_chunks(scope=scope, key=key, token=record.lock_token):
+            written += len(chunk)
+            await sink.write(chunk)
+            if sink.gone:
+                return resp
+    except StoreUnavailable as exc:  # headers are out: cut the connection, never a short body
+        log.error("store failed during a streamed replay: %s", exc)
+        sink.abort()
+        return resp
     if written != record.body_size:  # deleted under us: never pass off a short body
         log.error("stored body changed during replay (%d of %d bytes)", written,
                   record.body_size)
