@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import keys
+from proxy import __version__, keys
 from tests.conftest import ProxyHandle
 from tests.upstream import TestUpstream, body_json
 
@@ -297,5 +297,5 @@ async def test_workers_metrics_sum_gauges_without_a_pid_label(tmp_path):
     samples = scrape(out.decode())
     assert samples[("idemproxy_claims_in_flight", ())] == 1
     assert samples[("idemproxy_db_pool_size", ())] == 3
-    assert samples[("idemproxy_build_info", (("version", "0.1.0"),))] == 1
+    assert samples[("idemproxy_build_info", (("version", __version__),))] == 1
     assert not any("pid" in dict(labels) for _, labels in samples)
