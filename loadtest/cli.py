@@ -42,7 +42,7 @@ class Options:
     bigbody: bool = True
     profile: bool = False
     big_table: int = 0  # rows to add for the big-table comparison (0: skip)
-    workers: int | None = None
+    workers: int = 1  # idemproxy workers, and as many do-nothing proxy processes
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--big-table", nargs="?", const=10_000_000, type=int, default=0,
                    metavar="ROWS", help="repeat first/replay runs on a table of ROWS extra "
                    "keys (default 10 million; takes several minutes)")
-    p.add_argument("--workers", type=int, help="set `workers:` in the proxy's config")
+    p.add_argument("--workers", default="1", help="idemproxy `workers:` (a number or "
+                   "auto), and as many do-nothing proxy processes (default 1)")
     a = p.parse_args(argv)
     quick = a.quick
     return Options(
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None) -> Options:
         warmup=1.0 if quick else 2.0, connections=a.connections,
         hot_connections=a.hot_connections, keys=200 if quick else 2000,
         bigbody=not a.no_bigbody, profile=a.profile, big_table=a.big_table,
-        workers=a.workers)
+        workers=(os.cpu_count() or 1) if a.workers == "auto" else int(a.workers))
 
 
 @dataclass
@@ -88,9 +89,10 @@ class Bench:
         self._start("upstream", [py, "-m", "loadtest.servers", "upstream", "--port", str(up)],
                     f"http://127.0.0.1:{up}", "/ping")
         noop = free_port()
-        self._start("noop", [py, "-m", "loadtest.servers", "noop", "--port", str(noop),
-                             "--upstream", f"http://127.0.0.1:{up}"],
-                    f"http://127.0.0.1:{noop}", "/ping")
+        for i in range(self.opts.workers):  # SO_REUSEPORT: like idemproxy's workers
+            self._start("noop" + (f"-{i}" if i else ""), [
+                py, "-m", "loadtest.servers", "noop", "--port", str(noop),
+                "--upstream", f"http://127.0.0.1:{up}"], f"http://127.0.0.1:{noop}", "/ping")
         nginx = free_port()
         conf = self.tmp / "nginx.conf"
         conf.write_text(nginx_conf(port=nginx, upstream_port=up, prefix=self.tmp))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from loadtest.configs import AUTHORIZATION, BODY
-from loadtest.procs import reset_peak_rss, rss_kib
+from loadtest.procs import reset_peak_rss, rss_kib, tree
 
 POST_HEADERS = {"Authorization": AUTHORIZATION, "Content-Type": "application/json"}
 
@@ -50,14 +50,18 @@ class BigPass:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
+def _total(pids: list[int], field: str = "VmRSS") -> int:
+    return sum(rss_kib(p, field) for p in pids)
+
+
 class _Sampler(threading.Thread):
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pids: list[int]) -> None:
         super().__init__(daemon=True)
-        self.pid, self.peak, self._done = pid, rss_kib(pid), threading.Event()
+        self.pids, self.peak, self._done = pids, _total(pids), threading.Event()
 
     def run(self) -> None:
         while not self._done.wait(0.005):
-            self.peak = max(self.peak, rss_kib(self.pid))
+            self.peak = max(self.peak, _total(self.pids))
 
     def stop(self) -> int:
         self._done.set()
@@ -79,10 +83,15 @@ async def _exchange(url: str, key: str | None) -> tuple[int, bool]:
 
 
 def big_pass(*, pid: int, url: str, key: str | None) -> BigPass:
-    """One exchange through the server `pid`, measuring its peak RSS above the start."""
-    kernel_peak = reset_peak_rss(pid)
-    base = rss_kib(pid)
-    sampler = _Sampler(pid)
+    """One exchange through the server `pid`, measuring its peak RSS above the start.
+
+    With workers, the RSS is the sum over the supervisor and its workers (the peaks are
+    summed too, which can only overstate the growth).
+    """
+    pids = tree(pid)
+    kernel_peak = all([reset_peak_rss(p) for p in pids])
+    base = _total(pids)
+    sampler = _Sampler(pids)
     sampler.start()
     start = time.perf_counter()
     try:
@@ -90,7 +99,7 @@ def big_pass(*, pid: int, url: str, key: str | None) -> BigPass:
     finally:
         sampled = sampler.stop()
     seconds = time.perf_counter() - start
-    peak = max(sampled, rss_kib(pid, "VmHWM")) if kernel_peak else sampled
+    peak = max(sampled, _total(pids, "VmHWM")) if kernel_peak else sampled
     return BigPass(got, seconds, replayed, (peak - base) / 1024,
                    "VmHWM" if kernel_peak else "sampled")
 

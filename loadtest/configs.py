@@ -9,10 +9,12 @@ BODY = '{"amount":2000,"currency":"eur","customer":"cus_loadtest","description":
 
 
 def proxy_yaml(*, port: int, admin_port: int, upstream_port: int, data_dir: Path,
-               workers: int | None = None) -> str:
+               workers: int | str = 1) -> str:
     """The proxy under test: one guarded route per scenario, defaults everywhere else.
 
     The database URL comes from IDEMPROXY_DATABASE_URL in the proxy's environment.
+    `workers` is set explicitly (1 by default, like the single-process do-nothing proxy
+    it is compared with), whatever the proxy's own default.
     """
     lines = [
         f"listen: 127.0.0.1:{port}",
@@ -22,8 +24,7 @@ def proxy_yaml(*, port: int, admin_port: int, upstream_port: int, data_dir: Path
         f"data_dir: '{data_dir}'",
         "logging: {format: json, level: info}",
     ]
-    if workers is not None:
-        lines.append(f"workers: {workers}")
+    lines.append(f"workers: {workers}")
     lines += [
         "routes:",
         "  - name: charges",

@@ -85,6 +85,18 @@ def wait_http(url: str, *, proc: subprocess.Popen[bytes], timeout: float = 60.0)
     raise RuntimeError(f"{url} not ready after {timeout:g}s")
 
 
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a supervisor and its workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in task.read_text().split()]
+    return out
+
+
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
     """A memory field of /proc/<pid>/status in KiB (VmRSS now, VmHWM the peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

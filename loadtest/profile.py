@@ -29,7 +29,8 @@ def py_spy() -> str:
 def start(*, pid: int, out: Path, seconds: float, rate: int = 250) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [py_spy(), "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-         "--rate", str(rate), "--format", "raw", "--nonblocking", "-o", str(out)],
+         "--rate", str(rate), "--format", "raw", "--nonblocking", "--subprocesses",
+         "-o", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

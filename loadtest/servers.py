@@ -103,8 +103,9 @@ def main() -> None:
     a = p.parse_args()
     app = upstream_app() if a.kind == "upstream" else noop_app(a.upstream.rstrip("/"))
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # reuse_port: the harness may start several noop processes on one port (--workers)
     web.run_app(app, host="127.0.0.1", port=a.port, access_log=None, print=None,
-                handler_cancellation=True)
+                handler_cancellation=True, reuse_port=True)
 
 
 if __name__ == "__main__":
