@@ -166,7 +166,8 @@ async def _answer(request: web.Request, deps: Deps, g: Guarded,
     if rec.fingerprint != g.fingerprint:
         _finish(deps, g, route, Outcome.MISMATCH, 422)
         raise KeyReused("This idempotency key was already used for a different request "
-                        "(method, path, query or body differ). Use a new key.")
+                        "(method, path, query or body differ). Use a new key.",
+                        headers=guard_headers(route, rec.expires_at))
     if rec.state is State.COMPLETED:
         resp = await replay(request, rec, route=route, scope=g.scope, key=g.key,
                             store=deps.store)
@@ -176,7 +177,8 @@ async def _answer(request: web.Request, deps: Deps, g: Guarded,
         return await _wait(request, deps, g)
     _finish(deps, g, route, Outcome.CONFLICT, 409)
     raise KeyInFlight("A request with this idempotency key is still being processed. "
-                      "Retry after it completes.", headers={"Retry-After": "1"})
+                      "Retry after it completes.",
+                      headers={"Retry-After": "1", **guard_headers(route, rec.expires_at)})
 
 
 async def _wait(request: web.Request, deps: Deps, g: Guarded) -> web.StreamResponse:

@@ -77,6 +77,7 @@ async def test_different_fingerprint_is_422_and_original_still_replays(make_prox
     _, _, first = await post(client, p.url + "/exec/fp", key=key, data=b"one")
     s, h, body = await post(client, p.url + "/exec/fp", key=key, data=b"two")
     assert s == 422 and h["Content-Type"] == "application/problem+json"
+    assert "Idempotency-Expires" in h
     assert body_json(body)["type"] == "https://idemproxy.dev/errors/key-reused"
     s3, h3, again = await post(client, p.url + "/exec/fp", key=key, data=b"one")
     assert (s3, again, h3["Idempotent-Replayed"]) == (201, first, "true")
@@ -99,7 +100,7 @@ async def test_in_flight_retry_gets_409_with_retry_after(make_proxy, upstream, c
     while upstream.count("/gate/x") == 0:
         await asyncio.sleep(0.01)
     s, h, body = await post(client, p.url + "/gate/x", key=key)
-    assert s == 409 and h["Retry-After"] == "1"
+    assert s == 409 and h["Retry-After"] == "1" and "Idempotency-Expires" in h
     assert body_json(body)["type"] == "https://idemproxy.dev/errors/key-in-flight"
     upstream.gate.set()
     assert (await first)[0] == 201
