@@ -17,6 +17,7 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -162,6 +163,18 @@ async def make_proxy(db: str, upstream: TestUpstream
 
     async with stack:
         yield start
+
+
+@pytest.fixture
+async def own_pg(tmp_path: Path) -> AsyncIterator[Any]:
+    """A PostgreSQL of the test's own, which it may stop and start (tests.procs)."""
+    from tests.procs import DedicatedPostgres
+
+    pg = await asyncio.to_thread(DedicatedPostgres, tmp_path)
+    try:
+        yield pg
+    finally:
+        await asyncio.to_thread(pg.cleanup)
 
 
 @pytest.fixture

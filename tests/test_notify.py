@@ -4,11 +4,8 @@ database goes away, waking in-process waiters without a connection each."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
-import pytest
 
 from proxy.store.notify import Notifier
 from proxy.store.postgres import PostgresStore, notify_channel_id
@@ -39,15 +36,6 @@ async def test_waiters_are_woken_by_notify(db: str):
             assert notifier.waiting == 0
     finally:
         await store.close()
-
-
-@pytest.fixture
-async def own_pg(tmp_path: Path) -> AsyncIterator[DedicatedPostgres]:
-    pg = await asyncio.to_thread(DedicatedPostgres, tmp_path)
-    try:
-        yield pg
-    finally:
-        await asyncio.to_thread(pg.cleanup)
 
 
 async def test_listener_reconnects_after_database_restart(own_pg: DedicatedPostgres):

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.procs import Cluster, DedicatedPostgres, sigcont, sigstop, wait_ready
+from tests.procs import Cluster, sigcont, sigstop, wait_ready
 from tests.test_flow import post
 from tests.upstream import TestUpstream, body_json
 
@@ -122,15 +122,6 @@ async def test_zombie_proxy_cannot_overwrite_the_new_owners_result(
         s, h, body = await post(client, proxy.url + "/gate/z", key=key)
         assert (s, body, h["Idempotent-Replayed"]) == (201, body_b, "true")
     assert '"result not stored: the claim was taken over' in a.output()
-
-
-@pytest.fixture
-async def own_pg(tmp_path: Path) -> AsyncIterator[DedicatedPostgres]:
-    pg = await asyncio.to_thread(DedicatedPostgres, tmp_path)
-    try:
-        yield pg
-    finally:
-        await asyncio.to_thread(pg.cleanup)
 
 
 async def test_postgres_outage_fails_closed_and_recovers(tmp_path: Path, own_pg,
