@@ -244,3 +244,33 @@ async def test_workers_exit_when_the_supervisor_is_killed(cluster: Cluster,
     p.signal(signal.SIGKILL)
     _, alive = await asyncio.to_thread(psutil.wait_procs, children, 10)
     assert alive == []
+
+
+async def test_completion_lost_past_the_lease_is_counted_and_logged(
+        tmp_path: Path, own_pg, upstream: TestUpstream, client):
+    """If the store stays down past the lease, the lost record is a metric and an error."""
+    cluster = Cluster(tmp_path, own_pg.url)
+    try:
+        p = await cluster.start("""
+- name: gate
+  match: {methods: [POST], path: "/gate/*"}
+  lock_timeout: 1s
+""", upstream=upstream.url, extra="database:\n  timeout: 1s\n")
+        call = asyncio.create_task(post(client, p.url + "/gate/gone", key=new_key()))
+        while upstream.count("/gate/gone") == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(own_pg.stop)
+        upstream.gate.set()
+        assert (await call)[0] == 201  # the client still gets the upstream's answer
+        metric = 'idemproxy_records_lost_total{route="gate"} 1.0'
+        for _ in range(60):
+            async with client.get(p.admin_url + "/metrics") as r:
+                if metric in await r.text():
+                    break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("records_lost never counted")
+        assert "record lost" in p.output()
+    finally:
+        cluster.stop_all()
+        await asyncio.to_thread(own_pg.start)
