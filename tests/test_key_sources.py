@@ -69,8 +69,11 @@ async def test_put_twice_without_any_key_header_runs_once(make_proxy, upstream, 
     """`PUT /orders/42` twice with no key header: one execution, the second replayed."""
     p = await make_proxy(ROUTES)
     body = json.dumps({"sku": "A-1", "qty": 2})
-    s1, h1, b1 = await send(client, p.url + "/exec/orders/42", method="PUT", data=body)
-    s2, h2, b2 = await send(client, p.url + "/exec/orders/42", method="PUT", data=body)
+    caller = {"Authorization": f"Bearer {unique()}"}  # a fresh tenant: a reused database
+    s1, h1, b1 = await send(client, p.url + "/exec/orders/42", method="PUT", data=body,
+                            headers=caller)           # may hold order 42 from a past run
+    s2, h2, b2 = await send(client, p.url + "/exec/orders/42", method="PUT", data=body,
+                            headers=caller)
     assert (s1, s2) == (201, 201) and b1 == b2
     assert upstream.count("/exec/orders/42") == 1
     assert "Idempotent-Replayed" not in h1 and h2["Idempotent-Replayed"] == "true"
@@ -113,6 +116,7 @@ async def test_same_content_without_any_key_runs_once_per_bucket(make_proxy, ups
                                                                   client):
     """Same recipient and template, no key header: one execution per day bucket."""
     p = await make_proxy(ROUTES)
+    p.deps.db_clock_offset = 43200 - time.time() % 86400  # noon (UTC): no midnight mid-test
     mail = json.dumps({"to": f"{unique()}@example.com", "template": "welcome"})
     first = await send(client, p.url + "/exec/emails", data=mail, headers=JSON)
     again = await send(client, p.url + "/exec/emails", data=mail, headers=JSON)
