@@ -84,7 +84,7 @@ def _finish(deps: Deps, g: Guarded | None, route: Route, outcome: Outcome, statu
     if g is not None:
         log.info("guarded request", extra={"fields": {
             "route": route.name, "outcome": outcome.value, "status": status,
-            "key_hash": g.key_hash, "tenant": g.scope.split(":", 1)[1][:12],
+            "key_hash": g.key_hash, "tenant": g.scope.split(":", 1)[1],
             "duration_ms": round((time.perf_counter() - g.started) * 1000, 2)}})
 
 

@@ -89,6 +89,7 @@ async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     orphan_watch: asyncio.Task[None] | None = None
+    pool_gauges: asyncio.Task[None] | None = None
     sweeper = None if worker else asyncio.create_task(run_sweeper(
         deps.store, interval=cfg.sweep_interval, on_deleted=deps.metrics.swept.inc))
     try:
@@ -97,18 +98,20 @@ async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
         if worker:
             _report_ready()
             orphan_watch = asyncio.create_task(_stop_when_orphaned(stop))
+            pool_gauges = asyncio.create_task(_refresh_pool_gauges(deps))
         else:
             await web.TCPSite(admin_runner, cfg.admin.listen.host,
                               cfg.admin.listen.port).start()
         log.info("idemproxy listening", extra={"fields": {
             "proxy": str(cfg.listen), "admin": "supervisor" if worker else str(cfg.admin.listen),
-            "upstream": cfg.upstream.url, "routes": len(cfg.routes), "pid": os.getpid()}})
+            "upstream": redact_url(cfg.upstream.url), "routes": len(cfg.routes),
+            "pid": os.getpid()}})
         await stop.wait()
         log.info("shutting down: finishing in-flight requests",
                  extra={"fields": {"grace_s": cfg.shutdown_grace}})
         state["shutting_down"] = True
     finally:
-        for task in (sweeper, orphan_watch):
+        for task in (sweeper, orphan_watch, pool_gauges):
             if task is not None:
                 task.cancel()
         await proxy_runner.cleanup()  # stop accepting; wait up to shutdown_grace
@@ -125,6 +128,21 @@ async def _stop_when_orphaned(stop: asyncio.Event) -> None:
         await asyncio.sleep(1)
     log.error("supervisor gone; worker shutting down")
     stop.set()
+
+
+def redact_url(url: str) -> str:
+    """The URL without any user:password part, for logs."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    host = authority.rpartition("@")[2]
+    return f"{scheme}{sep}{'***@' if '@' in authority else ''}{host}{slash}{path}"
+
+
+async def _refresh_pool_gauges(deps: Deps) -> None:
+    """Workers have no admin listener to refresh on scrape: keep their pool gauges fresh."""
+    while True:
+        deps.metrics.observe_pool(deps.store.pool)
+        await asyncio.sleep(5)
 
 
 def _report_ready() -> None:

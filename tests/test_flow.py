@@ -351,3 +351,11 @@ async def test_upstream_unused_for_rejections(make_proxy, upstream: TestUpstream
     p = await make_proxy()
     await post(client, p.url + "/gate/nokey")
     assert upstream.count() == 0
+
+
+def test_upstream_credentials_are_redacted_for_logs():
+    """An upstream URL with user:password never reaches the start-up log line."""
+    from proxy.server import redact_url
+
+    assert redact_url("http://user:pw@api:9000/base") == "http://***@api:9000/base"
+    assert redact_url("http://api:9000") == "http://api:9000"

@@ -227,7 +227,8 @@ async def test_workers_share_the_port_and_aggregate_metrics(cluster: Cluster,
     async with client.get(p.admin_url + "/metrics") as r:
         text = await r.text()
     line = next(ln for ln in text.splitlines()
-                if ln.startswith("idemproxy_requests_total") and 'outcome="forwarded"' in ln)
+                if ln.startswith("idemproxy_requests_total") and 'outcome="forwarded"' in ln
+                and 'route="exec"' in ln)
     assert float(line.split()[-1]) == 20.0
     p.signal(signal.SIGTERM)
     assert await asyncio.to_thread(p.proc.wait, 20) == 0

@@ -93,6 +93,8 @@ def _workers(value: object) -> int:
     if value == "auto":  # the cores this process may run on (cgroup/affinity aware)
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
             (os.cpu_count() or 1)
+    if isinstance(value, str) and value.strip().isdigit():  # e.g. ${IDEMPROXY_WORKERS:-2}
+        value = int(value)
     return int_in(1, 256)(value)
 
 
