@@ -26,7 +26,9 @@ from proxy.forward import Forwarder
 from proxy.framing import ProxyRunner
 from proxy.idempotency import Deps
 from proxy.metrics import Metrics
+from proxy.errors import StoreUnavailable
 from proxy.store.notify import Notifier
+from proxy.store.postgres import CONNECTION_ERRORS
 from proxy.store.sweeper import run_sweeper
 
 log = logging.getLogger("idemproxy.server")
@@ -88,6 +90,7 @@ async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    clock = asyncio.create_task(_track_db_clock(deps))
     orphan_watch: asyncio.Task[None] | None = None
     pool_gauges: asyncio.Task[None] | None = None
     sweeper = None if worker else asyncio.create_task(run_sweeper(
@@ -111,7 +114,7 @@ async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
                  extra={"fields": {"grace_s": cfg.shutdown_grace}})
         state["shutting_down"] = True
     finally:
-        for task in (sweeper, orphan_watch, pool_gauges):
+        for task in (sweeper, orphan_watch, pool_gauges, clock):
             if task is not None:
                 task.cancel()
         await proxy_runner.cleanup()  # stop accepting; wait up to shutdown_grace
@@ -143,6 +146,14 @@ async def _refresh_pool_gauges(deps: Deps) -> None:
     while True:
         deps.metrics.observe_pool(deps.store.pool)
         await asyncio.sleep(5)
+
+
+async def _track_db_clock(deps: Deps) -> None:
+    """Re-measure the database clock's offset now and then: body-key buckets follow it."""
+    while True:
+        await asyncio.sleep(60)
+        with contextlib.suppress(StoreUnavailable, *CONNECTION_ERRORS):
+            deps.db_clock_offset = await _db_clock_offset(deps.store)
 
 
 def _report_ready() -> None:

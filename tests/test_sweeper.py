@@ -56,14 +56,18 @@ async def test_only_one_replica_sweeps_at_a_time(db: str, store: PostgresStore):
 
 async def test_background_sweeper_runs_on_its_interval(db: str, store: PostgresStore):
     """run_sweeper deletes expired rows on its own and reports how many."""
-    scope = await _expired_rows(store, 4)
     deleted: list[int] = []
     task = asyncio.create_task(run_sweeper(store, interval=0.1, on_deleted=deleted.append))
     try:
-        for _ in range(50):
-            if await _count(db, scope) == 0:
+        for _ in range(20):  # another sweeper on this database may win a round: go again
+            scope = await _expired_rows(store, 4)
+            for _ in range(30):
+                if await _count(db, scope) == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert await _count(db, scope) == 0
+            if deleted:
                 break
-            await asyncio.sleep(0.1)
     finally:
         task.cancel()
-    assert await _count(db, scope) == 0 and sum(deleted) >= 4
+    assert sum(deleted) >= 1
