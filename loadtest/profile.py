@@ -57,7 +57,9 @@ def top_costs(collapsed: str, *, limit: int = 15) -> dict[str, object]:
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        frames = [_function(f) for f in stack.split(";") if f.strip()]
+        # `--subprocesses` roots each stack at a "process N:cmdline" frame: not a function
+        frames = [_function(f) for f in stack.split(";")
+                  if f.strip() and not f.startswith("process ")]
         if not frames:
             continue
         total += n
