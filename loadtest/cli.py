@@ -32,8 +32,8 @@ BIG_TABLE_PLAN = ("noop post", "proxy first", "proxy replay")
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    runs: int = 3
-    seconds: float = 5.0
+    runs: int = 5
+    seconds: float = 4.0
     warmup: float = 2.0
     connections: int = 50
     hot_connections: int = 200
@@ -49,8 +49,8 @@ class Options:
 def parse_args(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
     p.add_argument("--quick", action="store_true", help="short runs: a smoke test (~1 min)")
-    p.add_argument("--runs", type=int, help="measured rounds (default 3; quick 1)")
-    p.add_argument("--seconds", type=float, help="length of each run (default 5; quick 2)")
+    p.add_argument("--runs", type=int, help="measured rounds (default 5; quick 1)")
+    p.add_argument("--seconds", type=float, help="length of each run (default 4; quick 2)")
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--hot-connections", type=int, default=200)
     p.add_argument("--no-bigbody", action="store_true", help="skip the 100 MiB scenario")
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> Options:
     a = p.parse_args(argv)
     quick = a.quick
     return Options(
-        runs=a.runs or (1 if quick else 3), seconds=a.seconds or (2.0 if quick else 5.0),
+        runs=a.runs or (1 if quick else 5), seconds=a.seconds or (2.0 if quick else 4.0),
         warmup=1.0 if quick else 2.0, connections=a.connections,
         hot_connections=a.hot_connections, keys=200 if quick else 2000,
         bigbody=not a.no_bigbody, profile=a.profile, big_table=a.big_table,
