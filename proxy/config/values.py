@@ -84,6 +84,13 @@ def expand_env(text: str, env: Mapping[str, str]) -> str:
     return _ENV.sub(sub, text)
 
 
+def field_path(path: str, name: object) -> str:
+    """`path.name`; a name that is empty or not a plain word is quoted: `path[''].`"""
+    if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        return f"{path}.{name}" if path else name
+    return f"{path}[{name!r}]" if path else f"[{name!r}]"
+
+
 class Reader:
     """Walks a YAML mapping, collecting `path: message` problems instead of stopping."""
 
@@ -105,10 +112,9 @@ class Reader:
             return {}
         for k in raw:
             if k not in allowed:
-                where = f"{path}.{k}" if path else str(k)
-                self.report(f"{where}: unknown field (expected one of: "
+                self.report(f"{field_path(path, k)}: unknown field (expected one of: "
                             f"{', '.join(sorted(allowed))})")
-        return {k: self.expand(v, f"{path}.{k}" if path else str(k)) for k, v in raw.items()}
+        return {k: self.expand(v, field_path(path, k)) for k, v in raw.items()}
 
     def expand(self, value: object, path: str) -> object:
         """`${VAR}` in a string, or in each string of a list (`methods: [${M}]`)."""
