@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -97,21 +98,24 @@ class InProcessProxy:
 
         url = os.environ.get("IDEMPROXY_DATABASE_URL") or self._embedded()
         self.upstream = TestUpstream()
+        self._astack = contextlib.AsyncExitStack()
         up_runner = web.AppRunner(self.upstream.app(), access_log=None)
         await up_runner.setup()
+        self._astack.push_async_callback(up_runner.cleanup)
         await web.TCPSite(up_runner, "127.0.0.1", 0).start()
         self.upstream.url = f"http://127.0.0.1:{up_runner.addresses[0][1]}"
         cfg = config_for(self.upstream.url, DEFAULT_ROUTES, upstream_timeout="2s")
         metrics = Metrics(CollectorRegistry())
         store = await PostgresStore.connect(url, min_size=1, max_size=10, timeout=5)
+        self._astack.push_async_callback(store.close)
         async with store.pool.acquire() as conn:
             await migrate(conn)
-        self._fwd_cm = Forwarder.open(cfg.upstream)
-        fwd = await self._fwd_cm.__aenter__()
+        fwd = await self._astack.enter_async_context(Forwarder.open(cfg.upstream))
         runner = ProxyRunner(create_proxy_app(cfg, Deps(store=store, forwarder=fwd,
                                                         metrics=metrics)),
                              access_log=None, handler_cancellation=False, shutdown_timeout=1)
         await runner.setup()
+        self._astack.push_async_callback(runner.cleanup)
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         self.port = runner.addresses[0][1]
 
@@ -122,22 +126,30 @@ class InProcessProxy:
         return url
 
     def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._astack.aclose(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         self._stack.close()
 
-    def send(self, raw: bytes, *, timeout: float = 1.0, idle: float = 0.2) -> bytes:
-        """Raw bytes in, whatever came back until the proxy closed or went quiet."""
+    def send(self, raw: bytes, *, timeout: float = 3.0, idle: float = 0.3) -> bytes:
+        """Raw bytes in, whatever came back until the proxy closed, or went quiet having
+        answered as many requests as reached the upstream meanwhile."""
+        before = len(self.upstream.executions)
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
             with contextlib.suppress(OSError):
                 s.sendall(raw)
             data = b""
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                s.settimeout(idle if data else max(0.01, deadline - time.monotonic()))
+            while (left := deadline - time.monotonic()) > 0:
+                s.settimeout(min(idle, left) if data else left)
                 try:
                     chunk = s.recv(65536)
-                except (TimeoutError, OSError):
+                except TimeoutError:
+                    if len(STATUS.findall(data)) >= len(self.upstream.executions) - before:
+                        break
+                    continue
+                except OSError:
                     break
                 if not chunk:
                     break
@@ -145,6 +157,9 @@ class InProcessProxy:
             return data
 
 
+STATUS = re.compile(rb"HTTP/\d\.\d (\d{3}) ")  # a body need not end in CRLF
+# Known findings to step over while hunting for new ones: FUZZ_KNOWN=http09
+KNOWN = set(os.environ.get("FUZZ_KNOWN", "").split(","))
 PROXY: InProcessProxy | None = None
 COUNT = 0
 
@@ -165,11 +180,16 @@ def check_config(text: str) -> None:
 
 
 def check_request(proxy: InProcessProxy, raw: bytes) -> None:
+    """No 500; and no more requests reach the upstream than the proxy answered (a request
+    hidden in another's bytes would be one more). Pipelined requests are fine."""
     before = len(proxy.upstream.executions)
     answer = proxy.send(raw)
-    assert b" 500 " not in answer.split(b"\r\n", 1)[0], answer[:300]
-    for e in proxy.upstream.executions[before:]:
-        assert "smuggled" not in e.path, (raw[:200], e.path)
+    statuses = STATUS.findall(answer)
+    assert b"500" not in statuses, answer[:300]
+    if "http09" not in KNOWN:  # a request line without HTTP-version is not HTTP/1.1
+        assert not re.search(rb"HTTP/0\.9 \d{3} ", answer), (raw[:300], answer[:100])
+    new = proxy.upstream.executions[before:]
+    assert len(new) <= len(statuses), (raw[:300], [e.path for e in new], statuses)
 
 
 def canary(proxy: InProcessProxy) -> None:
@@ -223,7 +243,7 @@ def main_hypothesis(seconds: float) -> None:
     end = time.monotonic() + seconds
     ran = [0]
 
-    @settings(max_examples=10**7, deadline=None, database=None,
+    @settings(max_examples=200, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(st.sampled_from(corpus) if corpus else st.just(b"\x02"), st.binary(max_size=64),
            st.integers(0, 400), st.integers(0, 2))
@@ -235,7 +255,8 @@ def main_hypothesis(seconds: float) -> None:
         ran[0] += 1
         one_input(data)
 
-    fuzz()
+    while time.monotonic() < end:  # rounds of 200 examples until the time is up
+        fuzz()
     print(f"hypothesis fuzz: {ran[0]} inputs in {seconds:g}s, no failure")
 
 

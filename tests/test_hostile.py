@@ -113,12 +113,17 @@ CASES = [
     Case("many-headers", _post(KEY + b"".join(b"X-H%d: v\r\n" % i for i in range(3000)) +
                                b"Content-Length: 0\r\n")),
     Case("http-version-garbage", _post(KEY + b"Content-Length: 0\r\n", version=b"HTTP/1.x")),
+    # No HTTP-version (HTTP/0.9 shape) yet headers and a body: found by fuzz/ — the
+    # request was forwarded and answered with an "HTTP/0.9 201 Created" status line.
+    Case("no-version-with-headers", b"POST /exec/hostile\r\nHost: proxy.test\r\n"
+                                    b"Idempotency-Key: {key}\r\nContent-Length: 2\r\n\r\nhi"),
+    Case("no-version-bare", b"POST /exec/hostile\r\n\r\n"),
     Case("http2-preface-as-1.1", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SMUGGLED),
     Case("method-garbage", b"PO(ST /exec/hostile HTTP/1.1\r\nHost: proxy.test\r\n"
                            b"Idempotency-Key: {key}\r\nContent-Length: 0\r\n\r\n"),
     Case("trailer-smuggles-key", _post(b"Transfer-Encoding: chunked\r\nTrailer: X\r\n",
                                        b"0\r\nIdempotency-Key: {key}\r\n"
-                                       b"Content-Length: 40\r\n\r\n" + SMUGGLED),
+                                       b"Content-Length: 40\r\n\r\n"),
          expect=UPSTREAM_ONLY),
     # Another host named in the target or in Host: never a different upstream.
     Case("absolute-form-other-host",
@@ -175,7 +180,7 @@ async def exchange(port: int, raw: bytes, *, timeout: float = 4.0,
         closed = True
     finally:
         writer.close()
-    statuses = [int(m) for m in re.findall(rb"(?:^|\r\n)HTTP/1\.[01] (\d{3}) ", data)]
+    statuses = [int(m) for m in re.findall(rb"HTTP/\d\.\d (\d{3}) ", data)]
     return Exchange(statuses, closed, data[:300])
 
 
@@ -226,7 +231,7 @@ async def test_hostile_request_is_refused_or_kept_to_the_upstream(make_proxy, up
         assert new == [], f"reached the upstream: {[(e.method, e.path) for e in new]}"
     else:
         assert all(s < 500 or s == 502 for s in got.statuses), got.head
-        assert len(new) <= 1
+        assert len(new) <= len(got.statuses) <= 1, got.head  # one request, one answer
     # The next request on a fresh connection is served as usual.
     key = uuid.uuid4().hex
     async with client.post(p.url + "/exec/after", data=b"ok",
