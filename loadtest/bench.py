@@ -1,0 +1,224 @@
+"""The benchmark's moving parts: the processes under test and the measurements.
+
+`Bench` starts the upstream, the do-nothing proxy, nginx and idemproxy (all children of
+`Procs`, stopped by its owner), and runs the measurements in interleaved rounds: each
+idemproxy run sits next to its baseline, so drift between them stays small.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loadtest import clients, pgbench, profile, tools, wrk
+from loadtest.configs import nginx_conf, proxy_yaml
+from loadtest.procs import Procs, free_port, wait_http
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+BIG_TABLE_PLAN = ("noop post", "proxy first", "proxy replay")
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    runs: int = 5
+    seconds: float = 4.0
+    warmup: float = 2.0
+    connections: int = 50
+    hot_connections: int = 200
+    keys: int = 2000
+    pace: float = 0.5  # the paced p99 runs offer this share of the noop's POST rate
+    pool: int = 10  # pgbench clients = the proxy's default pool_max
+    bigbody: bool = True
+    profile: bool = False
+    big_table: int = 0  # rows to add for the big-table comparison (0: skip)
+    workers: int = 1  # idemproxy workers, and as many do-nothing proxy processes
+
+
+
+@dataclass
+class Bench:
+    opts: Options
+    tmp: Path
+    procs: Procs
+    db_url: str
+    urls: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    paced_rate: float = 0.0
+
+    # --- processes ---
+
+    def start_all(self) -> None:
+        py = sys.executable
+        up = free_port()
+        self._start("upstream", [py, "-m", "loadtest.servers", "upstream", "--port", str(up)],
+                    f"http://127.0.0.1:{up}", "/ping")
+        noop = free_port()
+        for i in range(self.opts.workers):  # SO_REUSEPORT: like idemproxy's workers
+            self._start("noop" + (f"-{i}" if i else ""), [
+                py, "-m", "loadtest.servers", "noop", "--port", str(noop),
+                "--upstream", f"http://127.0.0.1:{up}"], f"http://127.0.0.1:{noop}", "/ping")
+        nginx = free_port()
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(nginx_conf(port=nginx, upstream_port=up, prefix=self.tmp))
+        self._start("nginx", [tools.nginx_binary(), "-p", str(self.tmp), "-e",
+                              str(self.tmp / "error.log"), "-c", str(conf)],
+                    f"http://127.0.0.1:{nginx}", "/ping")
+        self._start_proxy(up)
+
+    def _start(self, name: str, argv: list[str], url: str, probe: str, *,
+               env: dict[str, str] | None = None) -> None:
+        proc = self.procs.start(name, argv, env=env, cwd=ROOT)
+        try:
+            wait_http(url + probe, proc=proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{name} did not start: {exc}\n{self.procs.log_tail(name)}") \
+                from exc
+        self.urls[name], self.pids[name] = url, proc.pid
+
+    def _start_proxy(self, upstream_port: int) -> None:
+        port, admin = free_port(), free_port()
+        cfg = self.tmp / "idemproxy.yaml"
+        cfg.write_text(proxy_yaml(port=port, admin_port=admin, upstream_port=upstream_port,
+                                  data_dir=self.tmp / "data", workers=self.opts.workers))
+        env = dict(os.environ, IDEMPROXY_DATABASE_URL=self.db_url)
+        self._start("proxy", [sys.executable, "-m", "proxy", "serve", "--config", str(cfg)],
+                    f"http://127.0.0.1:{admin}", "/readyz", env=env)
+        self.urls["admin"] = self.urls["proxy"]
+        self.urls["proxy"] = f"http://127.0.0.1:{port}"
+
+    # --- measurements ---
+
+    def plan(self) -> list[tuple[str, Any]]:
+        """(measurement, thunk) in round order: each idemproxy run next to its baseline."""
+        o, u = self.opts, self.urls
+        c, keys = o.connections, str(o.keys)
+
+        def w(target: str, scenario: str, conns: int = c, *extra: str) -> Any:
+            return lambda secs: wrk.run(url=u[target], scenario=scenario, workdir=self.tmp,
+                                        seconds=secs, connections=conns,
+                                        args=(uuid.uuid4().hex[:12], *extra)).as_dict()
+
+        return [
+            ("noop get", w("noop", "get")), ("proxy get", w("proxy", "get")),
+            ("nginx get", w("nginx", "get")), ("upstream get", w("upstream", "get")),
+            ("noop post", w("noop", "first")), ("proxy first", w("proxy", "first")),
+            ("proxy replay", w("proxy", "replay", c, keys)),
+            ("proxy hot", w("proxy", "hot", o.hot_connections)),
+            ("nginx post", w("nginx", "first")), ("upstream post", w("upstream", "first")),
+            ("pgbench first", self._pgbench("first")),
+            ("pgbench replay", self._pgbench("replay")),
+        ]
+
+    def _pgbench(self, kind: str) -> Any:
+        script = self.tmp / f"pgbench-{kind}.sql"
+        script.write_text(pgbench.first_script() if kind == "first"
+                          else pgbench.replay_script(self.opts.keys))
+        return lambda secs: pgbench.run(url=self.db_url, script=script, seconds=secs,
+                                        clients=self.opts.pool,
+                                        nonce=uuid.uuid4().hex[:12]).as_dict()
+
+    def rounds(self, plan: list[tuple[str, Any]], *, label: str = "") -> None:
+        o = self.opts
+        for i in range(o.runs):
+            for name, thunk in plan:
+                if i == 0 and o.warmup:
+                    thunk(o.warmup)
+                result = thunk(o.seconds)
+                self.runs.setdefault(name + label, []).append(result)
+                print(f"  round {i + 1}/{o.runs} {name + label:<22} "
+                      f"{result['rps']:>9,.0f} req/s  p99 {result.get('p99_ms', 0):6.2f} ms"
+                      f"{_bad(result)}", flush=True)
+
+    def paced_plan(self) -> list[tuple[str, Any]]:
+        """Both sides offered the same load: a share of the noop's median POST rate."""
+        noop = sorted(r["rps"] for r in self.runs["noop post"])
+        rate = max(50.0, self.opts.pace * noop[len(noop) // 2])
+        c = self.opts.connections
+        delay = f"{1000.0 * c / rate:.2f}"
+        self.paced_rate = rate
+        u, keys = self.urls, str(self.opts.keys)
+
+        def w(target: str, scenario: str) -> Any:
+            return lambda secs: wrk.run(url=u[target], scenario=scenario, workdir=self.tmp,
+                                        seconds=secs, connections=c,
+                                        args=(uuid.uuid4().hex[:12], keys, delay)).as_dict()
+
+        return [("noop post paced", w("noop", "first_paced")),
+                ("proxy replay paced", w("proxy", "replay_paced"))]
+
+    def prefill(self) -> None:
+        t = time.perf_counter()
+        n = clients.prefill(self.urls["proxy"], self.opts.keys)
+        if n != self.opts.keys:
+            raise RuntimeError(f"pre-fill: only {n} of {self.opts.keys} keys answered 201")
+        pgbench.psql(self.db_url, pgbench.fill_sql(scope=pgbench.REPLAY_SCOPE, prefix="r",
+                                                   count=self.opts.keys))
+        print(f"pre-filled {n} replay keys in {time.perf_counter() - t:.1f}s", flush=True)
+
+    def bigbody(self) -> dict[str, Any]:
+        """100 MiB through the proxy, then replayed; the noop's pass for comparison."""
+        key = f"big-{uuid.uuid4().hex[:12]}"
+        first = clients.big_pass(pid=self.pids["proxy"], url=self.urls["proxy"] + "/big",
+                                 key=key)
+        again = clients.big_pass(pid=self.pids["proxy"], url=self.urls["proxy"] + "/big",
+                                 key=key)
+        noop = clients.big_pass(pid=self.pids["noop"], url=self.urls["noop"] + "/big",
+                                key=None)
+        size = 100 * 2**20
+        for name, p in (("first", first), ("replay", again), ("noop", noop)):
+            if p.received != size:
+                raise RuntimeError(f"100 MiB {name}: got {p.received} bytes of {size}")
+        if not again.replayed:
+            raise RuntimeError("100 MiB: the second request was not a replay")
+        doc = {"first": first.as_dict(), "replay": again.as_dict(), "noop": noop.as_dict(),
+               "rss_growth_mib": max(first.rss_growth_mib, again.rss_growth_mib)}
+        print(f"100 MiB: forward {first.seconds:.1f}s +{first.rss_growth_mib:.1f} MiB, "
+              f"replay {again.seconds:.1f}s +{again.rss_growth_mib:.1f} MiB, "
+              f"noop {noop.seconds:.1f}s +{noop.rss_growth_mib:.1f} MiB", flush=True)
+        return doc
+
+    def profiles(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        secs = max(4.0, self.opts.seconds)
+        RESULTS.mkdir(exist_ok=True)
+        for scenario, extra in (("get", ()), ("first", ()),
+                                ("replay", (str(self.opts.keys),))):
+            raw = RESULTS / f"profile-{scenario}.txt"
+            spy = profile.start(pid=self.pids["proxy"], out=raw, seconds=secs)
+            time.sleep(0.5)
+            wrk.run(url=self.urls["proxy"], scenario=scenario, workdir=self.tmp,
+                    seconds=secs + 1, connections=self.opts.connections,
+                    args=(uuid.uuid4().hex[:12], *extra))
+            _, err = spy.communicate(timeout=60)
+            if spy.returncode != 0 or not raw.exists():
+                out[scenario] = {"error": err.decode(errors="replace")[-500:]}
+                continue
+            out[scenario] = {"file": str(raw.relative_to(ROOT)),
+                             **profile.top_costs(raw.read_text())}
+        return out
+
+    def big_table(self) -> None:
+        """Add N keys in another scope, then repeat first/replay next to the noop."""
+        n = self.opts.big_table
+        t = time.perf_counter()
+        print(f"adding {n:,} keys (INSERT … SELECT generate_series) …", flush=True)
+        step = 1_000_000
+        for start in range(0, n, step):
+            pgbench.psql(self.db_url, pgbench.fill_sql(
+                scope="bigtable", prefix=f"b{start}-", count=min(step, n - start)))
+        pgbench.psql(self.db_url, "VACUUM ANALYZE idemproxy_keys")
+        print(f"  done in {time.perf_counter() - t:.0f}s", flush=True)
+        plan = dict(self.plan())
+        self.rounds([(k, plan[k]) for k in BIG_TABLE_PLAN], label=" bigtable")
+
+
+def _bad(result: dict[str, Any]) -> str:
+    bad = {k: result[k] for k in ("errors", "non_2xx", "failed") if result.get(k)}
+    return "  " + " ".join(f"{k}={v}" for k, v in bad.items()) if bad else ""
