@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import idempotency, routing
 from proxy.config import SAFE_METHODS, Config
+from proxy.framing import check_framing
 from proxy.errors import (
     ERROR_BASE, BadRequest, ProblemError, ServiceUnavailable, StoreUnavailable,
 )
@@ -40,6 +41,8 @@ def problem_response(exc: ProblemError, *, instance: str | None = None) -> web.R
     resp = web.Response(status=exc.status, body=exc.body(instance=instance),
                         content_type=PROBLEM_JSON)
     resp.headers.update(exc.headers)
+    if exc.close:
+        resp.force_close()
     return resp
 
 
@@ -67,6 +70,7 @@ def create_proxy_app(cfg: Config, deps: Deps) -> web.Application:
     app[DEPS] = deps
 
     async def proxy_handler(request: web.Request) -> web.StreamResponse:
+        check_framing(request)
         m = None
         if request.method not in SAFE_METHODS:
             m = routing.match(cfg.routes, request.method, request.path)

@@ -50,10 +50,12 @@ class ProblemError(IdemproxyError):
     slug: ClassVar[str] = "internal"
     title: ClassVar[str] = "Internal error"
 
-    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None,
+                 close: bool = False) -> None:
         super().__init__(detail)
         self.detail = detail
         self.headers = dict(headers or {})
+        self.close = close  # the connection's byte stream cannot be trusted any more
 
     @property
     def type_uri(self) -> str:

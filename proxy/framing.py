@@ -15,9 +15,23 @@ from typing import Any
 
 from aiohttp import web, web_protocol, web_server
 
-from proxy.errors import ERROR_BASE
+from proxy.errors import ERROR_BASE, BadRequest
 
 log = logging.getLogger("idemproxy.framing")
+
+
+def check_framing(request: web.BaseRequest) -> None:
+    """Refuse what the parser lets through but a proxy must not forward ambiguously.
+
+    Only HTTP/1.0 and 1.1 are proxied (a request line without a version parses as
+    HTTP/0.9, which has no headers and so no framing to trust), and HTTP/1.0 has no
+    chunked transfer coding (RFC 9112 §6.1): such a body is a smuggling shape.
+    """
+    if request.version not in ((1, 0), (1, 1)):
+        raise BadRequest(f"HTTP/{request.version.major}.{request.version.minor} is not "
+                         "supported; send HTTP/1.1.", close=True)
+    if request.version == (1, 0) and "Transfer-Encoding" in request.headers:
+        raise BadRequest("HTTP/1.0 requests cannot use Transfer-Encoding.", close=True)
 
 
 class _ProblemRequestHandler(web_protocol.RequestHandler):

@@ -74,6 +74,11 @@ class Guarded:
     started: float = field(default_factory=time.perf_counter)
 
     @property
+    def notify(self) -> bool:
+        """Only routes that hold retries (concurrent: wait) have waiters to wake."""
+        return self.route.concurrent is Concurrent.WAIT
+
+    @property
     def key_hash(self) -> str:
         return hashlib.sha256(f"{self.scope}\x1f{self.key}".encode(
             "utf-8", "surrogateescape")).hexdigest()[:16]
@@ -267,7 +272,7 @@ async def _execute(request: web.Request, deps: Deps, g: Guarded,
 
 async def _release_quietly(deps: Deps, g: Guarded) -> None:
     try:
-        await deps.store.release(scope=g.scope, key=g.key, token=g.token)
+        await deps.store.release(scope=g.scope, key=g.key, token=g.token, notify=g.notify)
     except StoreUnavailable as exc:
         log.warning("could not release a claim (it ends with its lease): %s", exc)
 
@@ -343,7 +348,8 @@ async def _complete(deps: Deps, g: Guarded, done: Completion, *,
                     retry_in_background: bool = False) -> bool:
     """Store the result once now; if the store is down, keep trying within the lease."""
     try:
-        ok = await deps.store.complete(scope=g.scope, key=g.key, token=g.token, done=done)
+        ok = await deps.store.complete(scope=g.scope, key=g.key, token=g.token, done=done,
+                                          notify=g.notify)
     except StoreUnavailable as exc:
         log.warning("storing a result failed, retrying within the lease: %s", exc)
         deadline = time.monotonic() + g.route.lock_timeout * 0.9
@@ -365,7 +371,8 @@ async def _complete_retrying(deps: Deps, g: Guarded, done: Completion,
         await asyncio.sleep(delay)
         delay = min(delay * 2, 5.0)
         try:
-            await deps.store.complete(scope=g.scope, key=g.key, token=g.token, done=done)
+            await deps.store.complete(scope=g.scope, key=g.key, token=g.token, done=done,
+                                          notify=g.notify)
             return
         except StoreUnavailable:
             continue

@@ -55,7 +55,7 @@ async def test_complete_then_claim_returns_stored_response(store: PostgresStore)
     """A completed key comes back with status, ordered multi-value headers and body."""
     scope, key = ids()
     c = await claim(store, scope, key)
-    assert await store.complete(scope=scope, key=key, token=c.record.lock_token, done=DONE)
+    assert await store.complete(scope=scope, key=key, token=c.record.lock_token, done=DONE, notify=False)
     again = await claim(store, scope, key)
     assert again.outcome is ClaimOutcome.EXISTING and again.record.state is State.COMPLETED
     assert again.record.status == 201 and again.record.body == b"hello"
@@ -66,7 +66,7 @@ async def test_complete_with_wrong_token_is_refused(store: PostgresStore):
     """Completion is a compare-and-set on the claim's lock token."""
     scope, key = ids()
     await claim(store, scope, key)
-    assert not await store.complete(scope=scope, key=key, token=uuid.uuid4(), done=DONE)
+    assert not await store.complete(scope=scope, key=key, token=uuid.uuid4(), done=DONE, notify=False)
     again = await claim(store, scope, key)
     assert again.record.state is State.IN_FLIGHT
 
@@ -81,9 +81,9 @@ async def test_takeover_after_lease_and_zombie_cannot_overwrite(store: PostgresS
     new_owner = await claim(store, scope, key)
     assert new_owner.outcome is ClaimOutcome.TAKEN_OVER
     assert not await store.complete(scope=scope, key=key, token=zombie.record.lock_token,
-                                    done=Completion(500, (), b"zombie", 0, 6, False))
+                                    done=Completion(500, (), b"zombie", 0, 6, False), notify=False)
     assert await store.complete(scope=scope, key=key, token=new_owner.record.lock_token,
-                                done=DONE)
+                                done=DONE, notify=False)
     final = await claim(store, scope, key)
     assert final.record.body == b"hello"
 
@@ -117,7 +117,7 @@ async def test_expired_rows_are_absent_on_read(store: PostgresStore):
     """A row past its ttl is treated as new, whatever its state or fingerprint."""
     scope, key = ids()
     c = await claim(store, scope, key, ttl=0.2)
-    await store.complete(scope=scope, key=key, token=c.record.lock_token, done=DONE)
+    await store.complete(scope=scope, key=key, token=c.record.lock_token, done=DONE, notify=False)
     await asyncio.sleep(0.3)
     again = await claim(store, scope, key, fp=b"\x03" * 32)
     assert again.outcome is ClaimOutcome.NEW
@@ -127,8 +127,8 @@ async def test_release_deletes_only_own_in_flight_claim(store: PostgresStore):
     """Release is fenced too: another token cannot release, the owner can."""
     scope, key = ids()
     c = await claim(store, scope, key)
-    assert not await store.release(scope=scope, key=key, token=uuid.uuid4())
-    assert await store.release(scope=scope, key=key, token=c.record.lock_token)
+    assert not await store.release(scope=scope, key=key, token=uuid.uuid4(), notify=False)
+    assert await store.release(scope=scope, key=key, token=c.record.lock_token, notify=False)
     assert (await claim(store, scope, key)).outcome is ClaimOutcome.NEW
 
 
@@ -141,7 +141,7 @@ async def test_chunked_body_round_trip(store: PostgresStore):
     for seq, part in enumerate(parts):
         await store.write_chunk(scope=scope, key=key, token=token, seq=seq, data=part)
     await store.complete(scope=scope, key=key, token=token,
-                         done=Completion(200, (), None, 5, 5000, False))
+                         done=Completion(200, (), None, 5, 5000, False), notify=False)
     got = [bytes(c) async for c in store.read_chunks(scope=scope, key=key, token=token)]
     assert got == parts
 
@@ -159,3 +159,34 @@ async def test_purge_deletes_expired_rows_and_their_chunks(store: PostgresStore)
     assert await store.show(scope=keep_scope, key=keep_key) is not None
     chunks = [x async for x in store.read_chunks(scope=scope, key=key, token=c.record.lock_token)]
     assert chunks == []
+
+
+async def test_completion_notifies_only_when_asked(store: PostgresStore, db: str):
+    """complete(notify=True) sends one NOTIFY for the key; notify=False sends none."""
+    from proxy.store.postgres import notify_channel_id
+
+    got: list[str] = []
+    listener = await asyncpg.connect(db)
+    await listener.add_listener("idemproxy", lambda *args: got.append(args[-1]))
+    try:
+        for notify in (False, True):
+            scope, key = ids()
+            c = await claim(store, scope, key)
+            await store.complete(scope=scope, key=key, token=c.record.lock_token, done=DONE,
+                                 notify=notify)
+            await listener.execute("SELECT 1")  # notifications arrive before this answers
+            await asyncio.sleep(0.05)
+            assert got == ([notify_channel_id(scope, key)] if notify else [])
+    finally:
+        await listener.close()
+
+
+async def test_pooled_connection_left_in_a_transaction_is_rolled_back(store: PostgresStore):
+    """A connection released mid-transaction is rolled back before its next use."""
+    async with store.pool.acquire() as conn:
+        await conn.execute("BEGIN")
+        await conn.execute("CREATE TEMP TABLE leftover (x int)")
+    for _ in range(store.pool.get_size()):
+        async with store.pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT to_regclass('pg_temp.leftover')") is None

@@ -18,7 +18,7 @@ async def _expired_rows(store: PostgresStore, n: int) -> str:
         c = await store.claim(scope=scope, key=str(i), fingerprint=b"f", token=uuid.uuid4(),
                               lease=10, ttl=0.05)
         await store.complete(scope=scope, key=str(i), token=c.record.lock_token,
-                             done=Completion(200, (), b"x", 0, 1, False))
+                             done=Completion(200, (), b"x", 0, 1, False), notify=False)
     await asyncio.sleep(0.1)
     return scope
 

@@ -30,8 +30,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _CLAIM = "SELECT * FROM idemproxy_claim($1, $2, $3, $4, $5, $6)"
-_COMPLETE = "SELECT idemproxy_complete($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-_RELEASE = "SELECT idemproxy_release($1, $2, $3)"
+_COMPLETE = "SELECT idemproxy_complete($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_RELEASE = "SELECT idemproxy_release($1, $2, $3, $4)"
 _EXTEND = ("UPDATE idemproxy_keys SET locked_until = now() + make_interval(secs => $4) "
            "WHERE scope = $1 AND key = $2 AND lock_token = $3 AND state = 1")
 _CHUNK = ("INSERT INTO idemproxy_chunks (scope, key, lock_token, seq, data) "
@@ -53,6 +53,18 @@ def guard() -> Iterator[None]:
         raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
+async def _reset(conn: asyncpg.Connection) -> None:
+    """Reset a connection returning to the pool without a round trip when it is clean.
+
+    asyncpg's default reset runs `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL` on every release: a second round trip for every store call. Our pooled
+    connections never LISTEN or SET, and advisory locks are always unlocked in `finally`;
+    only a transaction cut short (a replay's cursor, a cancelled request) needs undoing.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class PostgresStore:
     """Claims, completions and stored responses in PostgreSQL."""
 
@@ -70,7 +82,7 @@ class PostgresStore:
         with guard():
             pool = await asyncpg.create_pool(
                 url, min_size=min_size, max_size=max_size, command_timeout=timeout,
-                timeout=timeout, max_inactive_connection_lifetime=60)
+                timeout=timeout, max_inactive_connection_lifetime=60, reset=_reset)
         return cls(pool, url=url, timeout=timeout, observe=observe)
 
     async def close(self) -> None:
@@ -98,16 +110,20 @@ class PostgresStore:
             body_chunks=row["body_chunks"], body_size=row["body_size"],
             body_omitted=row["body_omitted"], lease_left=row["lease_left"]))
 
-    async def complete(self, *, scope: str, key: str, token: UUID, done: Completion) -> bool:
-        """Store the response if `token` still owns the claim; False if it was taken over."""
+    async def complete(self, *, scope: str, key: str, token: UUID, done: Completion,
+                       notify: bool) -> bool:
+        """Store the response if `token` still owns the claim; False if it was taken over.
+
+        `notify` wakes waiters on every replica (NOTIFY serialises commits cluster-wide,
+        so only routes that can have waiters ask for it)."""
         ok: bool = await self._call(
             "complete", "fetchval", _COMPLETE, scope, key, token, done.status,
             encode_headers(done.headers), done.body, done.body_chunks, done.body_size,
-            done.body_omitted)
+            done.body_omitted, notify)
         return ok
 
-    async def release(self, *, scope: str, key: str, token: UUID) -> bool:
-        ok: bool = await self._call("release", "fetchval", _RELEASE, scope, key, token)
+    async def release(self, *, scope: str, key: str, token: UUID, notify: bool) -> bool:
+        ok: bool = await self._call("release", "fetchval", _RELEASE, scope, key, token, notify)
         return ok
 
     async def extend(self, *, scope: str, key: str, token: UUID, lease: float) -> bool:
@@ -164,7 +180,8 @@ class PostgresStore:
         token = await self._call("admin", "fetchval", """
             SELECT lock_token FROM idemproxy_keys WHERE scope = $1 AND key = $2 AND state = 1
             """, scope, key)
-        return token is not None and await self.release(scope=scope, key=key, token=token)
+        return token is not None and await self.release(scope=scope, key=key, token=token,
+                                                        notify=True)
 
     async def in_flight(self, *, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._call("admin", "fetch", """
