@@ -138,3 +138,43 @@ def test_short_torture_run_has_no_violation(tmp_path):
     assert summary["ops"] > 300, report
     assert sum(summary["faults"].values()) >= 6, report
     assert proc.returncode == 0, report
+
+
+@pytest.mark.slow
+async def test_takeover_under_unknown_outcome_fail_does_not_execute_again(tmp_path):
+    """A proxy dies after forwarding on an `unknown_outcome: fail` route: after the lease,
+    another proxy takes the claim over but must not forward the request a second time."""
+    import asyncio
+    import signal
+
+    import aiohttp
+
+    from tests.torture.cluster import Cluster
+
+    cluster = Cluster(tmp_path)
+    try:
+        await cluster.start(n_proxies=2, lease="2s", seed=3, skew=None, workers_first=1,
+                            upstream_args=["--slow", "0", "--reset", "0", "--release", "0"])
+        p0, p1 = cluster.proxies
+        p0.up_link.latency = 0.8  # the answer is still on its way back when p0 dies
+        assert cluster.executions_log is not None
+        log = cluster.executions_log
+        headers = {"Authorization": "Bearer t", "Idempotency-Key": "died-holding-it"}
+        async with aiohttp.ClientSession() as s:
+            first = asyncio.ensure_future(s.post(p0.url + "/fail/died-holding-it", data=b"{}",
+                                                 headers=headers))
+            for _ in range(100):
+                if log.exists() and log.read_text().strip():
+                    break
+                await asyncio.sleep(0.05)
+            cluster.kill(p0, signal.SIGKILL)
+            with pytest.raises(aiohttp.ClientError):
+                (await first).release()
+            await asyncio.sleep(2.5)  # the dead proxy's lease ends
+            async with s.post(p1.url + "/fail/died-holding-it", data=b"{}",
+                              headers=headers) as resp:
+                status = resp.status
+        executions = log.read_text().splitlines()
+        assert len(executions) == 1, f"executed {len(executions)} times; retry got {status}"
+    finally:
+        await cluster.close()

@@ -130,7 +130,7 @@ def _check_executions(unit: Unit, atts: list[Attempt], exs: list[Execution], lea
             out.append(("second-execution", f"re-executed inside the first claim's "
                         f"{lease:g}s lease: {where}"))
         else:
-            report.reexecutions.append((unit, "unknown outcome, retried after the lease: "
+            report.reexecutions.append((unit, "unknown_outcome: retry after the lease, "
                                         + _why(prev, faults)))
     return out
 
@@ -143,13 +143,22 @@ def claim_lower_bound(e: Execution, atts: list[Attempt]) -> float:
     return min(starts, default=e.t - 10.0)
 
 
+_CAUSES = (("kill9", "its proxy was killed (kill -9)"), ("term", "its proxy was stopped (SIGTERM)"),
+           ("up_", "the proxy-upstream link failed"), ("pg_", "the store was unreachable"))
+
+
 def _why(e: Execution, faults: list[FaultEvent]) -> str:
+    """The likeliest reason an execution's outcome stayed unknown: what the upstream did,
+    else the first of the faults around it, in the order of _CAUSES."""
     if e.mode in ("slow", "reset"):
-        return {"slow": "upstream answered after the proxy's timeout",
-                "reset": "upstream dropped the connection"}[e.mode]
-    near = sorted({f.kind for f in faults if f.t <= e.t + 2.0
-                   and max(f.t, f.until) >= e.t - 1.0 and f.proxy in (None, e.proxy)})
-    return "fault nearby: " + ", ".join(near) if near else "no injected fault nearby"
+        return {"slow": "the upstream answered after the proxy's timeout",
+                "reset": "the upstream dropped the connection"}[e.mode]
+    near = {f.kind for f in faults if f.t <= e.t + 2.0
+            and max(f.t, f.until) >= e.t - 1.0 and f.proxy in (None, e.proxy)}
+    for prefix, cause in _CAUSES:
+        if any(k.startswith(prefix) for k in near):
+            return cause
+    return "no injected fault nearby"
 
 
 def _check_answers(atts: list[Attempt], ex_id: dict[str, Execution]) -> list[tuple[str, str]]:

@@ -152,11 +152,11 @@ class Cluster:
 
     async def _start_upstream(self, seed: int, extra: list[str]) -> int:
         assert self.executions_log is not None
-        self.upstream = subprocess.Popen(
-            [sys.executable, "-m", "tests.torture.upstream", "--log", str(self.executions_log),
-             "--seed", str(seed), *extra],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=open(self.root / "upstream.log", "ab"),
-            start_new_session=True)
+        with open(self.root / "upstream.log", "ab") as err:
+            self.upstream = subprocess.Popen(
+                [sys.executable, "-m", "tests.torture.upstream", "--log",
+                 str(self.executions_log), "--seed", str(seed), *extra],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
         assert self.upstream.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(self.upstream.stdout.readline), 30)
         port: int = json.loads(line)["port"]
