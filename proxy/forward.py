@@ -13,7 +13,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import Upstream
@@ -50,7 +50,7 @@ def _translate(exc: BaseException) -> UpstreamError:
 class UpstreamResponse:
     status: int
     reason: str | None
-    headers: CIMultiDict[str]
+    headers: CIMultiDictProxy[str]
     raw: aiohttp.ClientResponse
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -60,6 +60,17 @@ class UpstreamResponse:
                 yield chunk
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise _translate(exc) from exc
+
+    async def read(self) -> bytes:
+        """The whole body (for small ones of known length); failures as in `chunks`."""
+        try:
+            return await self.raw.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise _translate(exc) from exc
+
+    @property
+    def content_length(self) -> int | None:
+        return self.raw.content_length
 
     def close(self) -> None:
         self.raw.release()
@@ -104,4 +115,4 @@ class Forwarder:
                                               allow_redirects=False, compress=False)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise _translate(exc) from exc
-        return UpstreamResponse(raw.status, raw.reason, CIMultiDict(raw.headers), raw)
+        return UpstreamResponse(raw.status, raw.reason, raw.headers, raw)

@@ -30,7 +30,7 @@ from proxy.errors import (
 )
 from proxy.forward import Forwarder, UpstreamError, UpstreamResponse
 from proxy.metrics import Metrics, Outcome
-from proxy.recorder import Recorder
+from proxy.recorder import INLINE, Recorder
 from proxy.relay import ClientSink, open_upstream, pass_through, read_body, response_for
 from proxy.replay import guard_headers, replay
 from proxy.routing import Match
@@ -222,28 +222,46 @@ async def _sleep_until_notified(deps: Deps, g: Guarded, timeout: float) -> None:
             await asyncio.wait_for(fut, timeout)
 
 
-async def _heartbeat(deps: Deps, g: Guarded) -> None:
+class _Heartbeat:
     """Keep a live claim's lease from running out under a slow upstream or a long body.
 
     Only a claim whose proxy is alive and still working is renewed, so a crashed or
     frozen owner's lease still ends and its key can be taken over.
     """
-    lease = g.route.lock_timeout
-    while True:
-        await asyncio.sleep(lease / 3)
+
+    def __init__(self, deps: Deps, g: Guarded) -> None:
+        self._deps, self._g = deps, g
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(
+            g.route.lock_timeout / 3, self._fire)
+        self._task: asyncio.Task[None] | None = None
+
+    def _fire(self) -> None:
+        self._task = self._loop.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        g = self._g
         try:
-            if not await deps.store.extend(scope=g.scope, key=g.key, token=g.token,
-                                           lease=lease):
+            if not await self._deps.store.extend(scope=g.scope, key=g.key, token=g.token,
+                                                 lease=g.route.lock_timeout):
                 return  # taken over or finished: nothing left to renew
         except StoreUnavailable as exc:
             log.warning("could not renew a lease: %s", exc)
+        self._timer = self._loop.call_later(g.route.lock_timeout / 3, self._fire)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 async def _execute(request: web.Request, deps: Deps, g: Guarded,
                    claim: Claim) -> web.StreamResponse:
     deps.metrics.in_flight.inc()
     sent = False
-    heartbeat = asyncio.get_running_loop().create_task(_heartbeat(deps, g))
+    # A timer, not a task per request: most requests end long before the first renewal.
+    heartbeat = _Heartbeat(deps, g)
     try:
         start = time.perf_counter()
         try:
@@ -311,10 +329,36 @@ async def _pass_on_and_release(request: web.Request, deps: Deps, g: Guarded,
     return sink.response
 
 
+async def _record_small(deps: Deps, g: Guarded, claim: Claim,
+                        up: UpstreamResponse) -> web.StreamResponse:
+    """A small body of known length: read it whole, store it, answer in one write."""
+    route = g.route
+    try:
+        body = await up.read()
+    except UpstreamError as exc:  # nothing reached the client yet: answer the problem
+        _finish(deps, g, route, Outcome.UPSTREAM_ERROR, exc.problem.status)
+        if route.unknown_outcome is UnknownOutcome.FAIL:
+            await _complete(deps, g, _failure(exc.problem))
+        raise exc.problem from exc
+    stored = tuple(hdrs.to_store(up.headers, keep_set_cookie=route.replay_set_cookie))
+    await _complete(deps, g, Completion(up.status, stored, body, 0, len(body), False),
+                    retry_in_background=True)
+    _finish(deps, g, route, Outcome.FORWARDED, up.status)
+    resp = web.Response(status=up.status, reason=up.reason, body=body)
+    for k, v in hdrs.end_to_end(up.headers):
+        if k.lower() != "content-length":
+            resp.headers.add(k, v)
+    resp.headers.update(guard_headers(route, claim.record.expires_at))
+    return resp
+
+
 async def _stream_and_record(request: web.Request, deps: Deps, g: Guarded, claim: Claim,
                              up: UpstreamResponse) -> web.StreamResponse:
     """Stream to the client while recording; complete before the client sees the end."""
     route = g.route
+    length = up.content_length
+    if length is not None and length <= min(INLINE, route.max_stored_body):
+        return await _record_small(deps, g, claim, up)
     sink = ClientSink(request, response_for(up, extra=guard_headers(
         route, claim.record.expires_at)))
     await sink.start()

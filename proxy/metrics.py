@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -55,6 +55,8 @@ UNROUTED = "-"  # the route label of requests no route matched
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._counts: dict[tuple[str, Outcome], Any] = {}
+        self._store_ops: dict[str, Any] = {}
         self.registry = registry
         self.requests = Counter(
             "idemproxy_requests", "Requests by route and outcome.", ["route", "outcome"],
@@ -103,10 +105,17 @@ class Metrics:
             self.records_lost.labels(name)
 
     def count(self, route: str, outcome: Outcome) -> None:
-        self.requests.labels(route, outcome.value).inc()
+        # labels() builds and hashes a key on every call; the children never change.
+        child = self._counts.get((route, outcome))
+        if child is None:
+            child = self._counts[(route, outcome)] = self.requests.labels(route, outcome.value)
+        child.inc()
 
     def observe_store(self, op: str, seconds: float) -> None:
-        self.store_seconds.labels(op).observe(seconds)
+        child = self._store_ops.get(op)
+        if child is None:
+            child = self._store_ops[op] = self.store_seconds.labels(op)
+        child.observe(seconds)
 
     def observe_pool(self, pool: PoolStats) -> None:
         """Refresh the pool gauges (called on each scrape)."""

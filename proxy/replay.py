@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import datetime
 from email.utils import format_datetime
@@ -17,7 +18,9 @@ from proxy.store.postgres import PostgresStore
 log = logging.getLogger("idemproxy.replay")
 
 
+@functools.lru_cache(maxsize=4096)
 def http_date(when: datetime) -> str:
+    """RFC 9110 HTTP-date; cached, since every replay of a key formats the same instant."""
     return format_datetime(when, usegmt=True)
 
 

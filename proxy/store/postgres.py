@@ -94,7 +94,8 @@ class PostgresStore:
         try:
             with guard():
                 async with self.pool.acquire(timeout=self.timeout) as conn:
-                    return await getattr(conn, method)(query, *args, timeout=self.timeout)
+                    # the pool's command_timeout bounds the statement
+                    return await getattr(conn, method)(query, *args)
         finally:
             self._observe(op, time.perf_counter() - start)
 
