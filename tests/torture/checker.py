@@ -148,13 +148,13 @@ _CAUSES = (("kill9", "its proxy was killed (kill -9)"), ("term", "its proxy was 
 
 
 def _why(e: Execution, faults: list[FaultEvent]) -> str:
-    """The likeliest reason an execution's outcome stayed unknown: what the upstream did,
-    else the first of the faults around it, in the order of _CAUSES."""
-    if e.mode in ("slow", "reset"):
-        return {"slow": "the upstream answered after the proxy's timeout",
-                "reset": "the upstream dropped the connection"}[e.mode]
+    """The likeliest reason an execution's outcome stayed unknown: its proxy dying, else
+    what the upstream did, else the first of the faults around it (order of _CAUSES)."""
     near = {f.kind for f in faults if f.t <= e.t + 2.0
             and max(f.t, f.until) >= e.t - 1.0 and f.proxy in (None, e.proxy)}
+    if e.mode in ("slow", "reset") and not near & {"kill9", "term"}:
+        return {"slow": "the upstream answered after the proxy's timeout",
+                "reset": "the upstream dropped the connection"}[e.mode]
     for prefix, cause in _CAUSES:
         if any(k.startswith(prefix) for k in near):
             return cause
