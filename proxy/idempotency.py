@@ -27,6 +27,7 @@ from proxy import keys
 from proxy.config import Concurrent, Route, StoreUnavailablePolicy, UnknownOutcome
 from proxy.errors import (
     KeyInFlight, KeyReused, ProblemError, ServiceUnavailable, StoreUnavailable,
+    UpstreamFailed,
 )
 from proxy.forward import Forwarder, UpstreamError, UpstreamResponse
 from proxy.metrics import Metrics, Outcome
@@ -167,6 +168,8 @@ async def _answer(request: web.Request, deps: Deps, g: Guarded,
             deps.metrics.takeovers.labels(route.name).inc()
             log.warning("claim taken over after its lease ended",
                         extra={"fields": {"route": route.name, "key_hash": g.key_hash}})
+            if route.unknown_outcome is UnknownOutcome.FAIL:
+                return await _fail_dead_claim(deps, g)
         return await _execute(request, deps, g, claim)
     if rec.fingerprint != g.fingerprint:
         _finish(deps, g, route, Outcome.MISMATCH, 422)
@@ -304,6 +307,17 @@ async def _upstream_failed(deps: Deps, g: Guarded, claim: Claim,
     elif g.route.unknown_outcome is UnknownOutcome.FAIL:
         await _complete(deps, g, _failure(problem))
     raise problem from exc
+
+
+async def _fail_dead_claim(deps: Deps, g: Guarded) -> web.StreamResponse:
+    """`unknown_outcome: fail` and the claim's proxy died: the first attempt may have
+    reached the upstream, so store that unknown outcome as the answer, never forward."""
+    problem = UpstreamFailed("The proxy handling the first request with this key stopped "
+                             "before it finished; the outcome is unknown and this route "
+                             "does not retry it.")
+    _finish(deps, g, g.route, Outcome.UPSTREAM_ERROR, problem.status)
+    await _complete(deps, g, _failure(problem))
+    raise problem
 
 
 def _failure(problem: ProblemError) -> Completion:

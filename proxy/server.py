@@ -19,6 +19,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy import logs
 from proxy.app import create_admin_app, create_proxy_app
 from proxy.cli import _migrate, open_store
 from proxy.config import Config
@@ -91,6 +92,7 @@ async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     clock = asyncio.create_task(_track_db_clock(deps))
+    log_flusher = asyncio.create_task(_flush_logs())
     orphan_watch: asyncio.Task[None] | None = None
     pool_gauges: asyncio.Task[None] | None = None
     sweeper = None if worker else asyncio.create_task(run_sweeper(
@@ -114,7 +116,7 @@ async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
                  extra={"fields": {"grace_s": cfg.shutdown_grace}})
         state["shutting_down"] = True
     finally:
-        for task in (sweeper, orphan_watch, pool_gauges, clock):
+        for task in (sweeper, orphan_watch, pool_gauges, clock, log_flusher):
             if task is not None:
                 task.cancel()
         await proxy_runner.cleanup()  # stop accepting; wait up to shutdown_grace
@@ -146,6 +148,13 @@ async def _refresh_pool_gauges(deps: Deps) -> None:
     while True:
         deps.metrics.observe_pool(deps.store.pool)
         await asyncio.sleep(5)
+
+
+async def _flush_logs() -> None:
+    """Buffered log lines reach stderr within half a second even when traffic stops."""
+    while True:
+        await asyncio.sleep(0.5)
+        logs.flush()
 
 
 async def _track_db_clock(deps: Deps) -> None:

@@ -30,6 +30,7 @@ from proxy.forward import Forwarder
 from proxy.idempotency import Deps
 from proxy.metrics import Metrics
 from proxy.store.postgres import PostgresStore
+from proxy.server import _flush_logs
 from proxy.store.sweeper import run_sweeper
 
 log = logging.getLogger("idemproxy.supervisor")
@@ -125,7 +126,8 @@ async def _run_admin(cfg: Config, store: PostgresStore, workers: Workers) -> int
             loop.add_signal_handler(sig, stop.set)
         tasks = [asyncio.create_task(workers.watch()),
                  asyncio.create_task(run_sweeper(store, interval=cfg.sweep_interval,
-                                                 on_deleted=own.swept.inc))]
+                                                 on_deleted=own.swept.inc)),
+                 asyncio.create_task(_flush_logs())]
         try:
             await web.TCPSite(runner, cfg.admin.listen.host, cfg.admin.listen.port).start()
             log.info("idemproxy supervisor running", extra={"fields": {
