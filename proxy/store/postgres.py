@@ -92,8 +92,11 @@ class PostgresStore:
     async def _call(self, op: str, method: str, query: str, *args: Any) -> Any:
         start = time.perf_counter()
         try:
+            # An idle connection is handed over at once, so skip the acquire timeout's
+            # machinery (a wait_for per call); only a busy pool needs the bound.
+            timeout = None if self.pool.get_idle_size() else self.timeout
             with guard():
-                async with self.pool.acquire(timeout=self.timeout) as conn:
+                async with self.pool.acquire(timeout=timeout) as conn:
                     # the pool's command_timeout bounds the statement
                     return await getattr(conn, method)(query, *args)
         finally:
