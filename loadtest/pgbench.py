@@ -31,7 +31,8 @@ def first_script() -> str:
         f"SELECT lock_token AS tok FROM idemproxy_claim('pgbench-first', {_KEY}, {_FP}, "
         "gen_random_uuid(), 60, 86400) \\gset\n"
         f"SELECT idemproxy_complete('pgbench-first', {_KEY}, :tok, 201, "
-        f"{_hex(STORED_HEADERS)}, {_hex(STORED_BODY)}, 0, {len(STORED_BODY)}, false);\n")
+        f"{_hex(STORED_HEADERS)}, {_hex(STORED_BODY)}, 0, {len(STORED_BODY)}, false, "
+        "false);\n")  # p_notify false: what a default (concurrent: reject) route sends
 
 
 def replay_script(nkeys: int) -> str:
