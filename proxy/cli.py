@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -95,11 +96,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def prepare_multiprocess_metrics(data_dir: str) -> None:
     """Call before prometheus_client is imported: metrics then live in shared files."""
-    path = Path(data_dir).expanduser().resolve() / "metrics"
+    root = Path(data_dir).expanduser().resolve() / "metrics"
+    for old in root.glob("*"):  # left by supervisors that are gone (even by kill -9)
+        if old.name.isdigit() and not _alive(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / str(os.getpid())  # one per supervisor: two may share a data_dir
     path.mkdir(parents=True, exist_ok=True)
-    for stale in path.iterdir():  # a previous run's values and worker ready marks
-        stale.unlink()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

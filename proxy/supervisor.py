@@ -11,9 +11,9 @@ on to every worker, which finish their in-flight requests within `shutdown_grace
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,9 +103,7 @@ async def supervise(cfg: Config) -> int:
             return await _run_admin(cfg, store, workers)
         finally:
             await workers.stop(grace=cfg.shutdown_grace)
-            with contextlib.suppress(OSError):
-                for f in workers.ready_dir.iterdir():
-                    f.unlink()
+            shutil.rmtree(workers.ready_dir, ignore_errors=True)
 
 
 async def _run_admin(cfg: Config, store: PostgresStore, workers: Workers) -> int:

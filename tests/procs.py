@@ -59,13 +59,14 @@ class Cluster:
     procs: list[ProxyProcess] = field(default_factory=list)
 
     async def start(self, routes: str, *, upstream: str, extra: str = "",
-                    ready: bool = True, workers: int = 1) -> ProxyProcess:
+                    ready: bool = True, workers: int = 1,
+                    data_dir: Path | None = None) -> ProxyProcess:
         port, admin = free_port(), free_port()
         n = len(self.procs)
         cfg = self.tmp / f"proxy{n}.yaml"
         cfg.write_text(f"listen: 127.0.0.1:{port}\nadmin:\n  listen: 127.0.0.1:{admin}\n"
                        f"upstream:\n  url: {upstream}\n  timeout: 10s\nworkers: {workers}\n"
-                       f"data_dir: {self.tmp / f'data{n}'}\n"
+                       f"data_dir: {data_dir or self.tmp / f'data{n}'}\n"
                        f"logging:\n  format: json\n{textwrap.dedent(extra)}\nroutes:\n"
                        + textwrap.indent(textwrap.dedent(routes).strip(), "  ") + "\n")
         log = self.tmp / f"proxy{n}.log"

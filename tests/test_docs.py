@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from proxy.config import Config, Listen, Route, loads
+from proxy.config import Config, Listen, loads
 from proxy.config.routes import DEFAULT_FIELDS, ROUTE_FIELDS
 from proxy.config.values import parse_duration, parse_listen, parse_size
 from proxy.errors import ConfigError

@@ -275,3 +275,13 @@ async def test_completion_lost_past_the_lease_is_counted_and_logged(
     finally:
         cluster.stop_all()
         await asyncio.to_thread(own_pg.start)
+
+
+async def test_two_supervisors_may_share_a_data_dir(cluster: Cluster, upstream: TestUpstream,
+                                                    tmp_path: Path):
+    """Two multi-worker instances with one data_dir keep their own metrics and readiness."""
+    shared = tmp_path / "shared"
+    a = await cluster.start(ROUTES, upstream=upstream.url, workers=2, data_dir=shared)
+    b = await cluster.start(ROUTES, upstream=upstream.url, workers=2, data_dir=shared)
+    await wait_ready(a, timeout=10)
+    await wait_ready(b, timeout=10)
