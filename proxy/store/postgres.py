@@ -21,6 +21,7 @@ from proxy.errors import StoreUnavailable
 from proxy.store import (
     Claim, ClaimOutcome, Completion, Record, State, decode_headers, encode_headers,
 )
+from proxy.store.gate import FifoGate
 from proxy.store.migrate import SCHEMA_VERSION, current_version
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -71,6 +72,7 @@ class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, *, url: str, timeout: float,
                  observe: Callable[[str, float], None] | None = None) -> None:
         self.pool = pool
+        self._gate = FifoGate(pool.get_max_size())
         self.url = url
         self.timeout = timeout
         self._observe = observe or (lambda op, seconds: None)
@@ -89,15 +91,29 @@ class PostgresStore:
         with contextlib.suppress(*CONNECTION_ERRORS):
             await asyncio.wait_for(self.pool.close(), timeout=self.timeout)
 
-    async def _call(self, op: str, method: str, query: str, *args: Any) -> Any:
-        start = time.perf_counter()
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection, handed out in arrival order (see store/gate.py)."""
+        try:
+            await self._gate.acquire(timeout=self.timeout)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"no database connection free within "
+                                   f"{self.timeout:g}s") from None
         try:
             # An idle connection is handed over at once, so skip the acquire timeout's
             # machinery (a wait_for per call); only a busy pool needs the bound.
             timeout = None if self.pool.get_idle_size() else self.timeout
             with guard():
                 async with self.pool.acquire(timeout=timeout) as conn:
-                    # the pool's command_timeout bounds the statement
+                    yield conn
+        finally:
+            self._gate.release()
+
+    async def _call(self, op: str, method: str, query: str, *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            async with self._connection() as conn:
+                with guard():  # the pool's command_timeout bounds the statement
                     return await getattr(conn, method)(query, *args)
         finally:
             self._observe(op, time.perf_counter() - start)
@@ -145,8 +161,8 @@ class PostgresStore:
 
     async def read_chunks(self, *, scope: str, key: str, token: UUID) -> AsyncIterator[bytes]:
         """Stream a body's chunks in order from a cursor: bounded memory for any size."""
-        with guard():
-            async with self.pool.acquire(timeout=self.timeout) as conn:
+        async with self._connection() as conn:
+            with guard():
                 async with conn.transaction(readonly=True):
                     cursor = conn.cursor(_READ_CHUNKS, scope, key, token, prefetch=2)
                     async for row in cursor:
