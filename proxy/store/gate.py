@@ -26,13 +26,15 @@ class FifoGate:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
+                await fut
         except BaseException:
             if fut.done() and not fut.cancelled():
                 self.release()  # the slot arrived as we gave up: pass it on
             else:
                 fut.cancel()
-                self._waiters.remove(fut)
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
             raise
 
     def release(self) -> None:
