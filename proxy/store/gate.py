@@ -18,6 +18,13 @@ class FifoGate:
         self._free = size
         self._waiters: deque[asyncio.Future[None]] = deque()
 
+    def try_acquire(self) -> bool:
+        """Take a free slot now if nobody is waiting (no coroutine on the fast path)."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
     async def acquire(self, *, timeout: float) -> None:
         """Take a slot, waiting in line at most `timeout` seconds (TimeoutError)."""
         if self._free > 0 and not self._waiters:
