@@ -82,6 +82,7 @@ class Forwarder:
     def __init__(self, session: aiohttp.ClientSession, base: URL) -> None:
         self._session = session
         self._base = base
+        self._prefix = str(base.origin()) + base.raw_path.rstrip("/")  # once, not per call
         self.host = base.raw_authority  # what the upstream sees as Host
 
     @classmethod
@@ -104,8 +105,7 @@ class Forwarder:
             yield cls(session, URL(cfg.url))
 
     def url_for(self, raw_path: str, raw_query: str) -> URL:
-        path = self._base.raw_path.rstrip("/") + raw_path
-        return URL(str(self._base.origin()) + path + (f"?{raw_query}" if raw_query else ""),
+        return URL(self._prefix + raw_path + (f"?{raw_query}" if raw_query else ""),
                    encoded=True)
 
     async def send(self, *, method: str, url: URL, headers: CIMultiDict[str],

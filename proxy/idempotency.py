@@ -32,7 +32,9 @@ from proxy.errors import (
 from proxy.forward import Forwarder, UpstreamError, UpstreamResponse
 from proxy.metrics import Metrics, Outcome
 from proxy.recorder import INLINE, Recorder
-from proxy.relay import ClientSink, open_upstream, pass_through, read_body, response_for
+from proxy.relay import (
+    ClientSink, open_upstream, pass_through, read_body, response_for, whole_response,
+)
 from proxy.replay import guard_headers, replay
 from proxy.routing import Match
 from proxy.store import Claim, ClaimOutcome, Completion, State
@@ -358,12 +360,7 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
     await _complete(deps, g, Completion(up.status, stored, body, 0, len(body), False),
                     retry_in_background=True)
     _finish(deps, g, route, Outcome.FORWARDED, up.status)
-    resp = web.Response(status=up.status, reason=up.reason, body=body)
-    for k, v in hdrs.end_to_end(up.headers):
-        if k.lower() != "content-length":
-            resp.headers.add(k, v)
-    resp.headers.update(guard_headers(route, claim.record.expires_at))
-    return resp
+    return whole_response(up, body, guard_headers(route, claim.record.expires_at))
 
 
 async def _stream_and_record(request: web.Request, deps: Deps, g: Guarded, claim: Claim,

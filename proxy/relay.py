@@ -108,12 +108,33 @@ def response_for(up: UpstreamResponse, *, extra: dict[str, str] | None = None
     return resp
 
 
+SMALL_BODY = 256 * 1024
+
+
+def whole_response(up: UpstreamResponse, body: bytes, extra: dict[str, str] | None
+           ) -> web.Response:
+    """A response with the upstream's status and end-to-end headers, body in one piece."""
+    resp = web.Response(status=up.status, reason=up.reason, body=body)
+    for k, v in hdrs.end_to_end(up.headers):
+        if k.lower() != "content-length":
+            resp.headers.add(k, v)
+    if extra:
+        resp.headers.update(extra)
+    return resp
+
+
 async def pass_through(request: web.Request, forwarder: Forwarder, *,
                        body: bytes | None = None,
                        extra: dict[str, str] | None = None) -> web.StreamResponse:
-    """Stream the request through untouched (hop-by-hop aside) and the response back."""
+    """Stream the request through untouched (hop-by-hop aside) and the response back.
+
+    A small answer of known length goes back in one write; anything else streams.
+    """
     up = await open_upstream(request, forwarder, body=body)
     try:
+        length = up.content_length
+        if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+            return whole_response(up, await up.read(), extra)
         sink = ClientSink(request, response_for(up, extra=extra))
         await sink.start()
         try:

@@ -359,3 +359,13 @@ def test_upstream_credentials_are_redacted_for_logs():
 
     assert redact_url("http://user:pw@api:9000/base") == "http://***@api:9000/base"
     assert redact_url("http://api:9000") == "http://api:9000"
+
+
+async def test_head_passes_the_upstreams_content_length(make_proxy, client):
+    """HEAD through the proxy keeps the upstream's Content-Length and sends no body."""
+    p = await make_proxy()
+    async with client.get(p.url + "/plain") as r:
+        full = await r.read()
+    async with client.head(p.url + "/plain") as r:
+        assert r.status == 200 and r.headers["Content-Length"] == str(len(full))
+        assert await r.read() == b""
