@@ -1,0 +1,71 @@
+"""What one guarded request carries through the flow: its dependencies and identity,
+and how its end is counted and logged."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.config import Concurrent, Route
+from proxy.forward import Forwarder
+from proxy.metrics import Metrics, Outcome
+from proxy.store.notify import Notifier
+from proxy.store.postgres import PostgresStore
+
+log = logging.getLogger("idemproxy.request")
+
+
+@dataclass
+class Deps:
+    """What the flow needs, passed in once at start-up."""
+
+    store: PostgresStore
+    forwarder: Forwarder
+    metrics: Metrics
+    notifier: Notifier | None = None
+    db_clock_offset: float = 0.0  # database clock minus local clock, for key buckets
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run an owned background task (kept referenced; cancelled at shutdown)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+@dataclass
+class Guarded:
+    """One guarded request's identity."""
+
+    route: Route
+    scope: str
+    key: str
+    fingerprint: bytes
+    body: bytes
+    token: uuid.UUID = field(default_factory=uuid.uuid4)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def notify(self) -> bool:
+        """Only routes that hold retries (concurrent: wait) have waiters to wake."""
+        return self.route.concurrent is Concurrent.WAIT
+
+    @property
+    def key_hash(self) -> str:
+        return hashlib.sha256(f"{self.scope}\x1f{self.key}".encode(
+            "utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def finish(deps: Deps, g: Guarded | None, route: Route, outcome: Outcome, status: int) -> None:
+    deps.metrics.count(route.name, outcome)
+    if g is not None:
+        log.info("guarded request", extra={"fields": {
+            "route": route.name, "outcome": outcome.value, "status": status,
+            "key_hash": g.key_hash, "tenant": g.scope.split(":", 1)[1],
+            "duration_ms": round((time.perf_counter() - g.started) * 1000, 2)}})

@@ -1,0 +1,230 @@
+"""Forwarding a claimed request: send once, stream and record the answer, complete it
+(or release the key, or store the unknown outcome), keeping the lease alive meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+
+from proxy import headers as hdrs
+from proxy.config import UnknownOutcome
+from proxy.context import Deps, Guarded, finish, log
+from proxy.errors import ProblemError, StoreUnavailable, UpstreamFailed
+from proxy.forward import UpstreamError, UpstreamResponse
+from proxy.metrics import Outcome
+from proxy.recorder import INLINE, Recorder
+from proxy.relay import ClientSink, open_upstream, response_for, whole_response
+from proxy.replay import guard_headers
+from proxy.store import Claim, Completion
+
+
+class _Heartbeat:
+    """Keep a live claim's lease from running out under a slow upstream or a long body.
+
+    Only a claim whose proxy is alive and still working is renewed, so a crashed or
+    frozen owner's lease still ends and its key can be taken over.
+    """
+
+    def __init__(self, deps: Deps, g: Guarded) -> None:
+        self._deps, self._g = deps, g
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(
+            g.route.lock_timeout / 3, self._fire)
+        self._task: asyncio.Task[None] | None = None
+
+    def _fire(self) -> None:
+        self._task = self._loop.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        g = self._g
+        try:
+            if not await self._deps.store.extend(scope=g.scope, key=g.key, token=g.token,
+                                                 lease=g.route.lock_timeout):
+                return  # taken over or finished: nothing left to renew
+        except StoreUnavailable as exc:
+            log.warning("could not renew a lease: %s", exc)
+        self._timer = self._loop.call_later(g.route.lock_timeout / 3, self._fire)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def execute(request: web.Request, deps: Deps, g: Guarded,
+                   claim: Claim) -> web.StreamResponse:
+    deps.metrics.in_flight.inc()
+    sent = False
+    # A timer, not a task per request: most requests end long before the first renewal.
+    heartbeat = _Heartbeat(deps, g)
+    try:
+        start = time.perf_counter()
+        try:
+            up = await open_upstream(request, deps.forwarder, body=g.body)
+        except UpstreamError as exc:
+            sent = exc.sent
+            return await _upstream_failed(deps, g, claim, exc)
+        sent = True
+        deps.metrics.upstream_seconds.labels(g.route.name).observe(time.perf_counter() - start)
+        try:
+            if up.status in g.route.release_statuses:
+                return await _pass_on_and_release(request, deps, g, up)
+            return await _stream_and_record(request, deps, g, claim, up)
+        finally:
+            up.close()
+    except asyncio.CancelledError:
+        # Shutdown cut us off. Unsent: release so a retry forwards. Sent: the outcome is
+        # unknown, so the claim stays until its lease ends (unknown_outcome decides then).
+        if not sent:
+            deps.spawn(_release_quietly(deps, g))
+        raise
+    finally:
+        heartbeat.cancel()
+        deps.metrics.in_flight.dec()
+
+
+async def _release_quietly(deps: Deps, g: Guarded) -> None:
+    try:
+        await deps.store.release(scope=g.scope, key=g.key, token=g.token, notify=g.notify)
+    except StoreUnavailable as exc:
+        log.warning("could not release a claim (it ends with its lease): %s", exc)
+
+
+async def _upstream_failed(deps: Deps, g: Guarded, claim: Claim,
+                           exc: UpstreamError) -> web.StreamResponse:
+    problem = exc.problem
+    finish(deps, g, g.route, Outcome.UPSTREAM_ERROR, problem.status)
+    if not exc.sent:
+        await _release_quietly(deps, g)
+    elif g.route.unknown_outcome is UnknownOutcome.FAIL:
+        await _complete(deps, g, _failure(problem))
+    raise problem from exc
+
+
+async def fail_dead_claim(deps: Deps, g: Guarded) -> web.StreamResponse:
+    """`unknown_outcome: fail` and the claim's proxy died: the first attempt may have
+    reached the upstream, so store that unknown outcome as the answer, never forward."""
+    problem = UpstreamFailed("The proxy handling the first request with this key stopped "
+                             "before it finished; the outcome is unknown and this route "
+                             "does not retry it.")
+    finish(deps, g, g.route, Outcome.UPSTREAM_ERROR, problem.status)
+    await _complete(deps, g, _failure(problem))
+    raise problem
+
+
+def _failure(problem: ProblemError) -> Completion:
+    """The stored answer for `unknown_outcome: fail`: the problem, replayed as is."""
+    body = problem.body()
+    return Completion(problem.status, (("Content-Type", "application/problem+json"),), body,
+                      0, len(body), False)
+
+
+async def _pass_on_and_release(request: web.Request, deps: Deps, g: Guarded,
+                               up: UpstreamResponse) -> web.StreamResponse:
+    await _release_quietly(deps, g)
+    finish(deps, g, g.route, Outcome.RELEASED, up.status)
+    sink = ClientSink(request, response_for(up))
+    await sink.start()
+    try:
+        async for chunk in up.chunks():
+            await sink.write(chunk)
+    except UpstreamError:
+        sink.abort()
+        return sink.response
+    await sink.finish()
+    return sink.response
+
+
+async def _record_small(deps: Deps, g: Guarded, claim: Claim,
+                        up: UpstreamResponse) -> web.StreamResponse:
+    """A small body of known length: read it whole, store it, answer in one write."""
+    route = g.route
+    try:
+        body = await up.read()
+    except UpstreamError as exc:  # nothing reached the client yet: answer the problem
+        finish(deps, g, route, Outcome.UPSTREAM_ERROR, exc.problem.status)
+        if route.unknown_outcome is UnknownOutcome.FAIL:
+            await _complete(deps, g, _failure(exc.problem))
+        raise exc.problem from exc
+    stored = tuple(hdrs.to_store(up.headers, keep_set_cookie=route.replay_set_cookie))
+    await _complete(deps, g, Completion(up.status, stored, body, 0, len(body), False),
+                    retry_in_background=True)
+    finish(deps, g, route, Outcome.FORWARDED, up.status)
+    return whole_response(up, body, guard_headers(route, claim.record.expires_at))
+
+
+async def _stream_and_record(request: web.Request, deps: Deps, g: Guarded, claim: Claim,
+                             up: UpstreamResponse) -> web.StreamResponse:
+    """Stream to the client while recording; complete before the client sees the end."""
+    route = g.route
+    length = up.content_length
+    if length is not None and length <= min(INLINE, route.max_stored_body):
+        return await _record_small(deps, g, claim, up)
+    sink = ClientSink(request, response_for(up, extra=guard_headers(
+        route, claim.record.expires_at)))
+    await sink.start()
+    rec = Recorder(deps.store, scope=g.scope, key=g.key, token=g.token,
+                   limit=route.max_stored_body)
+    held = b""  # the last chunk waits until the result is stored: a client that has
+    try:        # the whole answer must find the key completed when it retries at once
+        async for chunk in up.chunks():
+            await rec.add(chunk)
+            await sink.write(held)
+            held = chunk
+    except UpstreamError as exc:
+        # The upstream acted but its answer is incomplete: the outcome is unknown.
+        log.error("upstream failed mid-body: %s", exc)
+        finish(deps, g, route, Outcome.UPSTREAM_ERROR, up.status)
+        sink.abort()
+        await rec.discard()
+        if route.unknown_outcome is UnknownOutcome.FAIL:
+            await _complete(deps, g, _failure(exc.problem))
+        return sink.response
+    stored = hdrs.to_store(up.headers, keep_set_cookie=route.replay_set_cookie)
+    done = await rec.finish(status=up.status, headers=tuple(stored))
+    await _complete(deps, g, done, retry_in_background=True)  # the client gets it anyway
+    finish(deps, g, route, Outcome.FORWARDED, up.status)
+    await sink.write(held)
+    await sink.finish()
+    return sink.response
+
+
+async def _complete(deps: Deps, g: Guarded, done: Completion, *,
+                    retry_in_background: bool = False) -> bool:
+    """Store the result once now; if the store is down, keep trying within the lease."""
+    try:
+        ok = await deps.store.complete(scope=g.scope, key=g.key, token=g.token, done=done,
+                                          notify=g.notify)
+    except StoreUnavailable as exc:
+        log.warning("storing a result failed, retrying within the lease: %s", exc)
+        deadline = time.monotonic() + g.route.lock_timeout * 0.9
+        if retry_in_background:
+            deps.spawn(_complete_retrying(deps, g, done, deadline))
+        else:
+            await _complete_retrying(deps, g, done, deadline)
+        return False
+    if not ok:
+        log.warning("result not stored: the claim was taken over by another proxy",
+                    extra={"fields": {"route": g.route.name, "key_hash": g.key_hash}})
+    return ok
+
+
+async def _complete_retrying(deps: Deps, g: Guarded, done: Completion,
+                             deadline: float) -> None:
+    delay = 0.2
+    while time.monotonic() + delay < deadline:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+        try:
+            await deps.store.complete(scope=g.scope, key=g.key, token=g.token, done=done,
+                                          notify=g.notify)
+            return
+        except StoreUnavailable:
+            continue
+    deps.metrics.records_lost.labels(g.route.name).inc()
+    log.error("record lost: the upstream answered but the result could not be stored "
+              "within the lease", extra={"fields": {"route": g.route.name,
+                                                    "key_hash": g.key_hash}})
