@@ -369,3 +369,23 @@ async def test_head_passes_the_upstreams_content_length(make_proxy, client):
     async with client.head(p.url + "/plain") as r:
         assert r.status == 200 and r.headers["Content-Length"] == str(len(full))
         assert await r.read() == b""
+
+
+async def test_round_trips_one_per_replay_two_per_first_request(make_proxy, client):
+    """§8: a first request makes two store calls (claim, complete), a replay one."""
+    p = await make_proxy()
+
+    def calls() -> dict[str, float]:
+        return {op: p.metric("idemproxy_store_seconds_count", op=op)
+                for op in ("claim", "complete", "release", "chunk", "extend")}
+
+    key = new_key()
+    before = calls()
+    await post(client, p.url + "/exec/rt", key=key)
+    first = calls()
+    await post(client, p.url + "/exec/rt", key=key)
+    replay = calls()
+    assert {k: first[k] - before[k] for k in first} == {
+        "claim": 1, "complete": 1, "release": 0, "chunk": 0, "extend": 0}
+    assert {k: replay[k] - first[k] for k in first} == {
+        "claim": 1, "complete": 0, "release": 0, "chunk": 0, "extend": 0}
