@@ -55,7 +55,7 @@ class _Heartbeat:
 
 
 async def execute(request: web.Request, deps: Deps, g: Guarded,
-                   claim: Claim) -> web.StreamResponse:
+                  claim: Claim) -> web.StreamResponse:
     deps.metrics.in_flight.inc()
     sent = False
     # A timer, not a task per request: most requests end long before the first renewal.
