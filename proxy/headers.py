@@ -22,7 +22,10 @@ Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 
 def hop_by_hop(headers: Headers) -> frozenset[str]:
     """The hop-by-hop field names of this message, the Connection-listed ones included."""
-    named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    listed = headers.getall("Connection", ())
+    if not listed:
+        return HOP_BY_HOP
+    named = {t.strip().lower() for v in listed for t in v.split(",")}
     return HOP_BY_HOP | {n for n in named if n}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from datetime import datetime
+from datetime import datetime, timezone
 from email.utils import format_datetime
 
 from aiohttp import web
@@ -18,10 +18,16 @@ from proxy.store.postgres import PostgresStore
 log = logging.getLogger("idemproxy.replay")
 
 
-@functools.lru_cache(maxsize=4096)
 def http_date(when: datetime) -> str:
-    """RFC 9110 HTTP-date; cached, since every replay of a key formats the same instant."""
-    return format_datetime(when, usegmt=True)
+    """RFC 9110 HTTP-date (whole seconds)."""
+    return _http_date(int(when.timestamp()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _http_date(epoch: int) -> str:
+    # Cached by the second: keys claimed in the same second share their expiry's text,
+    # and every replay of a key formats the same instant.
+    return format_datetime(datetime.fromtimestamp(epoch, timezone.utc), usegmt=True)
 
 
 def guard_headers(route: Route, expires_at: datetime) -> dict[str, str]:
