@@ -33,7 +33,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 @contextlib.asynccontextmanager
-async def open_store(cfg: Config, *, wait: float = 0.0) -> AsyncIterator[Any]:
+async def open_store(cfg: Config, *, wait: float = 0.0,
+                     observe: Callable[[str, float], None] | None = None
+                     ) -> AsyncIterator[Any]:
     """The store for `cfg`: its database URL, or an embedded server under data_dir."""
     from proxy.embedded import embedded_postgres
     from proxy.store.postgres import PostgresStore
@@ -42,7 +44,7 @@ async def open_store(cfg: Config, *, wait: float = 0.0) -> AsyncIterator[Any]:
         url = cfg.database.url or stack.enter_context(embedded_postgres(cfg.data_dir))
         store = await _connect_retrying(lambda: PostgresStore.connect(
             url, min_size=cfg.database.pool_min, max_size=cfg.database.pool_max,
-            timeout=cfg.database.timeout), wait=wait)
+            timeout=cfg.database.timeout, observe=observe), wait=wait)
         try:
             yield store
         finally:
@@ -60,14 +62,6 @@ async def _connect_retrying(connect: Callable[[], Awaitable[Any]], *, wait: floa
                 raise
             log.warning("database not reachable yet, retrying: %s", exc)
             await asyncio.sleep(1)
-
-
-async def _migrate(store: Any) -> list[str]:
-    from proxy.store.migrate import migrate
-
-    async with store.pool.acquire() as conn:
-        applied: list[str] = await migrate(conn)
-        return applied
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -118,7 +112,7 @@ def _alive(pid: int) -> bool:
 def cmd_migrate(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with open_store(_config(args)) as store:
-            applied = await _migrate(store)
+            applied = await store.migrate()
         print("applied: " + ", ".join(applied) if applied else "schema is current")
         return 0
     return _run(go())

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 
 from aiohttp import web
@@ -21,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy import logs
 from proxy.app import create_admin_app, create_proxy_app
-from proxy.cli import _migrate, open_store
+from proxy.cli import open_store
 from proxy.config import Config
 from proxy.forward import Forwarder
 from proxy.framing import ProxyRunner
@@ -29,7 +28,6 @@ from proxy.idempotency import Deps
 from proxy.metrics import Metrics
 from proxy.errors import StoreUnavailable
 from proxy.store.notify import Notifier
-from proxy.store.postgres import CONNECTION_ERRORS
 from proxy.store.sweeper import run_sweeper
 
 log = logging.getLogger("idemproxy.server")
@@ -59,24 +57,16 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
     check_parser(cfg)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    async with open_store(cfg, wait=30) as store:
-        store._observe = metrics.observe_store
+    async with open_store(cfg, wait=30, observe=metrics.observe_store) as store:
         if not worker:
-            applied = await _migrate(store)
+            applied = await store.migrate()
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
         async with Forwarder.open(cfg.upstream) as forwarder, \
                 Notifier(store.acquire_listener) as notifier:
             deps = Deps(store=store, forwarder=forwarder, metrics=metrics, notifier=notifier,
-                        db_clock_offset=await _db_clock_offset(store))
+                        db_clock_offset=await store.clock_offset())
             return await _run_listeners(cfg, deps, worker=worker)
-
-
-async def _db_clock_offset(store: object) -> float:
-    """Database clock minus ours, so time buckets follow the database's clock."""
-    async with store.pool.acquire() as conn:  # type: ignore[attr-defined]
-        db_now: float = await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())")
-    return float(db_now) - time.time()
 
 
 async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
@@ -161,8 +151,8 @@ async def _track_db_clock(deps: Deps) -> None:
     """Re-measure the database clock's offset now and then: body-key buckets follow it."""
     while True:
         await asyncio.sleep(60)
-        with contextlib.suppress(StoreUnavailable, *CONNECTION_ERRORS):
-            deps.db_clock_offset = await _db_clock_offset(deps.store)
+        with contextlib.suppress(StoreUnavailable):
+            deps.db_clock_offset = await deps.store.clock_offset()
 
 
 def _report_ready() -> None:

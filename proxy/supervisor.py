@@ -24,7 +24,7 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry, multiprocess
 
 from proxy.app import create_admin_app
-from proxy.cli import _migrate, open_store
+from proxy.cli import open_store
 from proxy.config import Config
 from proxy.forward import Forwarder
 from proxy.idempotency import Deps
@@ -94,15 +94,15 @@ class Workers:
 
 async def supervise(cfg: Config) -> int:
     async with open_store(cfg, wait=30) as store:
-        applied = await _migrate(store)
+        applied = await store.migrate()
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
         workers = Workers(cfg, db_url=store.url)
         workers.start()
         try:
             return await _run_admin(cfg, store, workers)
-        finally:
-            await workers.stop(grace=cfg.shutdown_grace)
+        finally:  # _run_admin stops them first, with the admin still answering; this is
+            await workers.stop(grace=cfg.shutdown_grace)  # for a failure before that
             shutil.rmtree(workers.ready_dir, ignore_errors=True)
 
 

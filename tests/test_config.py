@@ -362,3 +362,12 @@ def test_replay_and_expires_header_names() -> None:
     a, b, c = cfg.routes
     assert (a.replay_header, a.expires_header) == ("X-Cache-Replay", "Retry-Safe-Until")
     assert b.expires_header is None and c.expires_header is None
+
+
+def test_workers_default_to_the_cores_available():
+    """Without `workers`, the proxy runs one worker per core this process may use."""
+    import os
+
+    from proxy.config import loads as load_text
+
+    assert load_text("{}", env={}).workers == len(os.sched_getaffinity(0))

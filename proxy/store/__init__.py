@@ -39,7 +39,6 @@ class Record:
     body_chunks: int = 0
     body_size: int = 0
     body_omitted: bool = False
-    lease_left: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,7 +152,7 @@ class PostgresStore:
             lock_token=row["lock_token"], expires_at=row["expires_at"],
             status=row["status"], headers=decode_headers(row["headers"]), body=row["body"],
             body_chunks=row["body_chunks"], body_size=row["body_size"],
-            body_omitted=row["body_omitted"], lease_left=row["lease_left"]))
+            body_omitted=row["body_omitted"]))
 
     async def complete(self, *, scope: str, key: str, token: UUID, done: Completion,
                        notify: bool) -> bool:
@@ -191,6 +191,21 @@ class PostgresStore:
                     cursor = conn.cursor(_READ_CHUNKS, scope, key, token, prefetch=2)
                     async for row in cursor:
                         yield row["data"]
+
+    async def migrate(self) -> list[str]:
+        """Apply missing migrations (under an advisory lock); the names applied."""
+        from proxy.store.migrate import migrate
+
+        async with self._connection() as conn:
+            with guard():
+                applied: list[str] = await migrate(conn)
+                return applied
+
+    async def clock_offset(self) -> float:
+        """Database clock minus ours, so time buckets follow the database's clock."""
+        db_now: float = await self._call("clock", "fetchval",
+                                         "SELECT extract(epoch FROM clock_timestamp())")
+        return float(db_now) - time.time()
 
     async def ready(self) -> bool:
         """Reachable and migrated to the version this code expects."""

@@ -1,0 +1,46 @@
+"""Pure header policy (RFC 9110 §7.6.1): what is forwarded, stored and replayed."""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict
+
+from proxy import headers
+
+
+def _upstream_answer() -> CIMultiDict[str]:
+    return CIMultiDict([
+        ("Content-Type", "application/json"), ("Connection", "keep-alive, X-Trace-Hop"),
+        ("Keep-Alive", "timeout=5"), ("Transfer-Encoding", "chunked"), ("X-Trace-Hop", "1"),
+        ("Date", "Sat, 28 Nov 2026 10:00:00 GMT"), ("Server", "legacy/1"),
+        ("Set-Cookie", "a=1"), ("X-Multi", "one"), ("X-Multi", "two"), ("Trailer", "X"),
+        ("Upgrade", "h2c"), ("Proxy-Authenticate", "Basic"),
+    ])
+
+
+def test_hop_by_hop_fields_are_never_stored():
+    """Connection, Keep-Alive, TE, Trailer, Upgrade, Proxy-* and Connection-listed names
+    are dropped before storing; Date and Server too (fresh on replay)."""
+    stored = headers.to_store(_upstream_answer(), keep_set_cookie=False)
+    assert stored == [("Content-Type", "application/json"), ("X-Multi", "one"),
+                      ("X-Multi", "two")]
+
+
+def test_set_cookie_is_stored_only_when_the_route_opts_in():
+    """replay_set_cookie: true keeps Set-Cookie, in place."""
+    stored = headers.to_store(_upstream_answer(), keep_set_cookie=True)
+    assert ("Set-Cookie", "a=1") in stored
+    assert ("Server", "legacy/1") not in stored
+
+
+def test_forwarded_request_headers():
+    """Upstream requests lose hop-by-hop fields, get X-Forwarded-*, and the upstream's Host."""
+    incoming = CIMultiDict([("Host", "api.example"), ("Connection", "close, X-Hop"),
+                            ("X-Hop", "1"), ("TE", "trailers"), ("Content-Length", "3"),
+                            ("X-Forwarded-For", "10.0.0.1"), ("Accept", "*/*")])
+    out = headers.for_upstream(incoming, client_ip="127.0.0.1", scheme="http",
+                               upstream_host="127.0.0.1:9000")
+    assert out["Host"] == "127.0.0.1:9000" and out["X-Forwarded-Host"] == "api.example"
+    assert out["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
+    assert out["X-Forwarded-Proto"] == "http" and out["Accept"] == "*/*"
+    for gone in ("Connection", "X-Hop", "TE", "Content-Length"):
+        assert gone not in out
