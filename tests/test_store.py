@@ -181,12 +181,12 @@ async def test_completion_notifies_only_when_asked(store: PostgresStore, db: str
         await listener.close()
 
 
-async def test_pooled_connection_left_in_a_transaction_is_rolled_back(store: PostgresStore):
-    """A connection released mid-transaction is rolled back before its next use."""
-    async with store.pool.acquire() as conn:
+async def test_pooled_connection_left_in_a_transaction_is_not_reused(store: PostgresStore):
+    """A connection released mid-transaction never serves another call."""
+    async with store.connection() as conn:
         await conn.execute("BEGIN")
         await conn.execute("CREATE TEMP TABLE leftover (x int)")
     for _ in range(store.pool.get_size()):
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             assert not conn.is_in_transaction()
             assert await conn.fetchval("SELECT to_regclass('pg_temp.leftover')") is None

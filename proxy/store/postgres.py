@@ -21,8 +21,8 @@ from proxy.errors import StoreUnavailable
 from proxy.store import (
     Claim, ClaimOutcome, Completion, Record, State, decode_headers, encode_headers,
 )
-from proxy.store.gate import FifoGate
 from proxy.store.migrate import SCHEMA_VERSION, current_version
+from proxy.store.pool import Pool
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
@@ -54,25 +54,12 @@ def guard() -> Iterator[None]:
         raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
-async def _reset(conn: asyncpg.Connection) -> None:
-    """Reset a connection returning to the pool without a round trip when it is clean.
-
-    asyncpg's default reset runs `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
-    ALL` on every release: a second round trip for every store call. Our pooled
-    connections never LISTEN or SET, and advisory locks are always unlocked in `finally`;
-    only a transaction cut short (a replay's cursor, a cancelled request) needs undoing.
-    """
-    if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
-
-
 class PostgresStore:
     """Claims, completions and stored responses in PostgreSQL."""
 
-    def __init__(self, pool: asyncpg.Pool, *, url: str, timeout: float,
+    def __init__(self, pool: Pool, *, url: str, timeout: float,
                  observe: Callable[[str, float], None] | None = None) -> None:
         self.pool = pool
-        self._gate = FifoGate(pool.get_max_size())
         self.url = url
         self.timeout = timeout
         self._observe = observe or (lambda op, seconds: None)
@@ -81,66 +68,51 @@ class PostgresStore:
     async def connect(cls, url: str, *, min_size: int = 2, max_size: int = 10,
                       timeout: float = 5.0,
                       observe: Callable[[str, float], None] | None = None) -> PostgresStore:
+        pool = Pool(url, min_size=min_size, max_size=max_size, timeout=timeout)
         with guard():
-            pool = await asyncpg.create_pool(
-                url, min_size=min_size, max_size=max_size, command_timeout=timeout,
-                timeout=timeout, max_inactive_connection_lifetime=60, reset=_reset)
+            try:
+                await pool.start()
+            except BaseException:
+                await pool.close()
+                raise
         return cls(pool, url=url, timeout=timeout, observe=observe)
 
     async def close(self) -> None:
         with contextlib.suppress(*CONNECTION_ERRORS):
             await asyncio.wait_for(self.pool.close(), timeout=self.timeout)
 
-    async def _take(self) -> Any:
-        """A pooled connection, handed out in arrival order (see store/gate.py).
-
-        Written out rather than as context managers: this runs twice per first request,
-        and generator-based managers cost more here than the rest of the call."""
-        if not self._gate.try_acquire():
-            try:
-                await self._gate.acquire(timeout=self.timeout)
-            except asyncio.TimeoutError:
-                raise StoreUnavailable(f"no database connection free within "
-                                       f"{self.timeout:g}s") from None
+    async def _call(self, op: str, method: str, query: str, *args: Any) -> Any:
+        """One statement on a pooled connection. Written out rather than with a context
+        manager: this runs once per replay and twice per first request."""
+        start = time.perf_counter()
+        pool = self.pool
+        conn = pool.take_nowait()
         try:
-            # An idle connection is handed over at once, so skip the acquire timeout's
-            # machinery (a wait_for per call); only a busy pool needs the bound.
-            return await self.pool.acquire(
-                timeout=None if self.pool.get_idle_size() else self.timeout)
-        except CONNECTION_ERRORS as exc:
-            self._gate.release()
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        except BaseException:
-            self._gate.release()
+            if conn is None:
+                conn = await pool.acquire()
+            # the connection's command_timeout bounds the statement
+            result = await getattr(conn, method)(query, *args)
+        except BaseException as exc:
+            if conn is not None:
+                # A server-reported SQL error leaves the connection in step; anything
+                # else (cancelled, reset, timed out mid-call) may not: never reuse it.
+                pool.release(conn, discard=not isinstance(exc, asyncpg.PostgresError)
+                             or isinstance(exc, CONNECTION_ERRORS))
+            if isinstance(exc, CONNECTION_ERRORS):
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
             raise
-
-    async def _give_back(self, conn: Any) -> None:
-        try:
-            await self.pool.release(conn)
-        except CONNECTION_ERRORS:
-            pass  # the pool has terminated that connection; a new one replaces it
         finally:
-            self._gate.release()
+            self._observe(op, time.perf_counter() - start)
+        pool.release(conn)
+        return result
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Any]:
-        conn = await self._take()
-        try:
-            yield conn
-        finally:
-            await self._give_back(conn)
-
-    async def _call(self, op: str, method: str, query: str, *args: Any) -> Any:
-        start = time.perf_counter()
-        conn = await self._take()
-        try:
-            # the pool's command_timeout bounds the statement
-            return await getattr(conn, method)(query, *args)
-        except CONNECTION_ERRORS as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            await self._give_back(conn)
-            self._observe(op, time.perf_counter() - start)
+    async def connection(self) -> AsyncIterator[Any]:
+        """A pooled connection for a block (operations, migrations, cursors); connection
+        failures become StoreUnavailable."""
+        with guard():
+            async with self.pool.connection() as conn:
+                yield conn
 
     async def claim(self, *, scope: str, key: str, fingerprint: bytes, token: UUID,
                     lease: float, ttl: float) -> Claim:
@@ -185,21 +157,17 @@ class PostgresStore:
 
     async def read_chunks(self, *, scope: str, key: str, token: UUID) -> AsyncIterator[bytes]:
         """Stream a body's chunks in order from a cursor: bounded memory for any size."""
-        async with self._connection() as conn:
-            with guard():
-                async with conn.transaction(readonly=True):
-                    cursor = conn.cursor(_READ_CHUNKS, scope, key, token, prefetch=2)
-                    async for row in cursor:
-                        yield row["data"]
+        async with self.connection() as conn, conn.transaction(readonly=True):
+            async for row in conn.cursor(_READ_CHUNKS, scope, key, token, prefetch=2):
+                yield row["data"]
 
     async def migrate(self) -> list[str]:
         """Apply missing migrations (under an advisory lock); the names applied."""
         from proxy.store.migrate import migrate
 
-        async with self._connection() as conn:
-            with guard():
-                applied: list[str] = await migrate(conn)
-                return applied
+        async with self.connection() as conn:
+            applied: list[str] = await migrate(conn)
+            return applied
 
     async def clock_offset(self) -> float:
         """Database clock minus ours, so time buckets follow the database's clock."""
@@ -210,9 +178,8 @@ class PostgresStore:
     async def ready(self) -> bool:
         """Reachable and migrated to the version this code expects."""
         try:
-            with guard():
-                async with self.pool.acquire(timeout=self.timeout) as conn:
-                    return await current_version(conn) >= SCHEMA_VERSION  # type: ignore[arg-type]
+            async with self.connection() as conn:
+                return await current_version(conn) >= SCHEMA_VERSION
         except StoreUnavailable:
             return False
 
