@@ -1,6 +1,6 @@
-"""The two aiohttp applications: the proxied port and the admin port (never the same).
+"""The proxied port's handler and the admin application (never on the same port).
 
-One middleware renders every `ProblemError` as RFC 9457 problem+json; anything else that
+Both render every `ProblemError` as RFC 9457 problem+json; anything else that
 escapes a handler is logged with its traceback and answered as a generic 500 problem,
 never a traceback to the client.
 """
@@ -46,40 +46,52 @@ def problem_response(exc: ProblemError, *, instance: str | None = None) -> web.R
     return resp
 
 
+def _refused(request: web.BaseRequest, exc: ProblemError) -> web.Response:
+    log.info("request refused", extra={"fields": {
+        "method": request.method, "status": exc.status, "type": exc.slug}})
+    return problem_response(exc)
+
+
+def _internal_error() -> web.Response:
+    log.exception("unhandled error in request handler")
+    return problem_response(ProblemError("The proxy hit an internal error; nothing was "
+                                         "stored."))
+
+
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ProblemError as exc:
-        log.info("request refused", extra={"fields": {
-            "method": request.method, "status": exc.status, "type": exc.slug}})
-        return problem_response(exc)
+        return _refused(request, exc)
     except web.HTTPException:
         raise
     except Exception:
-        log.exception("unhandled error in request handler")
-        internal = ProblemError("The proxy hit an internal error; nothing was stored.")
-        return problem_response(internal)
+        return _internal_error()
 
 
-def create_proxy_app(cfg: Config, deps: Deps) -> web.Application:
-    """The proxied port: every path and method goes through `proxy_handler`."""
-    app = web.Application(middlewares=[problem_middleware], handler_args={
-        "max_field_size": 16384, "max_line_size": 16384})
-    app[CONFIG] = cfg
-    app[DEPS] = deps
+def create_proxy_handler(cfg: Config, deps: Deps
+                         ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """The proxied port's one handler, for every path and method (see ProxyRunner)."""
+    routes = cfg.routes
 
-    async def proxy_handler(request: web.Request) -> web.StreamResponse:
-        check_framing(request)
-        m = None
-        if request.method not in SAFE_METHODS:
-            m = routing.match(cfg.routes, request.method, request.path)
-        if m is None:
-            return await idempotency.pass_through_unrouted(request, deps)
-        return await idempotency.handle(request, m, deps)
+    async def proxy_handler(request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            check_framing(request)
+            m = None
+            if request.method not in SAFE_METHODS:
+                m = routing.match(routes, request.method, request.path)
+            if m is None:
+                return await idempotency.pass_through_unrouted(request, deps)
+            return await idempotency.handle(request, m, deps)
+        except ProblemError as exc:
+            return _refused(request, exc)
+        except web.HTTPException:
+            raise  # aiohttp answers these itself
+        except Exception:
+            return _internal_error()
 
-    app.router.add_route("*", "/{tail:.*}", proxy_handler)
-    return app
+    return proxy_handler
 
 
 def create_admin_app(cfg: Config, deps: Deps, *, state: dict[str, bool] | None = None

@@ -54,7 +54,7 @@ class _Heartbeat:
             self._task.cancel()
 
 
-async def execute(request: web.Request, deps: Deps, g: Guarded,
+async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
                   claim: Claim) -> web.StreamResponse:
     deps.metrics.in_flight.inc()
     sent = False
@@ -122,7 +122,7 @@ def _failure(problem: ProblemError) -> Completion:
                       0, len(body), False)
 
 
-async def _pass_on_and_release(request: web.Request, deps: Deps, g: Guarded,
+async def _pass_on_and_release(request: web.BaseRequest, deps: Deps, g: Guarded,
                                up: UpstreamResponse) -> web.StreamResponse:
     await _release_quietly(deps, g)
     finish(deps, g, g.route, Outcome.RELEASED, up.status)
@@ -156,7 +156,7 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
     return whole_response(up, body, guard_headers(route, claim.record.expires_at))
 
 
-async def _stream_and_record(request: web.Request, deps: Deps, g: Guarded, claim: Claim,
+async def _stream_and_record(request: web.BaseRequest, deps: Deps, g: Guarded, claim: Claim,
                              up: UpstreamResponse) -> web.StreamResponse:
     """Stream to the client while recording; complete before the client sees the end."""
     route = g.route

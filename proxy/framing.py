@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web, web_protocol, web_server
@@ -61,10 +62,13 @@ class _ProblemServer(web_server.Server):
         return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
-class ProxyRunner(web.AppRunner):
-    """An AppRunner whose connections answer parser errors as problem+json."""
+class ProxyRunner(web.ServerRunner):
+    """Serves the proxy's one handler directly: no Application, router or middleware
+    chain (the proxy routes by itself; about 5 µs a request), and parser errors are
+    answered as problem+json."""
 
-    async def _make_server(self) -> web_server.Server:
-        server = await super()._make_server()
-        server.__class__ = _ProblemServer
-        return server
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+                 *, shutdown_timeout: float) -> None:
+        server = _ProblemServer(handler, handler_cancellation=False, access_log=None,
+                                max_field_size=16384, max_line_size=16384)
+        super().__init__(server, shutdown_timeout=shutdown_timeout)

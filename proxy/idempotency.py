@@ -36,7 +36,7 @@ __all__ = ["Deps", "Guarded", "handle", "pass_through_unrouted"]
 UNGUARDED_HEADER = "Idempotency-Status"
 
 
-async def handle(request: web.Request, m: Match, deps: Deps) -> web.StreamResponse:
+async def handle(request: web.BaseRequest, m: Match, deps: Deps) -> web.StreamResponse:
     route = m.route
     try:
         g, body = await _identify(request, m, deps)
@@ -54,7 +54,7 @@ async def handle(request: web.Request, m: Match, deps: Deps) -> web.StreamRespon
     return await _answer(request, deps, g, claim)
 
 
-async def _identify(request: web.Request, m: Match, deps: Deps
+async def _identify(request: web.BaseRequest, m: Match, deps: Deps
                     ) -> tuple[Guarded | None, bytes | None]:
     """The key, scope and fingerprint; (None, body) when the request is unguarded.
 
@@ -77,13 +77,13 @@ async def _identify(request: web.Request, m: Match, deps: Deps
     return Guarded(route, scope, key, fp, body), body
 
 
-async def pass_through_unrouted(request: web.Request, deps: Deps) -> web.StreamResponse:
+async def pass_through_unrouted(request: web.BaseRequest, deps: Deps) -> web.StreamResponse:
     """No route (or a safe method): stream through untouched."""
     deps.metrics.count("-", Outcome.PASS_THROUGH)
     return await _unguarded(request, deps, None)
 
 
-async def _unguarded(request: web.Request, deps: Deps, body: bytes | None,
+async def _unguarded(request: web.BaseRequest, deps: Deps, body: bytes | None,
                      extra: dict[str, str] | None = None) -> web.StreamResponse:
     try:
         return await pass_through(request, deps.forwarder, body=body, extra=extra)
@@ -91,7 +91,7 @@ async def _unguarded(request: web.Request, deps: Deps, body: bytes | None,
         raise exc.problem from exc
 
 
-async def _store_down(request: web.Request, deps: Deps, g: Guarded,
+async def _store_down(request: web.BaseRequest, deps: Deps, g: Guarded,
                       exc: StoreUnavailable) -> web.StreamResponse:
     log.error("store unavailable: %s", exc)
     if g.route.store_unavailable is StoreUnavailablePolicy.PASS_THROUGH:
@@ -102,7 +102,7 @@ async def _store_down(request: web.Request, deps: Deps, g: Guarded,
                              "forwarded. Retry later.", headers={"Retry-After": "1"}) from exc
 
 
-async def _answer(request: web.Request, deps: Deps, g: Guarded,
+async def _answer(request: web.BaseRequest, deps: Deps, g: Guarded,
                   claim: Claim) -> web.StreamResponse:
     route, rec = g.route, claim.record
     if claim.outcome is not ClaimOutcome.EXISTING:
@@ -131,7 +131,7 @@ async def _answer(request: web.Request, deps: Deps, g: Guarded,
                       headers={"Retry-After": "1", **guard_headers(route, rec.expires_at)})
 
 
-async def _wait(request: web.Request, deps: Deps, g: Guarded) -> web.StreamResponse:
+async def _wait(request: web.BaseRequest, deps: Deps, g: Guarded) -> web.StreamResponse:
     """Hold a retry until the first completes; re-claim on each wake-up or poll."""
     deadline = time.monotonic() + g.route.wait_timeout
     poll = 0.05

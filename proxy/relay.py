@@ -19,7 +19,7 @@ from proxy.forward import Forwarder, UpstreamError, UpstreamResponse
 log = logging.getLogger("idemproxy.relay")
 
 
-async def read_body(request: web.Request, *, limit: int) -> bytes:
+async def read_body(request: web.BaseRequest, *, limit: int) -> bytes:
     """The whole request body, refused with 413 as soon as it passes `limit` (chunked too)."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"The request body is {request.content_length} bytes; this route "
@@ -33,18 +33,18 @@ async def read_body(request: web.Request, *, limit: int) -> bytes:
     return bytes(buf)
 
 
-async def _stream_body(request: web.Request) -> AsyncIterator[bytes]:
+async def _stream_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
     async for chunk in request.content.iter_any():
         yield chunk
 
 
-def upstream_request_headers(request: web.Request, forwarder: Forwarder) -> CIMultiDict[str]:
+def upstream_request_headers(request: web.BaseRequest, forwarder: Forwarder) -> CIMultiDict[str]:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     return hdrs.for_upstream(request.headers, client_ip=peer[0] if peer else None,
                              scheme=request.scheme, upstream_host=forwarder.host)
 
 
-async def open_upstream(request: web.Request, forwarder: Forwarder, *,
+async def open_upstream(request: web.BaseRequest, forwarder: Forwarder, *,
                         body: bytes | None) -> UpstreamResponse:
     """Send the request upstream once: `body` if the flow read it, else streamed through."""
     headers = upstream_request_headers(request, forwarder)
@@ -64,7 +64,7 @@ class ClientSink:
     writes to a gone client are dropped and `gone` turns true.
     """
 
-    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+    def __init__(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         self.request = request
         self.response = response
         self.gone = False
@@ -123,7 +123,7 @@ def whole_response(up: UpstreamResponse, body: bytes, extra: dict[str, str] | No
     return resp
 
 
-async def pass_through(request: web.Request, forwarder: Forwarder, *,
+async def pass_through(request: web.BaseRequest, forwarder: Forwarder, *,
                        body: bytes | None = None,
                        extra: dict[str, str] | None = None) -> web.StreamResponse:
     """Stream the request through untouched (hop-by-hop aside) and the response back.

@@ -35,7 +35,7 @@ def guard_headers(route: Route, expires_at: datetime) -> dict[str, str]:
     return {route.expires_header: http_date(expires_at)} if route.expires_header else {}
 
 
-async def replay(request: web.Request, record: Record, *, route: Route, scope: str, key: str,
+async def replay(request: web.BaseRequest, record: Record, *, route: Route, scope: str, key: str,
                  store: PostgresStore) -> web.StreamResponse:
     assert record.status is not None
     extra = {route.replay_header: "true", **guard_headers(route, record.expires_at)}

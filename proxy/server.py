@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import logs
-from proxy.app import create_admin_app, create_proxy_app
+from proxy.app import create_admin_app, create_proxy_handler
 from proxy.cli import open_store
 from proxy.config import Config
 from proxy.forward import Forwarder
@@ -71,9 +71,8 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
 
 async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
     state = {"shutting_down": False}
-    proxy_runner = ProxyRunner(create_proxy_app(cfg, deps), access_log=None,
-                                 handler_cancellation=False,
-                                 shutdown_timeout=cfg.shutdown_grace)
+    proxy_runner = ProxyRunner(create_proxy_handler(cfg, deps),
+                               shutdown_timeout=cfg.shutdown_grace)
     admin_runner = web.AppRunner(create_admin_app(cfg, deps, state=state), access_log=None)
     await proxy_runner.setup()
     await admin_runner.setup()

@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.app import create_admin_app, create_proxy_app
+from proxy.app import create_admin_app, create_proxy_handler
 from proxy.config import Config, loads
 from proxy.forward import Forwarder
 from proxy.framing import ProxyRunner
@@ -150,8 +150,7 @@ async def make_proxy(db: str, upstream: TestUpstream
         fwd = await stack.enter_async_context(Forwarder.open(cfg.upstream))
         notifier = await stack.enter_async_context(Notifier(st.acquire_listener))
         deps = Deps(store=st, forwarder=fwd, metrics=metrics, notifier=notifier)
-        proxy_runner = ProxyRunner(create_proxy_app(cfg, deps), access_log=None,
-                                     handler_cancellation=False, shutdown_timeout=2)
+        proxy_runner = ProxyRunner(create_proxy_handler(cfg, deps), shutdown_timeout=2)
         admin_runner = web.AppRunner(create_admin_app(cfg, deps), access_log=None)
         for runner in (proxy_runner, admin_runner):
             await runner.setup()
