@@ -12,6 +12,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy import logs
 from proxy.config import Concurrent, Route
 from proxy.forward import Forwarder
 from proxy.metrics import Metrics, Outcome
@@ -19,6 +20,7 @@ from proxy.store.notify import Notifier
 from proxy.store.postgres import PostgresStore
 
 log = logging.getLogger("idemproxy.request")
+request_log = logs.RequestLog(log)
 
 
 @dataclass
@@ -65,7 +67,6 @@ class Guarded:
 def finish(deps: Deps, g: Guarded | None, route: Route, outcome: Outcome, status: int) -> None:
     deps.metrics.count(route.name, outcome)
     if g is not None:
-        log.info("guarded request", extra={"fields": {
-            "route": route.name, "outcome": outcome.value, "status": status,
-            "key_hash": g.key_hash, "tenant": g.scope.split(":", 1)[1],
-            "duration_ms": round((time.perf_counter() - g.started) * 1000, 2)}})
+        request_log(route=route.name, outcome=outcome.value, status=status,
+                    key_hash=g.key_hash, tenant=g.scope.split(":", 1)[1],
+                    duration_ms=round((time.perf_counter() - g.started) * 1000, 2))

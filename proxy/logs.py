@@ -1,7 +1,9 @@
 """Logging: one JSON object per line (default) or a human format for a terminal.
 
 Call sites pass structured fields as `extra={"fields": {...}}`. Never log raw keys,
-credentials or bodies: the flow logs key and tenant hashes only.
+credentials or bodies: the flow logs key and tenant hashes only. The one line per guarded
+request goes through `RequestLog`, which skips the logging machinery when nothing but the
+stderr handler would see the record.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import json
 import io
 import logging
+import math
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
+from json.encoder import encode_basestring_ascii
 from typing import TextIO
 
 
@@ -62,15 +67,108 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.stream.write(self.format(record) + self.terminator)
-            now = time.monotonic()
-            if record.levelno >= logging.WARNING or now - self._last >= self.max_delay:
-                self.stream.flush()
-                self._last = now
+            self._write(self.format(record), urgent=record.levelno >= logging.WARNING)
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
+
+    def write_line(self, line: str) -> None:
+        """Write one formatted INFO line as `emit` would (same lock, same flush rule);
+        raises what the stream raises."""
+        self.acquire()
+        try:
+            self._write(line, urgent=False)
+        finally:
+            self.release()
+
+    def _write(self, line: str, *, urgent: bool) -> None:
+        self.stream.write(line + self.terminator)
+        now = time.monotonic()
+        if urgent or now - self._last >= self.max_delay:
+            self.stream.flush()
+            self._last = now
+
+
+class RequestLog:
+    """The one INFO line per guarded request, cheap.
+
+    Through `logging` the line costs a LogRecord, the handler walk, a dict, a datetime and
+    `json.dumps`: about a sixth of a replay's CPU. So when the record would reach exactly
+    one handler, a `BufferedStderrHandler` with the `JsonFormatter`, and no filter, level
+    or record factory could drop or change it, the line is built here, byte for byte what
+    `JsonFormatter` writes, and handed to that handler. Anything else (another handler,
+    as tests attach; the text format; a level that drops it) gets the ordinary
+    `logger.info` call, so every handler sees the record as before. The decision is made
+    on every call: handlers can be added at any time. The direct path never raises: a
+    failed write is reported through `handleError`, as `emit` reports it.
+    """
+
+    MSG = "guarded request"
+
+    def __init__(self, logger: logging.Logger, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.logger = logger
+        self.clock = clock  # seconds since the epoch, as LogRecord.created
+        self._head = (f', "level": "info", "logger": {encode_basestring_ascii(logger.name)}'
+                      f', "msg": {encode_basestring_ascii(self.MSG)}, "route": ')
+        self._second: tuple[int, str] = (-1, "")
+
+    def __call__(self, *, route: str, outcome: str, status: int, key_hash: str,
+                 tenant: str, duration_ms: float) -> None:
+        handler = self._direct_handler()
+        if handler is None:
+            self.logger.info(self.MSG, extra={"fields": {
+                "route": route, "outcome": outcome, "status": status, "key_hash": key_hash,
+                "tenant": tenant, "duration_ms": duration_ms}})
+            return
+        created = self.clock()
+        try:
+            q = encode_basestring_ascii  # what json.dumps itself uses for str (ensure_ascii)
+            handler.write_line(
+                f'{{"ts": "{self._ts(created)}"{self._head}{q(route)}, "outcome": {q(outcome)}'
+                f', "status": {int(status)!r}, "key_hash": {q(key_hash)}'
+                f', "tenant": {q(tenant)}, "duration_ms": {duration_ms!r}}}')
+        except Exception:  # as emit() does: report through the handler, lose the line
+            record = self.logger.makeRecord(
+                self.logger.name, logging.INFO, "(request log)", 0, self.MSG, (), None)
+            record.created = created
+            handler.handleError(record)
+
+    def _direct_handler(self) -> BufferedStderrHandler | None:
+        """The one handler the record would reach, if writing to it directly is exactly
+        what logging would do; else None."""
+        logger = self.logger
+        if (logger.filters or not logger.isEnabledFor(logging.INFO)
+                or logging.getLogRecordFactory() is not logging.LogRecord):
+            return None
+        found: logging.Handler | None = None
+        node: logging.Logger | None = logger
+        while node is not None:  # the walk Logger.callHandlers makes
+            for handler in node.handlers:
+                if found is not None:
+                    return None
+                found = handler
+            node = node.parent if node.propagate else None
+        if (type(found) is not BufferedStderrHandler or found.filters
+                or found.level > logging.INFO or type(found.formatter) is not JsonFormatter):
+            return None
+        return found
+
+    def _ts(self, created: float) -> str:
+        """`created` as JsonFormatter writes it (2026-11-28T20:10:12.845+00:00)."""
+        # datetime.fromtimestamp rounds to the microsecond, half to even, and isoformat
+        # then truncates to the millisecond: the same steps here, the date text cached.
+        frac, whole = math.modf(created)
+        micros = round(frac * 1e6)
+        if micros >= 1_000_000:
+            whole, micros = whole + 1, micros - 1_000_000
+        second, text = self._second
+        if second != int(whole):
+            second = int(whole)
+            text = datetime.fromtimestamp(second, timezone.utc).isoformat()[:19]
+            self._second = (second, text)
+        return f"{text}.{micros // 1000:03d}+00:00"
 
 
 def flush() -> None:

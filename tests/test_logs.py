@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
+import os
+import random
+import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import aiohttp
 import pytest
 
 from proxy import keys, logs
-from tests.conftest import DEFAULT_ROUTES, ProxyHandle, free_port
+from tests.conftest import DEFAULT_ROUTES, ROOT, ProxyHandle, free_port
 
 SECRET = uuid.uuid4().hex[:12]
 CREDENTIAL = f"Bearer sk_live_cred{SECRET}"
@@ -167,3 +171,171 @@ def test_configure_installs_one_stderr_handler(fmt, formatter):
     finally:
         root.handlers[:] = saved
         root.setLevel(level)
+
+
+# The request log line (proxy/logs.py RequestLog): written directly when only the stderr
+# handler would see it, byte for byte what the logging path writes.
+
+FIELDS = {"route": "charges", "outcome": "replayed", "status": 201,
+          "key_hash": "0f" * 8, "tenant": "ab" * 16, "duration_ms": 0.12}
+WHEN = 1795896612.845  # 2026-11-28T20:10:12.845+00:00
+
+
+@pytest.fixture
+def configure_logs() -> Iterator[Callable[..., logs.BufferedStderrHandler]]:
+    """logs.configure as `serve` calls it, its handler writing to a StringIO; undone after."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+
+    def configure(*, fmt: str = "json", level: str = "info") -> logs.BufferedStderrHandler:
+        logs.configure(fmt=fmt, level=level)
+        handler = root.handlers[0]
+        assert isinstance(handler, logs.BufferedStderrHandler)
+        handler.setStream(io.StringIO())
+        return handler
+
+    try:
+        yield configure
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+
+
+def request_log(when: float = WHEN) -> logs.RequestLog:
+    return logs.RequestLog(logging.getLogger("idemproxy.request"), clock=lambda: when)
+
+
+def formatted(when: float, fields: dict[str, object]) -> str:
+    """What the logging path writes for the guarded-request record created at `when`."""
+    logger = logging.getLogger("idemproxy.request")
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 1, "guarded request",
+                               (), None, extra={"fields": fields})
+    record.created = when
+    return logs.JsonFormatter().format(record)
+
+
+def written(handler: logs.BufferedStderrHandler) -> list[str]:
+    return handler.stream.getvalue().splitlines()
+
+
+EDGE_TIMES = [WHEN, 1795896612.0, 1795896612.0005, 1795896612.9994999,
+              1795896612.9995, 1795896612.9999996, 1795896612.999999, 1.5e9 + 0.0015]
+
+
+def test_request_line_is_what_the_json_formatter_writes(configure_logs):
+    """For the same instant and fields, the request line equals JsonFormatter's line: the
+    same text, so the same keys in the same order and the same millisecond rounding."""
+    handler = configure_logs()
+    rng = random.Random(7)
+    times = EDGE_TIMES + [rng.uniform(1.5e9, 2.5e9) for _ in range(500)]
+    for when in times:
+        fields = dict(FIELDS, status=rng.choice([200, 201, 409, 422, 503]),
+                      duration_ms=round(rng.expovariate(0.1), 2))
+        request_log(when)(**fields)
+        expected = formatted(when, fields)
+        line = written(handler)[-1]
+        assert line == expected, when
+        assert list(json.loads(line).items()) == list(json.loads(expected).items())
+    assert len(written(handler)) == len(times)
+    assert written(handler)[0].startswith('{"ts": "2026-11-28T20:10:12.845+00:00", '
+                                          '"level": "info", "logger": "idemproxy.request", '
+                                          '"msg": "guarded request", "route": "charges"')
+
+
+@pytest.mark.parametrize("route", ['say "hi"', "back\\slash", "café ✓ 注文", "tab\there"])
+def test_request_line_escapes_route_names_as_json_does(configure_logs, route):
+    """A route name with quotes, backslashes, control or non-ASCII characters is escaped
+    exactly as json.dumps escapes it, and reads back as the name."""
+    handler = configure_logs()
+    fields = dict(FIELDS, route=route)
+    request_log()(**fields)
+    [line] = written(handler)
+    assert line == formatted(WHEN, fields) and line.isascii()
+    assert json.loads(line)["route"] == route
+
+
+def test_request_line_goes_through_logging_when_another_handler_listens(configure_logs):
+    """With another handler on the root logger, the record reaches it (fields in order)
+    and the stderr handler still writes its line."""
+    handler = configure_logs()
+    cap = Capture()
+    logging.getLogger().addHandler(cap)
+    request_log()(**FIELDS)
+    [record] = cap.records
+    assert record.getMessage() == "guarded request" and record.levelno == logging.INFO
+    assert list(record.fields.items()) == list(FIELDS.items())
+    [line] = written(handler)
+    assert line == formatted(record.created, FIELDS)
+
+
+def test_request_line_keeps_the_text_format_levels_and_filters(configure_logs):
+    """The text format still gets its key=value line; a level above INFO or a handler
+    filter that drops the record writes nothing."""
+    handler = configure_logs(fmt="text")
+    request_log()(**FIELDS)
+    [line] = written(handler)
+    assert line.endswith(" INFO    guarded request route=charges outcome=replayed "
+                         f"status=201 key_hash={'0f' * 8} tenant={'ab' * 16} duration_ms=0.12")
+    handler = configure_logs(level="warning")
+    request_log()(**FIELDS)
+    assert written(handler) == []
+    handler = configure_logs()
+    handler.addFilter(lambda record: False)
+    request_log()(**FIELDS)
+    assert written(handler) == []
+
+
+def test_request_line_is_flushed_by_the_handler_rules(configure_logs, tmp_path):
+    """The line waits in the buffer until `max_delay` has passed or logs.flush() runs."""
+    handler = configure_logs()
+    out = tmp_path / "stderr"
+    handler.setStream(io.TextIOWrapper(io.BufferedWriter(io.FileIO(out, "w"), 1 << 16)))
+    handler.max_delay = 3600
+    request_log()(**FIELDS)
+    assert out.read_text() == ""
+    logs.flush()
+    assert out.read_text() == formatted(WHEN, FIELDS) + "\n"
+    handler.max_delay = 0
+    request_log()(**FIELDS)
+    assert out.read_text().count("guarded request") == 2
+    handler.stream.close()
+
+
+def test_request_line_failure_is_reported_not_raised(configure_logs, capsys):
+    """A stream that fails makes the line a logging error on stderr, never an exception
+    in the request path."""
+    handler = configure_logs()
+    handler.stream.close()
+    request_log()(**FIELDS)
+    assert "--- Logging error ---" in capsys.readouterr().err
+
+
+FINISH = """
+from prometheus_client import CollectorRegistry
+from proxy import logs
+from proxy.config import Route
+from proxy.context import Deps, Guarded, finish
+from proxy.metrics import Metrics, Outcome
+from proxy.routing import PathPattern
+logs.configure()
+route = Route(name="charges", methods=frozenset({"POST"}), path=PathPattern.compile("/c"))
+g = Guarded(route=route, scope="charges:" + "ab" * 16, key="order-1", fingerprint=b"", body=b"")
+finish(Deps(store=None, forwarder=None, metrics=Metrics(CollectorRegistry())), g, route,
+       Outcome.REPLAYED, 201)
+"""
+
+
+def test_finish_writes_the_request_line_to_stderr():
+    """`finish` in a process configured as `serve` puts one JSON line on stderr
+    with the request's fields, by exit at the latest."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMPROXY_")}
+    proc = subprocess.run([sys.executable, "-c", FINISH], cwd=ROOT, env=env,
+                          capture_output=True, timeout=60, check=True)
+    [line] = proc.stderr.decode().splitlines()
+    doc = json.loads(line)
+    assert list(doc) == ["ts", "level", "logger", "msg", "route", "outcome", "status",
+                         "key_hash", "tenant", "duration_ms"]
+    assert doc["msg"] == "guarded request" and doc["outcome"] == "replayed"
+    assert doc["key_hash"] == hashlib.sha256(
+        f"charges:{'ab' * 16}\x1forder-1".encode()).hexdigest()[:16]
+    assert doc["tenant"] == "ab" * 16 and doc["status"] == 201
