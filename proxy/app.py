@@ -221,7 +221,11 @@ async def _key_show(request: web.Request) -> web.Response:
 async def _key_delete(request: web.Request) -> web.Response:
     """DELETE /admin/keys?scope=&key=: forget the key; its next request executes again."""
     scope, key = _scope_key(request)
-    if not await _admin_call(request.app[DEPS].store.delete(scope=scope, key=key)):
+    deps = request.app[DEPS]
+    deleted = await _admin_call(deps.store.delete(scope=scope, key=key))
+    if deps.cache is not None:  # at once here; other processes hear the NOTIFY
+        deps.cache.forget(scope, key)
+    if not deleted:
         raise AdminNotFound("No record for this key in this scope.")
     log.warning("admin deleted a key", extra={"fields": {"scope": scope.split(":")[0]}})
     return web.json_response({"deleted": True})

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy import logs
+from proxy.cache import ReplayCache
 from proxy.config import Concurrent, Route
 from proxy.forward import Forwarder
 from proxy.metrics import Metrics, Outcome
@@ -31,6 +32,7 @@ class Deps:
     forwarder: Forwarder
     metrics: Metrics
     notifier: Notifier | None = None
+    cache: ReplayCache | None = None  # completed small responses (proxy/cache.py)
     db_clock_offset: float = 0.0  # database clock minus local clock, for key buckets
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 

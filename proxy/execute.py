@@ -17,7 +17,7 @@ from proxy.metrics import Outcome
 from proxy.recorder import INLINE, Recorder
 from proxy.relay import ClientSink, open_upstream, response_for, whole_response
 from proxy.replay import guard_headers
-from proxy.store import Claim, Completion
+from proxy.store import Claim, Completion, Record, State
 
 
 class _Heartbeat:
@@ -150,8 +150,11 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
             await _complete(deps, g, _failure(exc.problem))
         raise exc.problem from exc
     stored = tuple(hdrs.to_store(up.headers, keep_set_cookie=route.replay_set_cookie))
-    await _complete(deps, g, Completion(up.status, stored, body, 0, len(body), False),
-                    retry_in_background=True)
+    if await _complete(deps, g, Completion(up.status, stored, body, 0, len(body), False),
+                       retry_in_background=True) and deps.cache is not None:
+        deps.cache.put(g.scope, g.key, Record(
+            State.COMPLETED, g.fingerprint, g.token, claim.record.expires_at, up.status,
+            stored, body, 0, len(body), False))
     finish(deps, g, route, Outcome.FORWARDED, up.status)
     return whole_response(up, body, guard_headers(route, claim.record.expires_at))
 

@@ -79,6 +79,9 @@ class Metrics:
         self.records_lost = Counter(
             "idemproxy_records_lost", "Responses the upstream gave that could not be stored.",
             ["route"], registry=registry)
+        self.cache_hits = Counter(
+            "idemproxy_replay_cache_hits", "Replays answered from the process's replay cache "
+            "(no database round trip).", registry=registry)
         self.swept = Counter(
             "idemproxy_sweeper_deleted", "Expired records deleted by the sweeper.",
             registry=registry)

@@ -28,6 +28,7 @@ from proxy.idempotency import Deps
 from proxy.metrics import Metrics
 from proxy.errors import StoreUnavailable
 from proxy.store.notify import Notifier
+from proxy.cache import ReplayCache
 from proxy.store.sweeper import run_sweeper
 
 log = logging.getLogger("idemproxy.server")
@@ -62,10 +63,11 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
             applied = await store.migrate()
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
+        cache = ReplayCache(cfg.replay_cache)
         async with Forwarder.open(cfg.upstream) as forwarder, \
-                Notifier(store.acquire_listener) as notifier:
+                Notifier(store.acquire_listener, cache=cache) as notifier:
             deps = Deps(store=store, forwarder=forwarder, metrics=metrics, notifier=notifier,
-                        db_clock_offset=await store.clock_offset())
+                        cache=cache, db_clock_offset=await store.clock_offset())
             return await _run_listeners(cfg, deps, worker=worker)
 
 

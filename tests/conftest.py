@@ -33,6 +33,7 @@ from proxy.idempotency import Deps
 from proxy.metrics import Metrics
 from proxy.store.migrate import migrate
 from proxy.store.notify import Notifier
+from proxy.cache import ReplayCache
 from proxy.store.postgres import PostgresStore
 from tests.upstream import TestUpstream
 
@@ -148,8 +149,9 @@ async def make_proxy(db: str, upstream: TestUpstream
                                          observe=metrics.observe_store)
         stack.push_async_callback(st.close)
         fwd = await stack.enter_async_context(Forwarder.open(cfg.upstream))
-        notifier = await stack.enter_async_context(Notifier(st.acquire_listener))
-        deps = Deps(store=st, forwarder=fwd, metrics=metrics, notifier=notifier)
+        cache = ReplayCache(cfg.replay_cache)
+        notifier = await stack.enter_async_context(Notifier(st.acquire_listener, cache=cache))
+        deps = Deps(store=st, forwarder=fwd, metrics=metrics, notifier=notifier, cache=cache)
         proxy_runner = ProxyRunner(create_proxy_handler(cfg, deps), shutdown_timeout=2)
         admin_runner = web.AppRunner(create_admin_app(cfg, deps), access_log=None)
         for runner in (proxy_runner, admin_runner):

@@ -372,8 +372,9 @@ async def test_head_passes_the_upstreams_content_length(make_proxy, client):
 
 
 async def test_round_trips_one_per_replay_two_per_first_request(make_proxy, client):
-    """§8: a first request makes two store calls (claim, complete), a replay one."""
-    p = await make_proxy()
+    """§8: a first request makes two store calls (claim, complete), a replay one (with the
+    replay cache off; tests/test_replay_cache.py has the cached case: none)."""
+    p = await make_proxy(extra="replay_cache: 0")
 
     def calls() -> dict[str, float]:
         return {op: p.metric("idemproxy_store_seconds_count", op=op)

@@ -17,7 +17,7 @@ import yaml
 from proxy.config.routes import parse_routes
 from proxy.config.schema import Admin, Config, Database, Logging, Upstream
 from proxy.config.values import (
-    Reader, bool_, choice, int_in, parse_duration, parse_listen, str_,
+    Reader, bool_, choice, int_in, parse_duration, parse_listen, parse_size, str_,
 )
 from proxy.errors import ConfigError
 
@@ -40,7 +40,7 @@ def loads(text: str, *, env: Mapping[str, str], source: str = "<string>") -> Con
     r = Reader(problems, env)
     top = r.section(raw, "", {"listen", "admin", "upstream", "database", "defaults", "routes",
                               "data_dir", "workers", "shutdown_grace", "sweep_interval",
-                              "logging", "allow_python_parser"})
+                              "replay_cache", "logging", "allow_python_parser"})
     cfg = _parse_top(r, top, env, source)
     if problems:
         raise ConfigError(problems)
@@ -78,6 +78,7 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
         workers=r.get(top, "workers", "workers", _workers, _workers("auto")),
         shutdown_grace=r.get(top, "shutdown_grace", "shutdown_grace", parse_duration, 30.0),
         sweep_interval=r.get(top, "sweep_interval", "sweep_interval", parse_duration, 60.0),
+        replay_cache=r.get(top, "replay_cache", "replay_cache", parse_size, d.replay_cache),
         logging=Logging(
             format=r.get(lg, "format", "logging.format", choice("json", "text"), "json"),
             level=r.get(lg, "level", "logging.level",

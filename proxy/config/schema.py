@@ -147,6 +147,7 @@ class Config:
     workers: int = 1  # default auto: the cores available (workers: auto); 1 = one process
     shutdown_grace: float = 30.0
     sweep_interval: float = 60.0
+    replay_cache: int = 16 * 1024 * 1024  # bytes of completed responses kept per process
     logging: Logging = Logging()
     allow_python_parser: bool = False  # refuse to start without aiohttp's C parser
     source: str = field(default="<defaults>", compare=False)

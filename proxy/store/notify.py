@@ -1,8 +1,10 @@
-"""Wake waiters on any replica when a key completes or is released.
+"""Wake waiters on any replica when a key completes or is released, and drop deleted
+keys from every replica's replay cache.
 
 One LISTEN connection per process (reconnected when it drops) fans notifications out to
-in-process futures, so waiting costs no database connection per waiter. A lost
-notification only costs latency: waiters also poll (see idempotency.py).
+in-process futures, so waiting costs no database connection per waiter. A lost wake-up
+only costs latency: waiters also poll (see idempotency.py). A lost deletion could let a
+cache replay a deleted key, so the cache is only on while this connection is up.
 """
 
 from __future__ import annotations
@@ -12,18 +14,29 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("idemproxy.notify")
 
 CHANNEL = "idemproxy"
+FORGET_CHANNEL = "idemproxy_forget"  # payload: md5 of scope and key (a deleted record)
+LISTENER_NAME = "idemproxy-listen"  # the LISTEN connection's application_name
+
+
+class Forgetting(Protocol):
+    """What the notifier drives in the replay cache (proxy/cache.py)."""
+
+    def forget_id(self, ident: str) -> None: ...
+    def set_live(self, live: bool) -> None: ...
 
 
 class Notifier:
     """Owns the LISTEN connection and the waiters registered per key id."""
 
-    def __init__(self, connect: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(self, connect: Callable[[], Awaitable[Any]], *,
+                 cache: Forgetting | None = None) -> None:
         self._connect = connect
+        self._cache = cache
         self._waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -61,6 +74,14 @@ class Notifier:
             if not fut.done():
                 fut.set_result(None)
 
+    def _on_forget(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if self._cache is not None:
+            self._cache.forget_id(payload)
+
+    def _set_cache_live(self, live: bool) -> None:
+        if self._cache is not None:
+            self._cache.set_live(live)
+
     async def _run(self) -> None:
         delay = 0.1
         while True:
@@ -70,6 +91,8 @@ class Notifier:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(FORGET_CHANNEL, self._on_forget)
+                self._set_cache_live(True)  # deletions are heard from here on
                 self.connected.set()
                 delay = 0.1
                 self._wake_all()  # notifications may have been missed while away
@@ -85,6 +108,7 @@ class Notifier:
             except Exception as exc:  # any failure: reconnect with backoff
                 log.warning("listen connection lost: %s", type(exc).__name__)
             finally:
+                self._set_cache_live(False)
                 self.connected.clear()
                 if conn is not None and not conn.is_closed():
                     conn.terminate()

@@ -22,6 +22,7 @@ from proxy.store import (
     Claim, ClaimOutcome, Completion, Record, State, decode_headers, encode_headers,
 )
 from proxy.store.migrate import SCHEMA_VERSION, current_version
+from proxy.store.notify import FORGET_CHANNEL, LISTENER_NAME
 from proxy.store.pool import Pool
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -194,11 +195,17 @@ class PostgresStore:
         return _admin_row(row) if row else None
 
     async def delete(self, *, scope: str, key: str) -> bool:
-        """Delete a key's record (and body) so its next request executes again."""
-        n: int = await self._call("admin", "fetchval", """
-            WITH d AS (DELETE FROM idemproxy_keys WHERE scope = $1 AND key = $2 RETURNING 1),
-                 c AS (DELETE FROM idemproxy_chunks WHERE scope = $1 AND key = $2)
-            SELECT count(*) FROM d""", scope, key)
+        """Delete a key's record (and body) so its next request executes again; at commit
+        every replica is told to drop it from its replay cache (proxy/cache.py)."""
+        async with self.connection() as conn, conn.transaction():
+            n: int = await conn.fetchval("""
+                WITH d AS (DELETE FROM idemproxy_keys WHERE scope = $1 AND key = $2
+                           RETURNING 1),
+                     c AS (DELETE FROM idemproxy_chunks WHERE scope = $1 AND key = $2)
+                SELECT count(*) FROM d""", scope, key)
+            if n:
+                await conn.execute("SELECT pg_notify($1, $2)", FORGET_CHANNEL,
+                                   notify_channel_id(scope, key))
         return n > 0
 
     async def force_release(self, *, scope: str, key: str) -> bool:
@@ -246,7 +253,9 @@ class PostgresStore:
 
     async def acquire_listener(self) -> asyncpg.Connection:
         with guard():
-            conn: asyncpg.Connection = await asyncpg.connect(self.url, timeout=self.timeout)
+            conn: asyncpg.Connection = await asyncpg.connect(
+                self.url, timeout=self.timeout,
+                server_settings={"application_name": LISTENER_NAME})  # named for operators
             return conn
 
 

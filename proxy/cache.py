@@ -1,0 +1,111 @@
+"""Completed small responses kept in this process, so a hot retry needs no round trip.
+
+Safe because a completed record never changes in the database: it only expires, which
+is checked here against the database's clock with a margin, or is deleted by an operator
+(`keys delete`, `DELETE /admin/keys`), which NOTIFYs every replica to drop it. While this
+process's LISTEN connection is down the cache is emptied and off: a deletion could be
+missed. Every entry is also dropped after `MAX_AGE`, a backstop that bounds how long a
+deletion done behind the proxy's back (plain SQL) can go unseen.
+
+Only inline bodies up to `MAX_ENTRY` bytes are kept; the cache is an LRU bounded by the
+bytes it holds (`replay_cache` in the config; 0 turns it off).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from proxy.store import Record
+from proxy.store.postgres import notify_channel_id
+
+MAX_ENTRY = 64 * 1024  # a body larger than this is always replayed from the database
+MAX_AGE = 60.0  # seconds an entry may be served without the database being asked again
+EXPIRY_MARGIN = 1.0  # stop serving this long before the database's expiry
+_OVERHEAD = 256  # bytes counted per entry beyond its body and headers
+
+
+@dataclass(slots=True)
+class _Entry:
+    record: Record
+    expires: float  # database epoch seconds, less the margin
+    fresh_until: float  # monotonic
+    size: int
+    id: str
+
+
+class ReplayCache:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._by_id: dict[str, tuple[str, str]] = {}
+        self._bytes = 0
+        self.live = False  # set while the LISTEN connection is up (see store/notify.py)
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def get(self, scope: str, key: str, *, db_now: float) -> Record | None:
+        """The completed record for (scope, key) if held, fresh and not about to expire."""
+        if not self.live:
+            return None
+        entry = self._entries.get((scope, key))
+        if entry is None:
+            return None
+        if db_now >= entry.expires or time.monotonic() >= entry.fresh_until:
+            self._drop((scope, key))
+            return None
+        self._entries.move_to_end((scope, key))
+        self.hits += 1
+        return entry.record
+
+    def put(self, scope: str, key: str, record: Record) -> None:
+        """Keep a completed record with an inline body (others are ignored)."""
+        if not self.live or record.body_chunks or record.status is None:
+            return
+        body = record.body or b""
+        if len(body) > MAX_ENTRY:
+            return
+        size = len(body) + sum(len(k) + len(v) for k, v in record.headers) + _OVERHEAD
+        if size > self.max_bytes:
+            return
+        self._drop((scope, key))
+        ident = notify_channel_id(scope, key)
+        self._entries[(scope, key)] = _Entry(
+            record, record.expires_at.timestamp() - EXPIRY_MARGIN,
+            time.monotonic() + MAX_AGE, size, ident)
+        self._by_id[ident] = (scope, key)
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def forget(self, scope: str, key: str) -> None:
+        self._drop((scope, key))
+
+    def forget_id(self, ident: str) -> None:
+        """Drop the entry a NOTIFY names (md5 of scope and key)."""
+        k = self._by_id.get(ident)
+        if k is not None:
+            self._drop(k)
+
+    def set_live(self, live: bool) -> None:
+        """On while deletions can be heard; emptied whenever that may have lapsed."""
+        self.clear()
+        self.live = live and self.max_bytes > 0
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._by_id.clear()
+        self._bytes = 0
+
+    def _drop(self, k: tuple[str, str]) -> None:
+        entry = self._entries.pop(k, None)
+        if entry is not None:
+            self._bytes -= entry.size
+            self._by_id.pop(entry.id, None)
