@@ -70,7 +70,9 @@ class Bench:
         self._start("nginx", [tools.nginx_binary(), "-p", str(self.tmp), "-e",
                               str(self.tmp / "error.log"), "-c", str(conf)],
                     f"http://127.0.0.1:{nginx}", "/ping")
-        self._start_proxy(up)
+        self._start_proxy(up, "proxy")
+        # the same proxy with its replay cache off: every replay is a database round trip
+        self._start_proxy(up, "proxy-db", replay_cache="0")
 
     def _start(self, name: str, argv: list[str], url: str, probe: str, *,
                env: dict[str, str] | None = None) -> None:
@@ -82,16 +84,18 @@ class Bench:
                 from exc
         self.urls[name], self.pids[name] = url, proc.pid
 
-    def _start_proxy(self, upstream_port: int) -> None:
+    def _start_proxy(self, upstream_port: int, name: str, *,
+                     replay_cache: str | None = None) -> None:
         port, admin = free_port(), free_port()
-        cfg = self.tmp / "idemproxy.yaml"
+        cfg = self.tmp / f"{name}.yaml"
         cfg.write_text(proxy_yaml(port=port, admin_port=admin, upstream_port=upstream_port,
-                                  data_dir=self.tmp / "data", workers=self.opts.workers))
+                                  data_dir=self.tmp / "data", workers=self.opts.workers,
+                                  replay_cache=replay_cache))
         env = dict(os.environ, IDEMPROXY_DATABASE_URL=self.db_url)
-        self._start("proxy", [sys.executable, "-m", "proxy", "serve", "--config", str(cfg)],
+        self._start(name, [sys.executable, "-m", "proxy", "serve", "--config", str(cfg)],
                     f"http://127.0.0.1:{admin}", "/readyz", env=env)
-        self.urls["admin"] = self.urls["proxy"]
-        self.urls["proxy"] = f"http://127.0.0.1:{port}"
+        self.urls[name + " admin"] = self.urls[name]
+        self.urls[name] = f"http://127.0.0.1:{port}"
 
     # --- measurements ---
 
@@ -110,6 +114,7 @@ class Bench:
             ("nginx get", w("nginx", "get")), ("upstream get", w("upstream", "get")),
             ("noop post", w("noop", "first")), ("proxy first", w("proxy", "first")),
             ("proxy replay", w("proxy", "replay", c, keys)),
+            ("proxy replay db", w("proxy-db", "replay", c, keys)),
             ("proxy hot", w("proxy", "hot", o.hot_connections)),
             ("nginx post", w("nginx", "first")), ("upstream post", w("upstream", "first")),
             ("pgbench first", self._pgbench("first")),

@@ -82,7 +82,7 @@ def run(opts: Options, *, tmp: Path, procs: Procs, db_url: str) -> dict[str, Any
     bench.rounds(bench.plan())
     bench.rounds(bench.paced_plan())
     doc["paced_rate"] = round(bench.paced_rate, 1)
-    doc["outcomes"] = clients.outcomes(bench.urls["admin"])
+    doc["outcomes"] = clients.outcomes(bench.urls["proxy admin"])
     if opts.profile:
         doc["profile"] = bench.profiles()
     doc["runs"] = bench.runs

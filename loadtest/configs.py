@@ -9,7 +9,7 @@ BODY = '{"amount":2000,"currency":"eur","customer":"cus_loadtest","description":
 
 
 def proxy_yaml(*, port: int, admin_port: int, upstream_port: int, data_dir: Path,
-               workers: int | str = 1) -> str:
+               workers: int | str = 1, replay_cache: str | None = None) -> str:
     """The proxy under test: one guarded route per scenario, defaults everywhere else.
 
     The database URL comes from IDEMPROXY_DATABASE_URL in the proxy's environment.
@@ -25,6 +25,8 @@ def proxy_yaml(*, port: int, admin_port: int, upstream_port: int, data_dir: Path
         "logging: {format: json, level: info}",
     ]
     lines.append(f"workers: {workers}")
+    if replay_cache is not None:
+        lines.append(f"replay_cache: {replay_cache}")
     lines += [
         "routes:",
         "  - name: charges",

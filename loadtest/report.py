@@ -18,7 +18,8 @@ Runs = Mapping[str, Sequence[Mapping[str, Any]]]
 
 ORDER = (
     "upstream get", "upstream post", "nginx get", "nginx post", "noop get", "noop post",
-    "proxy get", "proxy first", "proxy replay", "proxy hot", "pgbench first",
+    "proxy get", "proxy first", "proxy replay", "proxy replay db", "proxy hot",
+    "pgbench first",
     "pgbench replay", "noop post paced", "proxy replay paced",
 )
 LABELS = {
@@ -27,6 +28,7 @@ LABELS = {
     "noop get": "do-nothing aiohttp proxy, GET", "noop post": "do-nothing aiohttp proxy, POST",
     "proxy get": "idemproxy pass-through (GET)", "proxy first": "idemproxy first requests",
     "proxy replay": "idemproxy replays", "proxy hot": "idemproxy hot key",
+    "proxy replay db": "idemproxy replays, replay_cache: 0 (one round trip each)",
     "pgbench first": "pgbench claim+complete (p50: mean)",
     "pgbench replay": "pgbench claim, replay (p50: mean)",
     "noop post paced": "do-nothing POST, paced", "proxy replay paced": "idemproxy replays, paced",

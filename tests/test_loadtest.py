@@ -174,3 +174,11 @@ def test_profile_top_costs() -> None:
     assert top["samples"] == 10
     assert ("claim (proxy/s.py)", 60.0) in top["self"]
     assert ("handle (proxy/idempotency.py)", 100.0) in top["inclusive"]
+
+
+def test_proxy_yaml_can_turn_the_replay_cache_off(tmp_path: Path) -> None:
+    """The harness's second proxy replays from the database only."""
+    on = loads(proxy_yaml(port=1, admin_port=2, upstream_port=3, data_dir=tmp_path), env={})
+    off = loads(proxy_yaml(port=1, admin_port=2, upstream_port=3, data_dir=tmp_path,
+                           replay_cache="0"), env={})
+    assert on.replay_cache > 0 and off.replay_cache == 0
