@@ -68,7 +68,7 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
             sent = exc.sent
             return await _upstream_failed(deps, g, claim, exc)
         sent = True
-        deps.metrics.upstream_seconds.labels(g.route.name).observe(time.perf_counter() - start)
+        deps.metrics.observe_upstream(g.route.name, time.perf_counter() - start)
         try:
             if up.status in g.route.release_statuses:
                 return await _pass_on_and_release(request, deps, g, up)

@@ -57,6 +57,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self._counts: dict[tuple[str, Outcome], Any] = {}
         self._store_ops: dict[str, Any] = {}
+        self._upstream: dict[str, Any] = {}
         self.registry = registry
         self.requests = Counter(
             "idemproxy_requests", "Requests by route and outcome.", ["route", "outcome"],
@@ -113,6 +114,12 @@ class Metrics:
         if child is None:
             child = self._counts[(route, outcome)] = self.requests.labels(route, outcome.value)
         child.inc()
+
+    def observe_upstream(self, route: str, seconds: float) -> None:
+        child = self._upstream.get(route)
+        if child is None:
+            child = self._upstream[route] = self.upstream_seconds.labels(route)
+        child.observe(seconds)
 
     def observe_store(self, op: str, seconds: float) -> None:
         child = self._store_ops.get(op)
