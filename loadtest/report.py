@@ -28,7 +28,7 @@ LABELS = {
     "noop get": "do-nothing aiohttp proxy, GET", "noop post": "do-nothing aiohttp proxy, POST",
     "proxy get": "idemproxy pass-through (GET)", "proxy first": "idemproxy first requests",
     "proxy replay": "idemproxy replays", "proxy hot": "idemproxy hot key",
-    "proxy replay db": "idemproxy replays, replay_cache: 0 (one round trip each)",
+    "proxy replay db": "idemproxy replays, replay_cache: 0 (from the database)",
     "pgbench first": "pgbench claim+complete (p50: mean)",
     "pgbench replay": "pgbench claim, replay (p50: mean)",
     "noop post paced": "do-nothing POST, paced", "proxy replay paced": "idemproxy replays, paced",

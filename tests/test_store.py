@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import asyncpg
+import pytest
 
 from proxy.store import ClaimOutcome, Completion, State
 from proxy.store.postgres import PostgresStore
@@ -51,22 +52,27 @@ async def test_default_isolation_is_read_committed(db: str):
         await conn.close()
 
 
-async def test_complete_then_claim_returns_stored_response(store: PostgresStore):
+@pytest.mark.parametrize("notify", [False, True])  # a plain UPDATE, or the function
+async def test_complete_then_claim_returns_stored_response(store: PostgresStore,
+                                                           notify: bool):
     """A completed key comes back with status, ordered multi-value headers and body."""
     scope, key = ids()
     c = await claim(store, scope, key)
-    assert await store.complete(scope=scope, key=key, token=c.record.lock_token, done=DONE, notify=False)
+    assert await store.complete(scope=scope, key=key, token=c.record.lock_token, done=DONE,
+                                notify=notify)
     again = await claim(store, scope, key)
     assert again.outcome is ClaimOutcome.EXISTING and again.record.state is State.COMPLETED
     assert again.record.status == 201 and again.record.body == b"hello"
     assert again.record.headers == DONE.headers
 
 
-async def test_complete_with_wrong_token_is_refused(store: PostgresStore):
+@pytest.mark.parametrize("notify", [False, True])
+async def test_complete_with_wrong_token_is_refused(store: PostgresStore, notify: bool):
     """Completion is a compare-and-set on the claim's lock token."""
     scope, key = ids()
     await claim(store, scope, key)
-    assert not await store.complete(scope=scope, key=key, token=uuid.uuid4(), done=DONE, notify=False)
+    assert not await store.complete(scope=scope, key=key, token=uuid.uuid4(), done=DONE,
+                                    notify=notify)
     again = await claim(store, scope, key)
     assert again.record.state is State.IN_FLIGHT
 

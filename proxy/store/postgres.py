@@ -33,6 +33,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 _CLAIM = "SELECT * FROM idemproxy_claim($1, $2, $3, $4, $5, $6)"
 _COMPLETE = "SELECT idemproxy_complete($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_COMPLETE_QUIETLY = (  # idemproxy_complete without the NOTIFY (store/migrations/0002)
+    "UPDATE idemproxy_keys SET state = 2, status = $4, headers = $5, body = $6, "
+    "body_chunks = $7, body_size = $8, body_omitted = $9, completed_at = now(), "
+    "locked_until = NULL WHERE scope = $1 AND key = $2 AND lock_token = $3 AND state = 1")
 _RELEASE = "SELECT idemproxy_release($1, $2, $3, $4)"
 _EXTEND = ("UPDATE idemproxy_keys SET locked_until = now() + make_interval(secs => $4) "
            "WHERE scope = $1 AND key = $2 AND lock_token = $3 AND state = 1")
@@ -133,11 +137,15 @@ class PostgresStore:
 
         `notify` wakes waiters on every replica (NOTIFY serialises commits cluster-wide,
         so only routes that can have waiters ask for it)."""
-        ok: bool = await self._call(
-            "complete", "fetchval", _COMPLETE, scope, key, token, done.status,
-            encode_headers(done.headers), done.body, done.body_chunks, done.body_size,
-            done.body_omitted, notify)
-        return ok
+        args = (scope, key, token, done.status, encode_headers(done.headers), done.body,
+                done.body_chunks, done.body_size, done.body_omitted)
+        if notify:
+            ok: bool = await self._call("complete", "fetchval", _COMPLETE, *args, True)
+            return ok
+        # The same compare-and-set as the function, without its call overhead (~6 % of a
+        # first request's database instructions, measured with callgrind).
+        status: str = await self._call("complete", "execute", _COMPLETE_QUIETLY, *args)
+        return status == "UPDATE 1"
 
     async def release(self, *, scope: str, key: str, token: UUID, notify: bool) -> bool:
         ok: bool = await self._call("release", "fetchval", _RELEASE, scope, key, token, notify)
