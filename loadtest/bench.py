@@ -21,7 +21,7 @@ from loadtest.procs import Procs, free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-BIG_TABLE_PLAN = ("noop post", "proxy first", "proxy replay")
+BIG_TABLE_PLAN = ("noop post", "proxy first", "proxy replay", "proxy replay db")
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,7 +111,7 @@ def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
                                           else t.met(value))
         out.append({"target": t.name, "value": None if value is None else round(value, 3),
                     "bound": t.describe(), "met": met})
-    for name in ("proxy first", "proxy replay"):
+    for name in ("proxy first", "proxy replay", "proxy replay db"):
         slow = big_table_slowdown(by_name, name)
         if slow is not None:
             out.append({"target": f"{LABELS[name]}, slowdown with {big_table_rows:,} "
