@@ -42,6 +42,10 @@ class ReplayCache:
         self._bytes = 0
         self.live = False  # set while the LISTEN connection is up (see store/notify.py)
         self.hits = 0
+        # Bumped by every forget and clear. A caller reads it before fetching a record and
+        # hands it to put(): a deletion heard in between (its NOTIFY can overtake the
+        # answer it invalidates) makes the put a no-op instead of caching a deleted key.
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -66,10 +70,11 @@ class ReplayCache:
         return Record(State.COMPLETED, entry[_FP], UUID(int=entry[_TOKEN]), entry[_EXPIRES_AT],
                       entry[_STATUS], entry[_HEADERS], body, 0, len(body), False)
 
-    def put(self, scope: str, key: str, record: Record) -> None:
-        """Keep a completed record with an inline body (others are ignored)."""
-        if (not self.live or record.state is not State.COMPLETED or record.body_chunks
-                or record.body_omitted or record.status is None):
+    def put(self, scope: str, key: str, record: Record, *, seen: int) -> None:
+        """Keep a completed record with an inline body (others are ignored), read from the
+        database while `version` was `seen`."""
+        if (not self.live or seen != self.version or record.state is not State.COMPLETED
+                or record.body_chunks or record.body_omitted or record.status is None):
             return
         body = record.body or b""
         if len(body) > MAX_ENTRY:
@@ -89,10 +94,12 @@ class ReplayCache:
             self._drop(next(iter(self._entries)))
 
     def forget(self, scope: str, key: str) -> None:
+        self.version += 1
         self._drop((scope, key))
 
     def forget_id(self, ident: str) -> None:
         """Drop the entry a NOTIFY names (md5 of scope and key)."""
+        self.version += 1
         k = self._by_id.get(ident)
         if k is not None:
             self._drop(k)
@@ -103,6 +110,7 @@ class ReplayCache:
         self.live = live and self.max_bytes > 0
 
     def clear(self) -> None:
+        self.version += 1
         self._entries.clear()
         self._by_id.clear()
         self._bytes = 0

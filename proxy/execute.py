@@ -150,11 +150,12 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
             await _complete(deps, g, _failure(exc.problem))
         raise exc.problem from exc
     stored = tuple(hdrs.to_store(up.headers, keep_set_cookie=route.replay_set_cookie))
+    seen = deps.cache.version if deps.cache is not None else 0
     if await _complete(deps, g, Completion(up.status, stored, body, 0, len(body), False),
                        retry_in_background=True) and deps.cache is not None:
         deps.cache.put(g.scope, g.key, Record(
             State.COMPLETED, g.fingerprint, g.token, claim.record.expires_at, up.status,
-            stored, body, 0, len(body), False))
+            stored, body, 0, len(body), False), seen=seen)
     finish(deps, g, route, Outcome.FORWARDED, up.status)
     return whole_response(up, body, guard_headers(route, claim.record.expires_at))
 

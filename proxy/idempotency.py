@@ -47,11 +47,13 @@ async def handle(request: web.BaseRequest, m: Match, deps: Deps) -> web.StreamRe
         finish(deps, None, route, Outcome.PASS_THROUGH, 0)
         return await _unguarded(request, deps, body)
     cache = deps.cache
+    seen = 0
     if cache is not None and cache.live:
         rec = cache.get(g.scope, g.key, db_now=time.time() + deps.db_clock_offset)
         if rec is not None:  # a completed record: what the claim would return
             deps.metrics.cache_hits.inc()
             return await _answer(request, deps, g, Claim(ClaimOutcome.EXISTING, rec))
+        seen = cache.version
     try:
         claim = await deps.store.claim(scope=g.scope, key=g.key, fingerprint=g.fingerprint,
                                        token=g.token, lease=route.lock_timeout, ttl=route.ttl)
@@ -59,7 +61,7 @@ async def handle(request: web.BaseRequest, m: Match, deps: Deps) -> web.StreamRe
         return await _store_down(request, deps, g, exc)
     if (cache is not None and claim.outcome is ClaimOutcome.EXISTING
             and claim.record.state is State.COMPLETED):
-        cache.put(g.scope, g.key, claim.record)
+        cache.put(g.scope, g.key, claim.record, seen=seen)
     return await _answer(request, deps, g, claim)
 
 

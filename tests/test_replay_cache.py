@@ -38,10 +38,10 @@ def live_cache(max_bytes: int = 1 << 20) -> ReplayCache:
 
 def test_off_until_live_and_emptied_when_deaf():
     c = ReplayCache(1 << 20)
-    c.put("s", "k", record())
+    c.put("s", "k", record(), seen=c.version)
     assert c.get("s", "k", db_now=NOW.timestamp()) is None  # not live yet: nothing kept
     c.set_live(True)
-    c.put("s", "k", record())
+    c.put("s", "k", record(), seen=c.version)
     assert c.get("s", "k", db_now=NOW.timestamp()) is not None
     c.set_live(False)
     assert len(c) == 0 and c.get("s", "k", db_now=NOW.timestamp()) is None
@@ -49,13 +49,13 @@ def test_off_until_live_and_emptied_when_deaf():
 
 def test_zero_bytes_turns_it_off():
     c = live_cache(0)
-    c.put("s", "k", record())
+    c.put("s", "k", record(), seen=c.version)
     assert not c.live and len(c) == 0
 
 
 def test_stops_serving_a_margin_before_the_database_expiry():
     c = live_cache()
-    c.put("s", "k", record(ttl=10))
+    c.put("s", "k", record(ttl=10), seen=c.version)
     expiry = NOW.timestamp() + 10
     assert c.get("s", "k", db_now=expiry - EXPIRY_MARGIN - 0.01) is not None
     assert c.get("s", "k", db_now=expiry - EXPIRY_MARGIN) is None
@@ -66,24 +66,35 @@ def test_bounded_by_bytes_least_recently_used_first():
     body = b"x" * 1000
     c = live_cache(3 * 1400)  # room for about three entries
     for k in "abc":
-        c.put("s", k, record(body))
+        c.put("s", k, record(body), seen=c.version)
     assert c.get("s", "a", db_now=NOW.timestamp()) is not None  # a is now the most recent
-    c.put("s", "d", record(body))
+    c.put("s", "d", record(body), seen=c.version)
     held = {k for k in "abcd" if c.get("s", k, db_now=NOW.timestamp()) is not None}
     assert held == {"a", "c", "d"} and c.size_bytes <= c.max_bytes
 
 
 def test_large_and_chunked_bodies_are_not_kept():
     c = live_cache(1 << 24)
-    c.put("s", "big", record(b"x" * (MAX_ENTRY + 1)))
-    c.put("s", "chunked", record(b"x" * 10, chunks=2))
+    c.put("s", "big", record(b"x" * (MAX_ENTRY + 1)), seen=c.version)
+    c.put("s", "chunked", record(b"x" * 10, chunks=2), seen=c.version)
     assert len(c) == 0
+
+
+def test_a_deletion_heard_between_read_and_put_keeps_the_record_out():
+    """A NOTIFY can overtake the database answer it invalidates: the put is refused."""
+    c = live_cache()
+    seen = c.version  # the claim is sent
+    c.forget_id(notify_channel_id("s", "k"))  # the delete's NOTIFY lands first
+    c.put("s", "k", record(), seen=seen)  # then the answer read before the delete
+    assert c.get("s", "k", db_now=NOW.timestamp()) is None
+    c.put("s", "k", record(), seen=c.version)
+    assert c.get("s", "k", db_now=NOW.timestamp()) is not None
 
 
 def test_forget_by_the_notify_payload():
     c = live_cache()
-    c.put("route:tenant", "k1", record())
-    c.put("route:tenant", "k2", record())
+    c.put("route:tenant", "k1", record(), seen=c.version)
+    c.put("route:tenant", "k2", record(), seen=c.version)
     c.forget_id(notify_channel_id("route:tenant", "k1"))
     assert c.get("route:tenant", "k1", db_now=NOW.timestamp()) is None
     assert c.get("route:tenant", "k2", db_now=NOW.timestamp()) is not None
@@ -226,7 +237,7 @@ def test_a_full_cache_gives_the_garbage_collector_nothing_to_walk():
     gc.collect()
     before = len(gc.get_objects())
     for i in range(2000):
-        c.put("s", f"k{i}", record())
+        c.put("s", f"k{i}", record(), seen=c.version)
     gc.collect()
     assert len(gc.get_objects()) - before < 50
     assert c.get("s", "k1", db_now=NOW.timestamp()) is not None
