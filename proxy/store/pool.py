@@ -135,9 +135,10 @@ class Pool:
             if not fut.done():
                 fut.set_exception(StoreUnavailable("the database connection pool is closed"))
         idle, self._idle = list(self._idle), deque()
-        for conn in idle:
+        if idle:  # politely, all at once, within one timeout; then the hard way
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), timeout=self.timeout)
+                await asyncio.wait_for(asyncio.gather(
+                    *(c.close() for c in idle), return_exceptions=True), self.timeout)
         for conn in list(self._open):
             conn.terminate()
         self._open.clear()
