@@ -163,3 +163,27 @@ async def test_start_fails_on_an_unreachable_database():
     with pytest.raises(OSError):
         await p.start()
     assert p.get_size() == 0
+
+
+async def test_connections_idle_past_max_idle_are_closed_down_to_min_size(db: str,
+                                                                         monkeypatch):
+    """After a burst the pool shrinks again: like asyncpg's inactive-connection lifetime,
+    so replicas x workers x pool_max is not held open forever."""
+    from proxy.store import pool as pool_module
+    p = Pool(db, min_size=1, max_size=3, timeout=5)
+    await p.start()
+    try:
+        burst = [await p.acquire() for _ in range(3)]
+        for conn in burst:
+            p.release(conn)
+        assert p.get_size() == 3
+        monkeypatch.setattr(pool_module, "MAX_IDLE", 0.05)
+        await asyncio.sleep(0.1)
+        for _ in range(4):  # each release closes the stalest idle connection
+            async with p.connection() as conn:
+                await conn.fetchval("SELECT 1")
+        assert p.get_size() == 1
+        async with p.connection() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await p.close()

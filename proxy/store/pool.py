@@ -11,13 +11,15 @@ This pool hands a released connection straight to the longest waiter, so service
 strictly in arrival order, and the common case (an idle connection, nobody waiting) is a
 deque pop with no coroutine switch. A connection that may be out of step with the server
 (the call was cancelled or failed below SQL, or it was left inside a transaction) is
-terminated rather than repaired; the next borrower opens a fresh one.
+terminated rather than repaired; the next borrower opens a fresh one. After a burst,
+connections above `min_size` left unused for `MAX_IDLE` are closed as others come back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +30,7 @@ from proxy.errors import StoreUnavailable
 
 # What a connection is, for this module: asyncpg's, untyped (asyncpg ships no stubs).
 Conn = Any
+MAX_IDLE = 60.0  # seconds a connection above min_size may sit unused before it is closed
 
 
 class Pool:
@@ -44,6 +47,8 @@ class Pool:
         self._open: set[Conn] = set()  # every connection this pool owns, idle or lent
         self._size = 0  # open plus being opened: never above max_size
         self._closed = False
+        self._idle_since: dict[Conn, float] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Open `min_size` connections now, so a bad URL fails at start-up."""
@@ -172,10 +177,29 @@ class Pool:
                 return
         if conn is None:
             self._size -= 1
-        else:
-            self._idle.append(conn)
+            return
+        now = time.monotonic()
+        self._idle.append(conn)
+        self._idle_since[conn] = now
+        # The least recently used idle connection is at the bottom of the stack: after a
+        # burst, connections above min_size that nobody needed for MAX_IDLE are closed.
+        oldest = self._idle[0]
+        if (now - self._idle_since.get(oldest, now) > MAX_IDLE
+                and len(self._open) > self._min):
+            self._idle.popleft()
+            self._forget(oldest)
+            task = asyncio.get_running_loop().create_task(self._close_quietly(oldest))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _close_quietly(self, conn: Conn) -> None:
+        try:
+            await conn.close(timeout=self.timeout)
+        except Exception:
+            conn.terminate()
 
     def _forget(self, conn: Conn) -> None:
+        self._idle_since.pop(conn, None)
         if conn in self._open:
             self._open.discard(conn)
             self._size -= 1
