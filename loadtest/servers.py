@@ -68,7 +68,9 @@ def noop_app(upstream: str) -> web.Application:
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=100, keepalive_timeout=4)
+        # no cookie jar, like idemproxy: a proxy's one session must not keep cookies
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                         cookie_jar=aiohttp.DummyCookieJar(),
                                          skip_auto_headers=("User-Agent", "Accept",
                                                             "Accept-Encoding")) as session:
             app[session_key] = session

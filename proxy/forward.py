@@ -92,8 +92,11 @@ class Forwarder:
                                          enable_cleanup_closed=True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout,
                                         connect=cfg.connect_timeout, sock_read=cfg.timeout)
+        # No cookie jar: the session is shared by every client, so a jar would send one
+        # client's Set-Cookie upstream with the next client's requests.
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         ) as session:
             # aiohttp re-sends PUT/DELETE on a pooled connection that turns out dead, after

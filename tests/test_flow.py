@@ -313,6 +313,24 @@ async def test_safe_methods_and_unmatched_paths_pass_through(make_proxy, upstrea
     assert doc["headers"]["X-Forwarded-Proto"] == "http"
 
 
+async def test_no_cookie_from_one_client_reaches_the_upstream_for_another(
+        make_proxy, upstream, client):
+    """The upstream leg keeps no cookie jar: a Set-Cookie answered to one client is never
+    sent upstream with another client's request (a cross-tenant leak). The upstream is
+    named by host name, since aiohttp's default jar ignores cookies from IP addresses."""
+    p = await make_proxy(upstream_url=upstream.url.replace("127.0.0.1", "localhost"))
+    async with aiohttp.ClientSession() as alice:
+        async with alice.get(p.url + "/headers") as r:
+            assert r.headers["Set-Cookie"].startswith("session=")
+    async with aiohttp.ClientSession() as bob:
+        async with bob.get(p.url + "/echo/bob") as r:
+            doc = await r.json()
+        assert "Cookie" not in doc["headers"]
+        async with bob.get(p.url + "/echo/bob", headers={"Cookie": "mine=1"}) as r:
+            doc = await r.json()
+        assert doc["headers"]["Cookie"] == "mine=1"  # a client's own cookie goes through
+
+
 async def test_pass_through_streams_request_body(make_proxy, upstream, client):
     """An unguarded request body reaches the upstream byte for byte."""
     p = await make_proxy()
