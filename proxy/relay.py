@@ -24,13 +24,23 @@ async def read_body(request: web.BaseRequest, *, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"The request body is {request.content_length} bytes; this route "
                            f"accepts at most {limit}.")
+    content = request.content
+    if content.is_eof():  # all of it came with the headers (most small bodies): no await
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise _over(limit)
+        return body
     buf = bytearray()
-    async for chunk in request.content.iter_any():
+    async for chunk in content.iter_any():
         buf += chunk
         if len(buf) > limit:
-            raise BodyTooLarge(f"The request body is over {limit} bytes, the most this "
-                               "route accepts.")
+            raise _over(limit)
     return bytes(buf)
+
+
+def _over(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"The request body is over {limit} bytes, the most this route "
+                        "accepts.")
 
 
 async def _stream_body(request: web.BaseRequest) -> AsyncIterator[bytes]:

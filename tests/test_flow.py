@@ -214,6 +214,35 @@ async def test_body_over_limit_is_413(make_proxy, upstream, client):
     assert upstream.count() == 0
 
 
+async def test_a_chunked_body_that_arrives_with_its_headers_is_limited_and_kept_whole(
+        make_proxy, upstream):
+    """Request, chunks and terminator in one packet (the body is read without waiting):
+    over the limit it is a 413, within it the upstream gets every byte."""
+    p = await make_proxy("""
+        - name: small
+          match: {methods: [POST], path: "/exec/*"}
+          max_request_body: 1KiB
+    """)
+    port = int(p.url.rsplit(":", 1)[1])
+
+    async def send_whole(body: bytes) -> bytes:
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c)
+                           for c in (body[:600], body[600:]) if c) + b"0\r\n\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /exec/whole HTTP/1.1\r\nHost: x\r\nIdempotency-Key: "
+                     + new_key().encode() + b"\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n" + chunked)
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        return answer
+
+    assert (await send_whole(b"z" * 1100)).startswith(b"HTTP/1.1 413")
+    assert upstream.count("/exec/whole") == 0
+    assert (await send_whole(b"w" * 1000)).startswith(b"HTTP/1.1 201")
+    assert upstream.executions[-1].body == b"w" * 1000
+
+
 async def test_upstream_refused_is_502_and_key_released(make_proxy, client):
     """Connection refused: 502 problem+json and the key released, so a retry forwards."""
     p = await make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
