@@ -144,6 +144,8 @@ class Pool:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.gather(
                     *(c.close() for c in idle), return_exceptions=True), self.timeout)
+        for task in list(self._closing):  # connections aged out a moment ago
+            task.cancel()
         for conn in list(self._open):
             conn.terminate()
         self._open.clear()
@@ -195,6 +197,9 @@ class Pool:
     async def _close_quietly(self, conn: Conn) -> None:
         try:
             await conn.close(timeout=self.timeout)
+        except asyncio.CancelledError:  # the pool closed meanwhile: the hard way
+            conn.terminate()
+            raise
         except Exception:
             conn.terminate()
 
