@@ -197,6 +197,7 @@ async def _metrics(request: web.Request) -> web.Response:
     # here from the notifier's count would make the two drift apart.
     deps = request.app[DEPS]
     deps.metrics.observe_pool(deps.store.pool)
+    deps.metrics.observe_cache(deps.cache)
     body = generate_latest(deps.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

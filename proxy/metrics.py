@@ -49,6 +49,14 @@ class PoolStats(Protocol):
     def get_max_size(self) -> int: ...
 
 
+class CacheStats(Protocol):
+    """What the replay cache gauges read (proxy/cache.py)."""
+
+    @property
+    def size_bytes(self) -> int: ...
+    def __len__(self) -> int: ...
+
+
 _LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 UNROUTED = "-"  # the route label of requests no route matched
 
@@ -83,6 +91,12 @@ class Metrics:
         self.cache_hits = Counter(
             "idemproxy_replay_cache_hits", "Replays answered from the process's replay cache "
             "(no database round trip).", registry=registry)
+        self.cache_bytes = Gauge(
+            "idemproxy_replay_cache_bytes", "Bytes the replay caches hold (replay_cache).",
+            multiprocess_mode="livesum", registry=registry)
+        self.cache_entries = Gauge(
+            "idemproxy_replay_cache_entries", "Completed responses the replay caches hold.",
+            multiprocess_mode="livesum", registry=registry)
         self.swept = Counter(
             "idemproxy_sweeper_deleted", "Expired records deleted by the sweeper.",
             registry=registry)
@@ -126,6 +140,12 @@ class Metrics:
         if child is None:
             child = self._store_ops[op] = self.store_seconds.labels(op)
         child.observe(seconds)
+
+    def observe_cache(self, cache: CacheStats | None) -> None:
+        """Refresh the replay cache gauges (with the pool's)."""
+        if cache is not None:
+            self.cache_bytes.set(cache.size_bytes)
+            self.cache_entries.set(len(cache))
 
     def observe_pool(self, pool: PoolStats) -> None:
         """Refresh the pool gauges (called on each scrape)."""

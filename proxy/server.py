@@ -144,6 +144,7 @@ async def _refresh_pool_gauges(deps: Deps) -> None:
     """Workers have no admin listener to refresh on scrape: keep their pool gauges fresh."""
     while True:
         deps.metrics.observe_pool(deps.store.pool)
+        deps.metrics.observe_cache(deps.cache)
         await asyncio.sleep(5)
 
 

@@ -227,6 +227,8 @@ async def test_metrics_after_traffic(make_proxy, client):
     assert samples[(req, (("outcome", "mismatch"), ("route", "gate")))] == 0
     assert samples[("idemproxy_store_seconds_count", (("op", "claim"),))] >= 1
     assert samples[("idemproxy_replay_cache_hits_total", ())] == 1
+    assert samples[("idemproxy_replay_cache_entries", ())] >= 1
+    assert samples[("idemproxy_replay_cache_bytes", ())] > 0
     assert samples[("idemproxy_db_pool_max", ())] == 20
     assert 1 <= samples[("idemproxy_db_pool_size", ())] <= 20
     assert samples[("idemproxy_claims_in_flight", ())] == 0
