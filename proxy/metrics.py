@@ -57,15 +57,25 @@ class CacheStats(Protocol):
     def __len__(self) -> int: ...
 
 
+class _Children(dict[tuple[str, ...], Any]):
+    """A metric's children by label values, kept: labels() builds and hashes a key on
+    every call, and these run on every request; the children never change."""
+
+    def __init__(self, metric: Any) -> None:
+        super().__init__()
+        self._metric = metric
+
+    def __missing__(self, labels: tuple[str, ...]) -> Any:
+        child = self[labels] = self._metric.labels(*labels)
+        return child
+
+
 _LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 UNROUTED = "-"  # the route label of requests no route matched
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._counts: dict[tuple[str, Outcome], Any] = {}
-        self._store_ops: dict[str, Any] = {}
-        self._upstream: dict[str, Any] = {}
         self.registry = registry
         self.requests = Counter(
             "idemproxy_requests", "Requests by route and outcome.", ["route", "outcome"],
@@ -109,6 +119,9 @@ class Metrics:
         self.pool_max = Gauge(
             "idemproxy_db_pool_max", "The database pool's maximum size (database.pool_max).",
             multiprocess_mode="livesum", registry=registry)
+        self._requests = _Children(self.requests)
+        self._upstream = _Children(self.upstream_seconds)
+        self._store_ops = _Children(self.store_seconds)
         # A gauge, not an Info: Info does not survive prometheus_client's multiprocess mode.
         Gauge("idemproxy_build_info", "The running idemproxy version (always 1).",
               ["version"], multiprocess_mode="livemax", registry=registry
@@ -123,23 +136,13 @@ class Metrics:
             self.records_lost.labels(name)
 
     def count(self, route: str, outcome: Outcome) -> None:
-        # labels() builds and hashes a key on every call; the children never change.
-        child = self._counts.get((route, outcome))
-        if child is None:
-            child = self._counts[(route, outcome)] = self.requests.labels(route, outcome.value)
-        child.inc()
+        self._requests[route, outcome.value].inc()
 
     def observe_upstream(self, route: str, seconds: float) -> None:
-        child = self._upstream.get(route)
-        if child is None:
-            child = self._upstream[route] = self.upstream_seconds.labels(route)
-        child.observe(seconds)
+        self._upstream[route,].observe(seconds)
 
     def observe_store(self, op: str, seconds: float) -> None:
-        child = self._store_ops.get(op)
-        if child is None:
-            child = self._store_ops[op] = self.store_seconds.labels(op)
-        child.observe(seconds)
+        self._store_ops[op,].observe(seconds)
 
     def observe_cache(self, cache: CacheStats | None) -> None:
         """Refresh the replay cache gauges (with the pool's)."""
