@@ -41,7 +41,6 @@ class ReplayCache:
         self._by_id: dict[str, tuple[str, str]] = {}
         self._bytes = 0
         self.live = False  # set while the LISTEN connection is up (see store/notify.py)
-        self.hits = 0
         # Bumped by every forget and clear. A caller reads it before fetching a record and
         # hands it to put(): a deletion heard in between (its NOTIFY can overtake the
         # answer it invalidates) makes the put a no-op instead of caching a deleted key.
@@ -65,7 +64,6 @@ class ReplayCache:
             self._drop((scope, key))
             return None
         self._entries.move_to_end((scope, key))
-        self.hits += 1
         body = entry[_BODY]
         return Record(State.COMPLETED, entry[_FP], UUID(int=entry[_TOKEN]), entry[_EXPIRES_AT],
                       entry[_STATUS], entry[_HEADERS], body, 0, len(body), False)
