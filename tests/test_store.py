@@ -30,7 +30,7 @@ async def test_claim_race_under_read_committed_has_one_winner(db: str):
     """Many connections claiming one key at once: exactly one NEW, every other sees the row."""
     stores = [await PostgresStore.connect(db, min_size=1, max_size=1) for _ in range(12)]
     try:
-        for _ in range(20):  # repeat: the race window is small
+        for _ in range(30):  # repeat: the race window is small
             scope, key = ids()
             results = await asyncio.gather(*[claim(s, scope, key) for s in stores])
             outcomes = [r.outcome for r in results]
@@ -38,6 +38,7 @@ async def test_claim_race_under_read_committed_has_one_winner(db: str):
             assert outcomes.count(ClaimOutcome.EXISTING) == len(stores) - 1
             winner = next(r for r in results if r.outcome is ClaimOutcome.NEW)
             assert all(r.record.lock_token == winner.record.lock_token for r in results)
+            assert all(r.record.state is State.IN_FLIGHT for r in results)
     finally:
         for s in stores:
             await s.close()

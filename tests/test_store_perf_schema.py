@@ -19,24 +19,14 @@ from proxy.store import ClaimOutcome, Completion, State
 from proxy.store import migrate as migrate_module
 from proxy.store.migrate import SCHEMA_VERSION, current_version, migrate, migrations
 from proxy.store.postgres import PostgresStore
+from tests.test_store import claim, ids
 
-FP = b"\x07" * 32
 DONE = Completion(201, (("Content-Type", "application/json"),), b'{"ok":true}', 0, 11, False)
 CLAIM_COLUMNS = [
     ("outcome", "int2"), ("state", "int2"), ("fingerprint", "bytea"), ("status", "int4"),
     ("headers", "bytea"), ("body", "bytea"), ("body_chunks", "int4"), ("body_size", "int8"),
     ("body_omitted", "bool"), ("lock_token", "uuid"), ("expires_at", "timestamptz"),
     ("lease_left", "float8")]
-
-
-def ids() -> tuple[str, str]:
-    return f"perf:{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-
-
-async def claim(store: PostgresStore, scope: str, key: str, *, lease: float = 30,
-                ttl: float = 3600, fp: bytes = FP):
-    return await store.claim(scope=scope, key=key, fingerprint=fp, token=uuid.uuid4(),
-                             lease=lease, ttl=ttl)
 
 
 @pytest.fixture
@@ -59,20 +49,6 @@ async def fresh_db(db: str) -> AsyncIterator[str]:
         await conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
     finally:
         await conn.close()
-
-
-async def test_twelve_claimers_of_a_new_key_have_one_winner_every_time(
-        racers: list[PostgresStore]):
-    """12 sessions claiming one new key: exactly one NEW, eleven see its in-flight row."""
-    for _ in range(30):  # repeat: the window between the read and the insert is small
-        scope, key = ids()
-        results = await asyncio.gather(*[claim(s, scope, key) for s in racers])
-        outcomes = [r.outcome for r in results]
-        assert outcomes.count(ClaimOutcome.NEW) == 1
-        assert outcomes.count(ClaimOutcome.EXISTING) == len(racers) - 1
-        winner = next(r for r in results if r.outcome is ClaimOutcome.NEW)
-        assert {r.record.lock_token for r in results} == {winner.record.lock_token}
-        assert all(r.record.state is State.IN_FLIGHT for r in results)
 
 
 async def test_twelve_claimers_of_an_expired_key_have_one_winner(racers: list[PostgresStore]):
