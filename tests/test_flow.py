@@ -369,6 +369,14 @@ async def test_pass_through_streams_request_body(make_proxy, upstream, client):
     assert doc["body"].encode("latin-1") == payload
 
 
+async def test_header_lines_up_to_16_kib_are_read(make_proxy, client):
+    """The proxied port reads header fields of up to 16 KiB (aiohttp's default is 8 KiB):
+    such a request reaches the flow and gets the flow's answer, not a framing refusal."""
+    p = await make_proxy()
+    s, _, body = await post(client, p.url + "/gate/x", headers={"X-Big": "b" * 12_000})
+    assert s == 400 and body_json(body)["type"].endswith("/key-missing")
+
+
 async def test_problem_errors_are_rfc9457(make_proxy, client):
     """Errors carry type, title, status and detail as application/problem+json."""
     p = await make_proxy()
