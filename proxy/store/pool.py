@@ -30,6 +30,14 @@ from proxy.errors import StoreUnavailable
 
 # What a connection is, for this module: asyncpg's, untyped (asyncpg ships no stubs).
 Conn = Any
+
+# Failures of the connection, not of the SQL: refused, reset, timed out, server shutting
+# down. They become StoreUnavailable; SQL errors are bugs and propagate as they are.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
 MAX_IDLE = 60.0  # seconds a connection above min_size may sit unused before it is closed
 
 
@@ -105,6 +113,20 @@ class Pool:
         if conn is None:  # a slot, not a connection: a broken one was dropped
             return await self._connect()
         return conn
+
+    def release_after(self, conn: Conn, exc: BaseException) -> BaseException:
+        """Give a connection back after a call failed with `exc`; what to raise instead.
+
+        A server-reported SQL error leaves the connection in step; anything else
+        (cancelled, reset, timed out mid-call) may not, so it is never lent again."""
+        in_step = isinstance(exc, asyncpg.PostgresError) and not isinstance(
+            exc, CONNECTION_ERRORS)
+        self.release(conn, discard=not in_step)
+        if isinstance(exc, CONNECTION_ERRORS):
+            unavailable = StoreUnavailable(f"{type(exc).__name__}: {exc}")
+            unavailable.__cause__ = exc
+            return unavailable
+        return exc
 
     def release(self, conn: Conn, *, discard: bool = False) -> None:
         """Give a connection back; `discard` (or a dirty connection) terminates it."""

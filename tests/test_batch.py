@@ -1,0 +1,226 @@
+"""Batched claims and completions (proxy/store/batch.py, migration 0004), on real
+PostgreSQL: calls that queue for a busy pool share one statement and one transaction,
+and keep every promise of a call on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from proxy.errors import StoreUnavailable
+from proxy.store import ClaimOutcome, State
+from proxy.store.postgres import PostgresStore
+from tests.test_store import DONE, claim, ids
+
+
+@pytest.fixture
+async def one_conn(db: str) -> AsyncIterator[PostgresStore]:
+    """A store whose pool has one connection, so a test can make calls queue."""
+    store = await PostgresStore.connect(db, min_size=1, max_size=1)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def busy(store: PostgresStore) -> AsyncIterator[None]:
+    """Hold the pool's only connection for the block: calls made inside it queue."""
+    conn = await store.pool.acquire()
+    try:
+        yield
+        await asyncio.sleep(0.05)  # let every call started in the block reach the queue
+    finally:
+        store.pool.release(conn)
+
+
+async def xmins(db: str, scope: str) -> list[str]:
+    """The transaction ids that wrote a scope's rows, one per row."""
+    conn = await asyncpg.connect(db)
+    try:
+        rows = await conn.fetch("SELECT xmin::text AS x FROM idemproxy_keys WHERE scope = $1",
+                                scope)
+        return [r["x"] for r in rows]
+    finally:
+        await conn.close()
+
+
+async def test_claims_queued_behind_a_busy_pool_share_one_transaction(
+        one_conn: PostgresStore, db: str):
+    scope, _ = ids()
+    keys = [f"k{i}" for i in range(20)]
+    async with busy(one_conn):
+        tasks = [asyncio.create_task(claim(one_conn, scope, k)) for k in keys]
+    results = await asyncio.gather(*tasks)
+    assert [r.outcome for r in results] == [ClaimOutcome.NEW] * 20
+    written = await xmins(db, scope)
+    assert len(written) == 20 and len(set(written)) == 1  # one commit for twenty claims
+
+
+async def test_a_call_with_a_free_connection_runs_alone(one_conn: PostgresStore, db: str):
+    scope, _ = ids()
+    for i in range(3):
+        assert (await claim(one_conn, scope, f"k{i}")).outcome is ClaimOutcome.NEW
+    assert len(set(await xmins(db, scope))) == 3
+
+
+async def test_duplicates_in_one_batch_get_one_owner(one_conn: PostgresStore):
+    """The later claims of a key in a batch see the earlier one: in flight, its token."""
+    scope, key = ids()
+    async with busy(one_conn):
+        tasks = [asyncio.create_task(claim(one_conn, scope, key)) for _ in range(10)]
+    results = await asyncio.gather(*tasks)
+    winners = [r for r in results if r.outcome is ClaimOutcome.NEW]
+    assert len(winners) == 1
+    token = winners[0].record.lock_token
+    for r in results:
+        assert r.record.lock_token == token and r.record.state is State.IN_FLIGHT
+
+
+async def test_completed_keys_replay_from_a_batch(one_conn: PostgresStore):
+    scope, key = ids()
+    c = await claim(one_conn, scope, key)
+    assert await one_conn.complete(scope=scope, key=key, token=c.record.lock_token,
+                                   done=DONE, notify=False)
+    async with busy(one_conn):
+        tasks = [asyncio.create_task(claim(one_conn, scope, key)) for _ in range(5)]
+    for r in await asyncio.gather(*tasks):
+        assert r.outcome is ClaimOutcome.EXISTING and r.record.state is State.COMPLETED
+        assert r.record.body == b"hello" and r.record.headers == DONE.headers
+
+
+async def test_completions_share_one_transaction_and_keep_compare_and_set(
+        one_conn: PostgresStore, db: str):
+    scope, _ = ids()
+    claims = [await claim(one_conn, scope, f"k{i}") for i in range(5)]
+    tokens = [c.record.lock_token for c in claims]
+    tokens[2] = uuid.uuid4()  # no longer the owner (say, taken over)
+    async with busy(one_conn):
+        tasks = [asyncio.create_task(one_conn.complete(
+            scope=scope, key=f"k{i}", token=tokens[i], done=DONE, notify=False))
+            for i in range(5)]
+    assert await asyncio.gather(*tasks) == [True, True, False, True, True]
+    conn = await asyncpg.connect(db)
+    try:
+        rows = await conn.fetch("SELECT key, state, xmin::text AS x FROM idemproxy_keys "
+                                "WHERE scope = $1 ORDER BY key", scope)
+    finally:
+        await conn.close()
+    assert [r["state"] for r in rows] == [2, 2, 1, 2, 2]
+    assert len({r["x"] for r in rows if r["state"] == 2}) == 1
+
+
+async def test_a_failing_call_fails_alone(one_conn: PostgresStore, db: str,
+                                          caplog: pytest.LogCaptureFixture):
+    """Postgres refuses a NUL in text: the batch rolls back whole, and each call is re-run
+    on its own, so only the bad one fails and each good one is written once."""
+    scope, _ = ids()
+    keys = ["a", "b", "bad\x00key", "c"]
+    async with busy(one_conn):
+        tasks = [asyncio.create_task(claim(one_conn, scope, k)) for k in keys]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[2], asyncpg.PostgresError)
+    assert all(not isinstance(r, BaseException) and r.outcome is ClaimOutcome.NEW
+               for i, r in enumerate(results) if i != 2)
+    assert len(set(await xmins(db, scope))) == 3  # three calls, three transactions
+    assert "running each alone" in caplog.text
+    assert (await claim(one_conn, scope, "d")).outcome is ClaimOutcome.NEW  # pool fine
+
+
+async def test_a_caller_that_gives_up_while_queued_never_runs(one_conn: PostgresStore,
+                                                              db: str):
+    scope, _ = ids()
+    async with busy(one_conn):
+        tasks = {k: asyncio.create_task(claim(one_conn, scope, k)) for k in "abc"}
+        await asyncio.sleep(0.01)
+        tasks["b"].cancel()
+    assert (await tasks["a"]).outcome is ClaimOutcome.NEW
+    assert (await tasks["c"]).outcome is ClaimOutcome.NEW
+    with pytest.raises(asyncio.CancelledError):
+        await tasks["b"]
+    conn = await asyncpg.connect(db)
+    try:
+        assert await conn.fetchval("SELECT array_agg(key ORDER BY key) FROM idemproxy_keys "
+                                   "WHERE scope = $1", scope) == ["a", "c"]
+    finally:
+        await conn.close()
+
+
+async def test_a_connection_lost_mid_batch_fails_every_call_then_recovers(
+        one_conn: PostgresStore, db: str):
+    """Kill the backend while a batch waits on a row lock: every call in it gets
+    StoreUnavailable (nothing it did is kept), and the next call gets a new connection."""
+    scope, _ = ids()
+    blocker = await asyncpg.connect(db)
+    watcher = await asyncpg.connect(db)  # pg_stat_activity is frozen within a transaction
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(  # an uncommitted row for "m": a claim of it must wait
+            "INSERT INTO idemproxy_keys (scope, key, fingerprint, state, lock_token, "
+            "locked_until, expires_at) VALUES ($1, 'm', '\\x00', 1, gen_random_uuid(), "
+            "now() + interval '1 minute', now() + interval '1 hour')", scope)
+        async with busy(one_conn):
+            tasks = [asyncio.create_task(claim(one_conn, scope, k)) for k in "amz"]
+        for _ in range(100):
+            waiting = await watcher.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%idemproxy_claim_many%'")
+            if waiting:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting, "the batch never waited on the row lock"
+        await watcher.execute("SELECT pg_terminate_backend($1)", waiting)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+        await tx.rollback()
+        assert await blocker.fetchval(
+            "SELECT count(*) FROM idemproxy_keys WHERE scope = $1", scope) == 0
+    finally:
+        await blocker.close()
+        await watcher.close()
+    assert (await claim(one_conn, scope, "a")).outcome is ClaimOutcome.NEW
+
+
+async def test_overlapping_batches_from_two_stores_never_deadlock(
+        db: str, caplog: pytest.LogCaptureFixture):
+    """Two processes' worth of batches claiming the same keys in random orders: each key
+    has one owner, and no batch hits a deadlock (each takes its locks in key order)."""
+    stores = [await PostgresStore.connect(db, min_size=3, max_size=3) for _ in range(2)]
+    caplog.set_level(logging.WARNING, logger="idemproxy.store")
+    try:
+        for _ in range(5):
+            scope, _ = ids()
+            calls = [(s, f"k{i:02d}") for s in stores for i in range(30) for _ in range(4)]
+            random.shuffle(calls)
+            results = await asyncio.gather(*[claim(s, scope, k) for s, k in calls])
+            owners: dict[str, int] = {}
+            for (_, k), r in zip(calls, results):
+                owners[k] = owners.get(k, 0) + (r.outcome is ClaimOutcome.NEW)
+            assert set(owners.values()) == {1}
+        assert sum(s._claims.batches for s in stores) > 0  # batches did form
+        assert "DeadlockDetected" not in caplog.text
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_closing_the_store_fails_queued_calls(db: str):
+    """Calls still queued at shutdown get StoreUnavailable (a 503), not a hang or a
+    CancelledError in somebody else's request."""
+    store = await PostgresStore.connect(db, min_size=1, max_size=1)
+    conn = await store.pool.acquire()
+    scope, _ = ids()
+    tasks = [asyncio.create_task(claim(store, scope, k)) for k in "ab"]
+    await asyncio.sleep(0.05)
+    await store.close()
+    store.pool.release(conn)
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    assert all(isinstance(r, StoreUnavailable) for r in results), results
