@@ -118,16 +118,23 @@ class Bench:
             ("proxy hot", w("proxy", "hot", o.hot_connections)),
             ("nginx post", w("nginx", "first")), ("upstream post", w("upstream", "first")),
             ("pgbench first", self._pgbench("first")),
+            ("pgbench first batched", self._pgbench("first batched")),
             ("pgbench replay", self._pgbench("replay")),
         ]
 
     def _pgbench(self, kind: str) -> Any:
-        script = self.tmp / f"pgbench-{kind}.sql"
-        script.write_text(pgbench.first_script() if kind == "first"
-                          else pgbench.replay_script(self.opts.keys))
-        return lambda secs: pgbench.run(url=self.db_url, script=script, seconds=secs,
-                                        clients=self.opts.pool,
-                                        nonce=uuid.uuid4().hex[:12]).as_dict()
+        script = self.tmp / f"pgbench-{kind.replace(' ', '-')}.sql"
+        script.write_text({"first": pgbench.first_script,
+                           "first batched": pgbench.first_batch_script,
+                           "replay": lambda: pgbench.replay_script(self.opts.keys)}[kind]())
+        per_transaction = pgbench.BATCH if kind == "first batched" else 1
+
+        def run(secs: float) -> dict[str, float]:
+            doc = pgbench.run(url=self.db_url, script=script, seconds=secs,
+                              clients=self.opts.pool, nonce=uuid.uuid4().hex[:12]).as_dict()
+            doc["rps"] *= per_transaction  # first requests per second, not transactions
+            return doc
+        return run
 
     def rounds(self, plan: list[tuple[str, Any]], *, label: str = "") -> None:
         o = self.opts

@@ -1,8 +1,10 @@
 """The database ceiling: pgbench running the proxy's own claim and complete statements.
 
 `first`: claim a new key, then complete it with a small stored response (what a first
-request costs the database: two round trips, two commits). `replay`: claim a key that
-holds a completed response (one round trip, a read). Clients = the proxy's pool size.
+request costs the database: two round trips, two commits). `first batched`: the same in
+batches of `BATCH` (idemproxy_claim_many / idemproxy_complete_many, what the proxy sends
+when calls queue for a connection; store/batch.py). `replay`: claim a key that holds a
+completed response (one round trip, a read). Clients = the proxy's pool size.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-# What the upstream's 201 looks like once stored: header lines and an 84-byte body.
+BATCH = 8  # claims (then completions) per statement in `first_batch_script`
+
+# What the upstream's 201 looks like once stored: header lines and an 83-byte body.
 STORED_HEADERS = b"Content-Type: application/json; charset=utf-8\r\nContent-Length: 84\r\n"
 STORED_BODY = b'{"id":"ch_000001","object":"charge","amount":2000,"currency":"eur","status":"ok"}  '
 REPLAY_SCOPE = "pgbench-replay"  # no ':' in literals: pgbench reads ':name' as a variable
@@ -33,6 +37,27 @@ def first_script() -> str:
         f"SELECT idemproxy_complete('pgbench-first', {_KEY}, :tok, 201, "
         f"{_hex(STORED_HEADERS)}, {_hex(STORED_BODY)}, 0, {len(STORED_BODY)}, false, "
         "false);\n")  # p_notify false: what a default (concurrent: reject) route sends
+
+
+def first_batch_script(size: int = BATCH) -> str:
+    """`size` new keys claimed in one statement, then completed in one: one pgbench
+    transaction is `size` first requests."""
+    keys = (f"array(SELECT {_KEY} || '-' || g::text FROM generate_series(1, {size}) g)")
+
+    def fill(value: str) -> str:
+        return f"array_fill({value}, ARRAY[{size}])"
+
+    scope = fill("'pgbench-first'::text")
+    return (
+        "\\set n random(1, 1000000000000)\n"
+        "SELECT array_agg(lock_token) AS toks FROM idemproxy_claim_many("
+        f"{scope}, {keys}, {fill(_FP)}, "
+        f"array(SELECT gen_random_uuid() FROM generate_series(1, {size})), "
+        f"{fill('60::float8')}, {fill('86400::float8')}) \\gset\n"
+        "SELECT count(*) FROM idemproxy_complete_many("
+        f"{scope}, {keys}, :toks::uuid[], {fill('201')}, "
+        f"{fill(_hex(STORED_HEADERS))}, {fill(_hex(STORED_BODY))}, {fill('0')}, "
+        f"{fill(f'{len(STORED_BODY)}::bigint')}, {fill('false')});\n")
 
 
 def replay_script(nkeys: int) -> str:

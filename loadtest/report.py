@@ -19,7 +19,7 @@ Runs = Mapping[str, Sequence[Mapping[str, Any]]]
 ORDER = (
     "upstream get", "upstream post", "nginx get", "nginx post", "noop get", "noop post",
     "proxy get", "proxy first", "proxy replay", "proxy replay db", "proxy hot",
-    "pgbench first",
+    "pgbench first", "pgbench first batched",
     "pgbench replay", "noop post paced", "proxy replay paced",
 )
 LABELS = {
@@ -30,6 +30,8 @@ LABELS = {
     "proxy replay": "idemproxy replays", "proxy hot": "idemproxy hot key",
     "proxy replay db": "idemproxy replays, replay_cache: 0 (from the database)",
     "pgbench first": "pgbench claim+complete (p50: mean)",
+    "pgbench first batched": "pgbench claim+complete in batches of 8 (pairs/s; p50: mean "
+                             "per batch)",
     "pgbench replay": "pgbench claim, replay (p50: mean)",
     "noop post paced": "do-nothing POST, paced", "proxy replay paced": "idemproxy replays, paced",
 }

@@ -63,11 +63,14 @@ def test_pgbench_parse() -> None:
 def test_pgbench_scripts_use_the_proxys_functions() -> None:
     """The scripts run idemproxy_claim/complete, chain the token, and keep ':' out of literals."""
     first, replay = pgbench.first_script(), pgbench.replay_script(500)
+    batched = pgbench.first_batch_script(4)
+    assert "idemproxy_claim_many(" in batched and "idemproxy_complete_many(" in batched
+    assert "ARRAY[4]" in batched and ":toks" in batched
     assert "idemproxy_claim(" in first and "idemproxy_complete(" in first
     assert "\\gset" in first and ":tok" in first
     assert "random(1, 500)" in replay
-    for text in (first, replay, pgbench.fill_sql(scope=pgbench.REPLAY_SCOPE, prefix="r",
-                                                 count=10)):
+    filled = pgbench.fill_sql(scope=pgbench.REPLAY_SCOPE, prefix="r", count=10)
+    for text in (first, replay, batched, filled):
         literals = text.split("'")[1::2]
         assert not any(":" in lit for lit in literals)
 
