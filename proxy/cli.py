@@ -34,7 +34,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 @contextlib.asynccontextmanager
 async def open_store(cfg: Config, *, wait: float = 0.0,
-                     observe: Callable[[str, float], None] | None = None
+                     observe: Callable[[str, float], None] | None = None,
+                     observe_batch: Callable[[str, int], None] | None = None
                      ) -> AsyncIterator[Any]:
     """The store for `cfg`: its database URL, or an embedded server under data_dir."""
     from proxy.embedded import embedded_postgres
@@ -44,7 +45,8 @@ async def open_store(cfg: Config, *, wait: float = 0.0,
         url = cfg.database.url or stack.enter_context(embedded_postgres(cfg.data_dir))
         store = await _connect_retrying(lambda: PostgresStore.connect(
             url, min_size=cfg.database.pool_min, max_size=cfg.database.pool_max,
-            timeout=cfg.database.timeout, observe=observe), wait=wait)
+            timeout=cfg.database.timeout, observe=observe, observe_batch=observe_batch),
+            wait=wait)
         try:
             yield store
         finally:

@@ -7,6 +7,7 @@ processes when `workers: N` runs prometheus_client's multiprocess mode (no pid l
     idemproxy_requests_total{route,outcome}      every request the proxy answered
     idemproxy_upstream_seconds{route}            time to the upstream's response headers
     idemproxy_store_seconds{op}                  one store round trip (claim, complete, ...)
+    idemproxy_store_batch_size{op}               calls per statement when calls queued (batch.py)
     idemproxy_claims_in_flight                   claims this process is executing now
     idemproxy_waiters                            retries held by `concurrent: wait`
     idemproxy_claims_taken_over_total{route}     claims taken over after their lease ended
@@ -86,6 +87,11 @@ class Metrics:
         self.store_seconds = Histogram(
             "idemproxy_store_seconds", "Store round-trip time by operation.", ["op"],
             buckets=_LATENCY_BUCKETS, registry=registry)
+        self.store_batch_size = Histogram(
+            "idemproxy_store_batch_size", "Calls one claim or complete statement carried, "
+            "for statements run from the queue (calls that found a statement slot free "
+            "run alone and are not counted here).", ["op"],
+            buckets=(1, 2, 4, 8, 16, 32), registry=registry)
         self.in_flight = Gauge(
             "idemproxy_claims_in_flight", "Claims this instance is executing right now.",
             multiprocess_mode="livesum", registry=registry)
@@ -122,6 +128,7 @@ class Metrics:
         self._requests = _Children(self.requests)
         self._upstream = _Children(self.upstream_seconds)
         self._store_ops = _Children(self.store_seconds)
+        self._batch_sizes = _Children(self.store_batch_size)
         # A gauge, not an Info: Info does not survive prometheus_client's multiprocess mode.
         Gauge("idemproxy_build_info", "The running idemproxy version (always 1).",
               ["version"], multiprocess_mode="livemax", registry=registry
@@ -143,6 +150,9 @@ class Metrics:
 
     def observe_store(self, op: str, seconds: float) -> None:
         self._store_ops[op,].observe(seconds)
+
+    def observe_batch(self, op: str, calls: int) -> None:
+        self._batch_sizes[op,].observe(calls)
 
     def observe_cache(self, cache: CacheStats | None) -> None:
         """Refresh the replay cache gauges (with the pool's)."""

@@ -59,7 +59,8 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
     check_parser(cfg)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    async with open_store(cfg, wait=30, observe=metrics.observe_store) as store:
+    async with open_store(cfg, wait=30, observe=metrics.observe_store,
+                          observe_batch=metrics.observe_batch) as store:
         if not worker:
             applied = await store.migrate()
             if applied:

@@ -146,7 +146,8 @@ async def make_proxy(db: str, upstream: TestUpstream
         registry = CollectorRegistry()
         metrics = Metrics(registry)
         st = await PostgresStore.connect(db, min_size=1, max_size=20, timeout=5,
-                                         observe=metrics.observe_store)
+                                         observe=metrics.observe_store,
+                                         observe_batch=metrics.observe_batch)
         stack.push_async_callback(st.close)
         fwd = await stack.enter_async_context(Forwarder.open(cfg.upstream))
         cache = ReplayCache(cfg.replay_cache)

@@ -13,11 +13,27 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from proxy.errors import StoreUnavailable
+from proxy.metrics import Metrics
 from proxy.store import ClaimOutcome, State
 from proxy.store.postgres import PostgresStore
 from tests.test_store import DONE, claim, ids
+
+
+@pytest.fixture(autouse=True)
+async def _clean(db: str) -> AsyncIterator[None]:
+    """These tests leave claims in flight; remove them so later tests that list in-flight
+    claims (the admin API, limit 100) do not see hundreds of strangers."""
+    conn = await asyncpg.connect(db)
+    try:
+        start = await conn.fetchval("SELECT clock_timestamp()")
+        yield
+        await conn.execute("DELETE FROM idemproxy_keys WHERE scope LIKE 'test:%' "
+                           "AND created_at >= $1", start)
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
@@ -235,5 +251,21 @@ async def test_at_most_two_statements_of_a_kind_run_at_once(db: str):
         results = await asyncio.gather(*[claim(store, scope, f"k{i}") for i in range(20)])
         assert all(r.outcome is ClaimOutcome.NEW for r in results)
         assert len(set(await xmins(db, scope))) <= 4  # two alone, then the rest together
+    finally:
+        await store.close()
+
+
+async def test_batch_sizes_are_a_metric(db: str):
+    metrics = Metrics(CollectorRegistry())
+    store = await PostgresStore.connect(db, min_size=1, max_size=1,
+                                        observe_batch=metrics.observe_batch)
+    try:
+        scope, _ = ids()
+        async with busy(store):
+            tasks = [asyncio.create_task(claim(store, scope, f"k{i}")) for i in range(5)]
+        await asyncio.gather(*tasks)
+        sample = metrics.registry.get_sample_value
+        assert sample("idemproxy_store_batch_size_count", {"op": "claim"}) == 1
+        assert sample("idemproxy_store_batch_size_sum", {"op": "claim"}) == 5
     finally:
         await store.close()

@@ -53,6 +53,7 @@ class Batcher(Generic[T, R]):
                  many: Callable[[Conn, list[T]], Awaitable[Sequence[R]]],
                  order: Callable[[T], tuple[Any, ...]],
                  observe: Callable[[str, float], None],
+                 observe_batch: Callable[[str, int], None],
                  max_batch: int = MAX_BATCH, limit: int = LIMIT) -> None:
         self._pool = pool
         self._op = op
@@ -60,6 +61,7 @@ class Batcher(Generic[T, R]):
         self._many = many
         self._order = order
         self._observe = observe
+        self._observe_batch = observe_batch
         self._max = max_batch
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._waiting = False  # a flusher is waiting for a connection for the queue
@@ -136,6 +138,7 @@ class Batcher(Generic[T, R]):
         try:
             if batch:
                 batch.sort(key=lambda call: self._order(call[0]))  # one lock order
+                self._observe_batch(self._op, len(batch))
                 await self._run(conn, batch)
         except BaseException as exc:
             _fail(batch, self._pool.release_after(conn, exc))

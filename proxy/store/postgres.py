@@ -63,7 +63,8 @@ class PostgresStore:
     """Claims, completions and stored responses in PostgreSQL."""
 
     def __init__(self, pool: Pool, *, url: str, timeout: float,
-                 observe: Callable[[str, float], None] | None = None) -> None:
+                 observe: Callable[[str, float], None] | None = None,
+                 observe_batch: Callable[[str, int], None] | None = None) -> None:
         self.pool = pool
         self.url = url
         self.timeout = timeout
@@ -72,15 +73,17 @@ class PostgresStore:
         # statement and one commit (store/batch.py).
         self._claims: Batcher[_ClaimArgs, Any] = Batcher(
             pool, op="claim", one=_claim_one, many=_claim_many, order=_scope_key,
-            observe=self._observe)
+            observe=self._observe, observe_batch=observe_batch or _ignore)
         self._completions: Batcher[_CompleteArgs, bool] = Batcher(
             pool, op="complete", one=_complete_one, many=_complete_many, order=_scope_key,
-            observe=self._observe)
+            observe=self._observe, observe_batch=observe_batch or _ignore)
 
     @classmethod
     async def connect(cls, url: str, *, min_size: int = 2, max_size: int = 10,
                       timeout: float = 5.0,
-                      observe: Callable[[str, float], None] | None = None) -> PostgresStore:
+                      observe: Callable[[str, float], None] | None = None,
+                      observe_batch: Callable[[str, int], None] | None = None
+                      ) -> PostgresStore:
         pool = Pool(url, min_size=min_size, max_size=max_size, timeout=timeout)
         with guard():
             try:
@@ -88,7 +91,8 @@ class PostgresStore:
             except BaseException:
                 await pool.close()
                 raise
-        return cls(pool, url=url, timeout=timeout, observe=observe)
+        return cls(pool, url=url, timeout=timeout, observe=observe,
+                   observe_batch=observe_batch)
 
     async def close(self) -> None:
         await self._claims.close()
@@ -273,6 +277,10 @@ class PostgresStore:
 
 _ClaimArgs = tuple[str, str, bytes, UUID, float, float]
 _CompleteArgs = tuple[str, str, UUID, int, bytes, bytes | None, int, int, bool]
+
+
+def _ignore(op: str, calls: int) -> None:
+    pass
 
 
 def _scope_key(args: tuple[Any, ...]) -> tuple[str, str]:
