@@ -68,7 +68,7 @@ def check_key(value: str, *, source: str) -> str:
     if len(value) > MAX_KEY_LENGTH:
         raise KeyMalformed(f"The {source} is {len(value)} characters long; "
                            f"at most {MAX_KEY_LENGTH} are allowed.")
-    if not all(" " <= c <= "~" for c in value):
+    if not (value.isascii() and value.isprintable()):  # " " to "~", checked in C
         raise KeyMalformed(f"The {source} must be printable ASCII.")
     return value
 
