@@ -1,4 +1,8 @@
-"""The upstream leg. Owns the aiohttp ClientSession; sends each request exactly once.
+"""The upstream leg: sends each request exactly once.
+
+Two clients: for a plain-HTTP upstream, requests with a whole body (or none) go through
+our lean HTTP/1.1 client (proxy/upstream_client.py, ~53 → ~12 µs of CPU per request);
+HTTPS upstreams, streamed request bodies and HEAD go through aiohttp's ClientSession.
 
 Errors map to problems in exactly one function, `_translate`: a failure before the request
 was written (connection refused, connect timeout) means no effect happened (`sent=False`);
@@ -11,12 +15,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import Upstream
+from proxy import upstream_client as lean
 from proxy.errors import ProblemError, UpstreamFailed, UpstreamTimeout, UpstreamUnreachable
 
 CHUNK = 256 * 1024
@@ -31,7 +37,18 @@ class UpstreamError(Exception):
         self.sent = sent
 
 
+# What either client raises for a failed exchange (anything else is a bug).
+_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError, lean.NotSent,
+             lean.SentFailure)
+
+
 def _translate(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, lean.NotSent):
+        return UpstreamError(UpstreamUnreachable(
+            f"Could not reach the upstream ({exc}); the request was not sent."), sent=False)
+    if isinstance(exc, lean.ReadTimeout):
+        return UpstreamError(UpstreamTimeout(
+            "The upstream did not answer in time; the outcome is unknown."), sent=True)
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamError(UpstreamUnreachable(
             "The upstream refused the connection; the request was not sent."), sent=False)
@@ -46,43 +63,65 @@ def _translate(exc: BaseException) -> UpstreamError:
         f"({type(exc).__name__}); the outcome is unknown."), sent=True)
 
 
+class _Body(Protocol):
+    """A response body from either client."""
+
+    def chunks(self, size: int) -> AsyncIterator[bytes]: ...
+    async def read(self) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class _AiohttpBody:
+    def __init__(self, raw: aiohttp.ClientResponse) -> None:
+        self._raw = raw
+
+    def chunks(self, size: int) -> AsyncIterator[bytes]:
+        return self._raw.content.iter_chunked(size)
+
+    async def read(self) -> bytes:
+        return await self._raw.read()
+
+    def close(self) -> None:
+        self._raw.release()
+
+
 @dataclass(slots=True)
 class UpstreamResponse:
     status: int
     reason: str | None
     headers: CIMultiDictProxy[str]
-    raw: aiohttp.ClientResponse
+    content_length: int | None
+    body: _Body
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives; failures mid-body raise UpstreamError(sent=True)."""
         try:
-            async for chunk in self.raw.content.iter_chunked(CHUNK):
+            async for chunk in self.body.chunks(CHUNK):
                 yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except _FAILURES as exc:
             raise _translate(exc) from exc
 
     async def read(self) -> bytes:
         """The whole body (for small ones of known length); failures as in `chunks`."""
         try:
-            return await self.raw.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return await self.body.read()
+        except _FAILURES as exc:
             raise _translate(exc) from exc
 
-    @property
-    def content_length(self) -> int | None:
-        return self.raw.content_length
-
     def close(self) -> None:
-        self.raw.release()
+        self.body.close()
 
 
 class Forwarder:
     """Sends requests to the one configured upstream; a client can never pick another."""
 
-    def __init__(self, session: aiohttp.ClientSession, base: URL) -> None:
+    def __init__(self, session: aiohttp.ClientSession, base: URL,
+                 lean_pool: lean.UpstreamPool | None = None) -> None:
         self._session = session
         self._base = base
-        self._prefix = str(base.origin()) + base.raw_path.rstrip("/")  # once, not per call
+        self._path = base.raw_path.rstrip("/")
+        self._prefix = str(base.origin()) + self._path  # once, not per call
+        self._lean = lean_pool
         self.host = base.raw_authority  # what the upstream sees as Host
 
     @classmethod
@@ -105,17 +144,41 @@ class Forwarder:
             if not hasattr(session, "_retry_connection"):
                 raise RuntimeError("aiohttp changed: cannot turn off connection retries")
             session._retry_connection = False
-            yield cls(session, URL(cfg.url))
+            url = URL(cfg.url)
+            pool = None
+            if url.scheme == "http" and url.host is not None:
+                pool = lean.UpstreamPool(
+                    url.host, url.port or 80, max_connections=cfg.max_connections,
+                    connect_timeout=cfg.connect_timeout, read_timeout=cfg.timeout)
+            try:
+                yield cls(session, url, pool)
+            finally:
+                if pool is not None:
+                    await pool.close()
 
-    def url_for(self, raw_path: str, raw_query: str) -> URL:
-        return URL(self._prefix + raw_path + (f"?{raw_query}" if raw_query else ""),
-                   encoded=True)
-
-    async def send(self, *, method: str, url: URL, headers: CIMultiDict[str],
+    async def send(self, *, method: str, raw_path: str, raw_query: str,
+                   headers: CIMultiDict[str],
                    body: bytes | AsyncIterable[bytes] | None) -> UpstreamResponse:
+        tail = raw_path + (f"?{raw_query}" if raw_query else "")
+        if self._lean is not None and (body is None or isinstance(body, bytes)) \
+                and method not in _AIOHTTP_ONLY:
+            try:
+                r = await self._lean.request(method, self._path + tail,
+                                             list(headers.items()), body)
+            except ValueError:
+                pass  # refused before sending (say, raw non-ASCII in the path): aiohttp's turn
+            except _FAILURES as exc:
+                raise _translate(exc) from exc
+            else:
+                return UpstreamResponse(r.status, r.reason, r.headers, r.content_length, r)
         try:
-            raw = await self._session.request(method, url, headers=headers, data=body,
-                                              allow_redirects=False, compress=False)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raw = await self._session.request(
+                method, URL(self._prefix + tail, encoded=True), headers=headers, data=body,
+                allow_redirects=False, compress=False)
+        except _FAILURES as exc:
             raise _translate(exc) from exc
-        return UpstreamResponse(raw.status, raw.reason, raw.headers, raw)
+        return UpstreamResponse(raw.status, raw.reason, raw.headers, raw.content_length,
+                                _AiohttpBody(raw))
+
+
+_AIOHTTP_ONLY = frozenset({"HEAD", "CONNECT"})  # not in the lean client's scope

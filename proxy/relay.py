@@ -63,8 +63,9 @@ async def open_upstream(request: web.BaseRequest, forwarder: Forwarder, *,
         data = _stream_body(request)
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
-    url = forwarder.url_for(request.rel_url.raw_path, request.rel_url.raw_query_string)
-    return await forwarder.send(method=request.method, url=url, headers=headers, body=data)
+    url = request.rel_url
+    return await forwarder.send(method=request.method, raw_path=url.raw_path,
+                                raw_query=url.raw_query_string, headers=headers, body=data)
 
 
 class ClientSink:

@@ -139,6 +139,10 @@ CASES = [
          expect=UPSTREAM_ONLY),
     Case("double-host", b"POST /exec/host HTTP/1.1\r\nHost: proxy.test\r\n"
                         b"Host: 127.0.0.1:{decoy}\r\nContent-Length: 2\r\n\r\nhi"),
+    # Raw UTF-8 in the target: idemproxy's HTTP/1.1 client writes visible ASCII only; the
+    # target reaches it percent-encoded, and the request is forwarded, never a 500.
+    Case("raw-utf8-target", _post(KEY + b"Content-Length: 2\r\n", b"hi",
+                                  target=b"/exec/caf\xc3\xa9"), expect=UPSTREAM_ONLY),
     Case("connect-method", b"CONNECT 127.0.0.1:{decoy} HTTP/1.1\r\n"
                            b"Host: 127.0.0.1:{decoy}\r\n\r\n", expect=UPSTREAM_ONLY),
 ]
