@@ -244,11 +244,14 @@ async def test_a_chunked_body_that_arrives_with_its_headers_is_limited_and_kept_
 
 
 async def test_upstream_refused_is_502_and_key_released(make_proxy, client):
-    """Connection refused: 502 problem+json and the key released, so a retry forwards."""
-    p = await make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
+    """Connection refused: 502 problem+json and the key released, so a retry forwards.
+    The detail does not tell the client where the upstream is."""
+    port = free_port()
+    p = await make_proxy(upstream_url=f"http://127.0.0.1:{port}")
     key = new_key()
     s, h, body = await post(client, p.url + "/exec/down", key=key)
     assert s == 502 and body_json(body)["type"].endswith("/upstream-unreachable")
+    assert str(port) not in body.decode() and "127.0.0.1" not in body.decode()
     s2, _, body2 = await post(client, p.url + "/exec/down", key=key)
     assert s2 == 502 and body_json(body2)["type"].endswith("/upstream-unreachable")
     assert await p.deps.store.show(scope="exec:" + _tenant(""), key=key) is None

@@ -37,7 +37,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from proxy.errors import StoreUnavailable
-from proxy.store.pool import CONNECTION_ERRORS, Conn, Pool
+from proxy.store.pool import CONNECTION_ERRORS, Conn, Pool, unavailable
 
 log = logging.getLogger("idemproxy.store")
 
@@ -71,7 +71,6 @@ class Batcher(Generic[T, R]):
         self._busy = 0  # statements of this kind running, or waiting for a connection
         self._limit = limit
         self._tasks: set[asyncio.Task[None]] = set()
-        self.batches = 0  # statements that carried more than one call (for tests)
 
     async def run(self, item: T) -> R:
         start = time.perf_counter()
@@ -166,7 +165,6 @@ class Batcher(Generic[T, R]):
                 if len(results) != len(batch):
                     raise RuntimeError(f"{self._op} batch of {len(batch)} answered "
                                        f"{len(results)} rows")
-                self.batches += 1
                 for (_, fut), result in zip(batch, results):
                     if not fut.done():
                         fut.set_result(result)
@@ -191,7 +189,7 @@ def _fail(batch: Sequence[tuple[object, asyncio.Future[R]]], exc: BaseException)
         if isinstance(exc, StoreUnavailable):
             fut.set_exception(StoreUnavailable(str(exc)))  # one instance per caller
         elif isinstance(exc, CONNECTION_ERRORS):  # say, Postgres refused a new connection
-            fut.set_exception(StoreUnavailable(f"{type(exc).__name__}: {exc}"))
+            fut.set_exception(unavailable(exc))
         elif isinstance(exc, Exception):
             fut.set_exception(exc)
         else:  # cancelled (the store is closing): the callers see an outage, not a cancel

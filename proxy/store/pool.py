@@ -38,6 +38,15 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
 )
+
+
+def unavailable(exc: BaseException) -> StoreUnavailable:
+    """The StoreUnavailable a connection failure becomes (its cause attached)."""
+    err = StoreUnavailable(f"{type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
 MAX_IDLE = 60.0  # seconds a connection above min_size may sit unused before it is closed
 
 
@@ -122,11 +131,7 @@ class Pool:
         in_step = isinstance(exc, asyncpg.PostgresError) and not isinstance(
             exc, CONNECTION_ERRORS)
         self.release(conn, discard=not in_step)
-        if isinstance(exc, CONNECTION_ERRORS):
-            unavailable = StoreUnavailable(f"{type(exc).__name__}: {exc}")
-            unavailable.__cause__ = exc
-            return unavailable
-        return exc
+        return unavailable(exc) if isinstance(exc, CONNECTION_ERRORS) else exc
 
     def release(self, conn: Conn, *, discard: bool = False) -> None:
         """Give a connection back; `discard` (or a dirty connection) terminates it."""

@@ -24,7 +24,7 @@ from proxy.store import (
 from proxy.store.batch import Batcher
 from proxy.store.migrate import SCHEMA_VERSION, current_version
 from proxy.store.notify import FORGET_CHANNEL, LISTENER_NAME
-from proxy.store.pool import CONNECTION_ERRORS, Pool
+from proxy.store.pool import CONNECTION_ERRORS, Pool, unavailable
 
 
 _CLAIM = "SELECT * FROM idemproxy_claim($1, $2, $3, $4, $5, $6)"
@@ -56,7 +56,7 @@ def guard() -> Iterator[None]:
     try:
         yield
     except CONNECTION_ERRORS as exc:
-        raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        raise unavailable(exc) from exc
 
 
 class PostgresStore:
@@ -69,8 +69,8 @@ class PostgresStore:
         self.url = url
         self.timeout = timeout
         self._observe = observe or (lambda op, seconds: None)
-        # Under load, claims and quiet completions that queue for a connection share one
-        # statement and one commit (store/batch.py).
+        # Under load, claims (and quiet completions) that arrive while one of their kind
+        # is running share the next statement and its commit (store/batch.py).
         self._claims: Batcher[_ClaimArgs, Any] = Batcher(
             pool, op="claim", one=_claim_one, many=_claim_many, order=_scope_key,
             observe=self._observe, observe_batch=observe_batch or _ignore)
@@ -115,7 +115,7 @@ class PostgresStore:
             if conn is not None:
                 raise pool.release_after(conn, exc)
             if isinstance(exc, CONNECTION_ERRORS):
-                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                raise unavailable(exc) from exc
             raise
         finally:
             self._observe(op, time.perf_counter() - start)
@@ -132,8 +132,8 @@ class PostgresStore:
 
     async def claim(self, *, scope: str, key: str, fingerprint: bytes, token: UUID,
                     lease: float, ttl: float) -> Claim:
-        """Claim the key for `token`, or return the row that holds it. One round trip
-        (shared with other claims when they queue for a connection)."""
+        """Claim the key for `token`, or return the row that holds it. One round trip,
+        shared with the other claims queued behind a running one (store/batch.py)."""
         row = await self._claims.run((scope, key, fingerprint, token, lease, ttl))
         return Claim(ClaimOutcome(row["outcome"]), Record(
             state=State(row["state"]), fingerprint=bytes(row["fingerprint"]),
@@ -148,8 +148,9 @@ class PostgresStore:
 
         `notify` wakes waiters on every replica (NOTIFY serialises commits cluster-wide,
         so only routes that can have waiters ask for it)."""
-        args: _CompleteArgs = (scope, key, token, done.status, encode_headers(done.headers), done.body,
-                               done.body_chunks, done.body_size, done.body_omitted)
+        args: _CompleteArgs = (scope, key, token, done.status, encode_headers(done.headers),
+                               done.body, done.body_chunks, done.body_size,
+                               done.body_omitted)
         if notify:
             ok: bool = await self._call("complete", "fetchval", _COMPLETE, *args, True)
             return ok
