@@ -164,8 +164,8 @@ class Forwarder:
         if self._lean is not None and (body is None or isinstance(body, bytes)) \
                 and method not in _AIOHTTP_ONLY:
             try:
-                r = await self._lean.request(method, self._path + tail,
-                                             list(headers.items()), body)
+                r = await self._lean.request(method, self._path + tail, headers.items(),
+                                             body)
             except ValueError:
                 pass  # refused before sending (say, raw non-ASCII in the path): aiohttp's turn
             except _FAILURES as exc:

@@ -23,11 +23,13 @@ import asyncio
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable
 from typing import cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.slots import Slots
 
 
 class NotSent(Exception):
@@ -53,7 +55,7 @@ _BAD_VALUE = re.compile(r"[\r\n\x00]")
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 
 
-def encode_request(method: str, target: str, headers: Sequence[tuple[str, str]],
+def encode_request(method: str, target: str, headers: Iterable[tuple[str, str]],
                    body: bytes | None) -> bytes:
     """The request's bytes, framed by us; ValueError for anything that could split it."""
     if not _TOKEN.fullmatch(method):
@@ -305,14 +307,12 @@ class UpstreamPool:
         self.host, self.port = host, port
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.keepalive = keepalive
-        self._max = max_connections
-        self._size = 0  # open or being opened, lent or idle: never above _max
+        self._slots: Slots[_Conn] = Slots(max_connections, keep_idle=self._keep_idle)
         self._idle: deque[_Conn] = deque()  # the most recently used on the right
         self._open: set[_Conn] = set()
-        self._waiters: deque[asyncio.Future[_Conn | None]] = deque()
         self._closed = False
 
-    async def request(self, method: str, target: str, headers: Sequence[tuple[str, str]],
+    async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]],
                       body: bytes | None) -> LeanResponse:
         data = encode_request(method, target, headers, body)
         conn = await self._acquire()
@@ -334,15 +334,12 @@ class UpstreamPool:
     async def close(self) -> None:
         """Close idle and lent connections; waiters get NotSent."""
         self._closed = True
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(NotSent("the upstream connection pool is closed"))
+        self._slots.fail_waiters(lambda: NotSent("the upstream connection pool is closed"))
         for conn in list(self._open):
             conn.fail(SentFailure("the upstream connection pool was closed"))
         self._open.clear()
         self._idle.clear()
-        self._size = 0
+        self._slots.used = 0
         await asyncio.sleep(0)  # let the transports call connection_lost
 
     async def _acquire(self) -> _Conn:
@@ -354,25 +351,13 @@ class UpstreamPool:
             if conn.usable() and now - conn.idle_since < self.keepalive:
                 return conn
             self._drop(conn)
-        if self._size < self._max and not self._waiters:
-            self._size += 1
+        if self._slots.claim():
             return await self._connect()
-        fut: asyncio.Future[_Conn | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                got = await fut
-        except BaseException as exc:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._pass_on(fut.result())  # it arrived as we gave up: next in line
-            else:
-                fut.cancel()
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
-            if isinstance(exc, TimeoutError):
-                raise NotSent(f"no upstream connection free within "
-                              f"{self.connect_timeout:g}s") from None
-            raise
+            got = await self._slots.wait(self.connect_timeout)
+        except TimeoutError:
+            raise NotSent(f"no upstream connection free within "
+                          f"{self.connect_timeout:g}s") from None
         if got is not None and got.usable():
             return got
         if got is not None:  # it broke on its way to us: its slot is ours
@@ -381,14 +366,14 @@ class UpstreamPool:
         return await self._connect()
 
     async def _connect(self) -> _Conn:
-        """Open a connection into a slot already counted in `_size`."""
+        """Open a connection into a slot already counted."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
                     lambda: _Conn(self), self.host, self.port)
         except BaseException as exc:
-            self._pass_on(None)
+            self._slots.hand_over(None)
             if isinstance(exc, TimeoutError):  # before OSError: it is one
                 raise NotSent(f"connecting to the upstream timed out "
                               f"({self.connect_timeout:g}s)") from None
@@ -397,7 +382,7 @@ class UpstreamPool:
             raise
         if self._closed or not conn.usable():  # closed, or the server spoke first
             conn.shut()
-            self._pass_on(None)
+            self._slots.hand_over(None)
             raise NotSent("the upstream connection closed before the request was written")
         self._open.add(conn)
         return conn
@@ -410,20 +395,10 @@ class UpstreamPool:
         if conn.paused:  # so that an EOF while idle is noticed
             conn.paused = False
             conn.transport.resume_reading()
-        self._pass_on(conn)
+        self._slots.hand_over(conn)
 
-    def _pass_on(self, conn: _Conn | None) -> None:
-        """Hand a connection (or, as None, a free slot) to the first live waiter."""
-        if self._closed:
-            return
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(conn)  # straight to the waiter: nobody can barge in
-                return
-        if conn is None:
-            self._size -= 1
-            return
+    def _keep_idle(self, conn: _Conn) -> None:
+        """A connection given back with nobody waiting for it."""
         now = conn.idle_since = time.monotonic()
         self._idle.append(conn)
         while self._idle and now - self._idle[0].idle_since >= self.keepalive:
@@ -434,7 +409,7 @@ class UpstreamPool:
         conn.shut()
         if conn in self._open:
             self._open.discard(conn)
-            self._pass_on(None)
+            self._slots.hand_over(None)
 
     def _forget_idle(self, conn: _Conn) -> None:
         """An idle connection was closed by the server, or it sent stray bytes."""

@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 
 from proxy.errors import StoreUnavailable
+from proxy.slots import Slots
 
 # What a connection is, for this module: asyncpg's, untyped (asyncpg ships no stubs).
 Conn = Any
@@ -58,11 +59,9 @@ class Pool:
         self.url = url
         self.timeout = timeout
         self._min = min_size
-        self._max = max_size
         self._idle: deque[Conn] = deque()
-        self._waiters: deque[asyncio.Future[Conn | None]] = deque()
+        self._slots: Slots[Conn] = Slots(max_size, keep_idle=self._keep_idle)
         self._open: set[Conn] = set()  # every connection this pool owns, idle or lent
-        self._size = 0  # open plus being opened: never above max_size
         self._closed = False
         self._idle_since: dict[Conn, float] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -81,11 +80,11 @@ class Pool:
         return len(self._idle)
 
     def get_max_size(self) -> int:
-        return self._max
+        return self._slots.maximum
 
     def take_nowait(self) -> Conn | None:
         """An idle connection if one is free and nobody is waiting; else None."""
-        while self._idle and not self._waiters:
+        while self._idle and not self._slots.waiting:
             conn = self._idle.pop()  # the most recently used: its server backend is warm
             if not conn.is_closed():
                 return conn
@@ -99,26 +98,13 @@ class Pool:
         conn = self.take_nowait()
         if conn is not None:
             return conn
-        if self._size < self._max and not self._waiters:
-            self._size += 1
+        if self._slots.claim():
             return await self._connect()
-        fut: asyncio.Future[Conn | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
         wait = self.timeout if timeout is None else timeout
         try:
-            async with asyncio.timeout(wait):  # no extra task, unlike wait_for
-                conn = await fut
-        except BaseException as exc:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._pass_on(fut.result())  # it arrived as we gave up: next in line
-            else:
-                fut.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-            if isinstance(exc, TimeoutError):
-                raise StoreUnavailable(
-                    f"no database connection free within {wait:g}s") from None
-            raise
+            conn = await self._slots.wait(wait)
+        except TimeoutError:
+            raise StoreUnavailable(f"no database connection free within {wait:g}s") from None
         if conn is None:  # a slot, not a connection: a broken one was dropped
             return await self._connect()
         return conn
@@ -128,21 +114,16 @@ class Pool:
 
         A server-reported SQL error leaves the connection in step; anything else
         (cancelled, reset, timed out mid-call) may not, so it is never lent again."""
-        in_step = isinstance(exc, asyncpg.PostgresError) and not isinstance(
-            exc, CONNECTION_ERRORS)
-        self.release(conn, discard=not in_step)
+        self.release(conn, discard=not _in_step(exc))
         return unavailable(exc) if isinstance(exc, CONNECTION_ERRORS) else exc
 
     def release(self, conn: Conn, *, discard: bool = False) -> None:
         """Give a connection back; `discard` (or a dirty connection) terminates it."""
         if discard or self._closed or conn.is_closed() or conn.is_in_transaction():
-            self._forget(conn)
+            self._forget(conn)  # its slot goes to the next in line
             conn.terminate()
-            if self._waiters and not self._closed:
-                self._size += 1
-                self._pass_on(None)
             return
-        self._pass_on(conn)
+        self._slots.hand_over(conn)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
@@ -151,21 +132,16 @@ class Pool:
         conn = await self.acquire()
         try:
             yield conn
-        except asyncpg.PostgresError:
-            self.release(conn)
-            raise
-        except BaseException:
-            self.release(conn, discard=True)
+        except BaseException as exc:
+            self.release(conn, discard=not _in_step(exc))
             raise
         self.release(conn)
 
     async def close(self) -> None:
         """Close idle connections, terminate lent ones, fail every waiter."""
         self._closed = True
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(StoreUnavailable("the database connection pool is closed"))
+        self._slots.fail_waiters(
+            lambda: StoreUnavailable("the database connection pool is closed"))
         idle, self._idle = list(self._idle), deque()
         if idle:  # politely, all at once, within one timeout; then the hard way
             with contextlib.suppress(Exception):
@@ -176,20 +152,17 @@ class Pool:
         for conn in list(self._open):
             conn.terminate()
         self._open.clear()
-        self._size = 0
+        self._slots.used = 0
 
     # ---
 
     async def _connect(self) -> Conn:
-        """Open a connection into a slot already counted in `_size`."""
+        """Open a connection into a slot already counted."""
         try:
             conn = await asyncpg.connect(self.url, timeout=self.timeout,
                                          command_timeout=self.timeout)
         except BaseException:
-            self._size -= 1
-            if self._waiters:  # let the next in line try its own luck
-                self._size += 1
-                self._pass_on(None)
+            self._slots.hand_over(None)  # the next in line tries its own luck
             raise
         if self._closed:
             conn.terminate()
@@ -197,16 +170,8 @@ class Pool:
         self._open.add(conn)
         return conn
 
-    def _pass_on(self, conn: Conn | None) -> None:
-        """Hand a connection (or, as None, a free slot) to the first live waiter."""
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(conn)  # straight to the waiter: nobody can barge in
-                return
-        if conn is None:
-            self._size -= 1
-            return
+    def _keep_idle(self, conn: Conn) -> None:
+        """A connection given back with nobody waiting for it."""
         now = time.monotonic()
         self._idle.append(conn)
         self._idle_since[conn] = now
@@ -234,4 +199,11 @@ class Pool:
         self._idle_since.pop(conn, None)
         if conn in self._open:
             self._open.discard(conn)
-            self._size -= 1
+            self._slots.hand_over(None)
+
+
+def _in_step(exc: BaseException) -> bool:
+    """After a call failed with `exc`, is the connection still in step with the server?
+    A server-reported SQL error leaves it so; anything else (cancelled, reset, timed out
+    mid-call) may not."""
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, CONNECTION_ERRORS)
