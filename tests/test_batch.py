@@ -272,3 +272,51 @@ async def test_batch_sizes_are_a_metric(db: str):
         assert sample("idemproxy_store_batch_size_sum", {"op": "claim"}) == 5
     finally:
         await store.close()
+
+
+async def test_batches_claiming_the_same_keys_in_opposite_orders_do_not_deadlock(
+        db: str, caplog: pytest.LogCaptureFixture):
+    """Two processes' batches arrive as [b, g1, a] and [a, g2, b]; an uncommitted row
+    holds each at its gate until both are waiting. Taken in arrival order they would
+    each hold one of a, b and wait for the other (a deadlock, one batch rolled back);
+    in key order, the second waits behind the first and both complete."""
+    caplog.set_level(logging.WARNING, logger="idemproxy.store")
+    scope, _ = ids()
+    stores = [await PostgresStore.connect(db, min_size=1, max_size=1) for _ in range(2)]
+    blocker, watcher = await asyncpg.connect(db), await asyncpg.connect(db)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        for gate in ("g1", "g2"):  # uncommitted rows: a claim of a gate waits here
+            await blocker.execute(
+                "INSERT INTO idemproxy_keys (scope, key, fingerprint, state, lock_token, "
+                "locked_until, expires_at) VALUES ($1, $2, '\\x00', 1, gen_random_uuid(), "
+                "now() + interval '1 minute', now() + interval '1 hour')", scope, gate)
+        held = [await s.pool.acquire() for s in stores]
+        tasks = [asyncio.create_task(claim(s, scope, k))
+                 for s, keys in zip(stores, (["b", "g1", "a"], ["a", "g2", "b"]))
+                 for k in keys]
+        await asyncio.sleep(0.05)  # every claim queued, in that order
+        for s, conn in zip(stores, held):
+            s.pool.release(conn)
+        for _ in range(200):
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%idemproxy_claim_many%'")
+            if waiting == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 2, "both batches should be waiting before the gates open"
+        await tx.rollback()
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        keys = ["b", "g1", "a", "a", "g2", "b"]
+        for k in ("a", "b"):
+            owners = [r for key, r in zip(keys, results)
+                      if key == k and r.outcome is ClaimOutcome.NEW]
+            assert len(owners) == 1
+        assert "DeadlockDetected" not in caplog.text
+    finally:
+        await blocker.close()
+        await watcher.close()
+        for s in stores:
+            await s.close()
