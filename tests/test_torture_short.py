@@ -178,3 +178,21 @@ async def test_takeover_under_unknown_outcome_fail_does_not_execute_again(tmp_pa
         assert len(executions) == 1, f"executed {len(executions)} times; retry got {status}"
     finally:
         await cluster.close()
+
+
+async def test_a_failed_torture_run_cleans_up_and_keeps_its_logs(tmp_path, monkeypatch):
+    """A run that fails leaves no work directory behind; its logs go to the findings."""
+    import tempfile
+
+    from tests.torture.run import Options, run
+
+    work = tmp_path / "tmp"
+    work.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(work))
+    opts = Options(duration=0, proxies=1, upstream_slow="not-a-number",  # type: ignore[arg-type]
+                   findings=tmp_path / "findings")
+    with pytest.raises(Exception):  # noqa: B017 - the upstream refuses the bad argument
+        await run(opts)
+    assert list(work.iterdir()) == []
+    logs = [p for p in (tmp_path / "findings").iterdir() if p.name.endswith("-logs")]
+    assert logs and (logs[0] / "upstream.log").exists()

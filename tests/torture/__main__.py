@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.render(), flush=True)
     if json_path is not None:
         json_path.write_text(summary.to_json())
-    if summary.problems or summary.violations:
+    if opts.keep:
         print(f"work directory kept: {summary.workdir}")
+    elif (summary.problems or summary.violations) and opts.findings is not None:
+        print(f"logs and summary kept under {opts.findings}")
     return 1 if summary.violations else 0
 
 

@@ -29,7 +29,19 @@ import aiohttp
 from tests.torture.faults import Link
 
 ROOT = Path(__file__).resolve().parents[2]
-FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def _faketime_lib() -> Path | None:
+    """libfaketime from the venv (PyPI's `libfaketime`, a test dependency), else Debian's."""
+    candidates = [Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")]
+    with contextlib.suppress(ImportError):
+        import libfaketime  # type: ignore[import-not-found]
+        vendor = Path(libfaketime.__file__).parent / "vendor" / "libfaketime" / "src"
+        candidates.insert(0, vendor / "libfaketime.so.1")
+    return next((c for c in candidates if c.exists()), None)
+
+
+FAKETIME_LIB = _faketime_lib()
 
 ROUTES = """
 defaults: {ttl: 1h, lock_timeout: %(lease)s, require_key: true}
@@ -182,7 +194,7 @@ class Cluster:
         env = dict(os.environ)
         env["IDEMPROXY_DATABASE_URL"] = (f"postgresql://postgres@127.0.0.1:{p.pg_link.port}"
                                          f"/postgres?sslmode=disable")
-        if p.skew and FAKETIME_LIB.exists():
+        if p.skew and FAKETIME_LIB is not None:
             env["LD_PRELOAD"] = str(FAKETIME_LIB)
             env["FAKETIME"] = p.skew
         with open(p.log, "ab") as log:

@@ -93,7 +93,8 @@ async def run(opts: Options) -> Summary:
     root = Path(tempfile.mkdtemp(prefix="idemproxy-torture-"))
     summary = Summary(opts, workdir=str(root))
     cluster = Cluster(root)
-    skew = opts.skew if opts.skew and FAKETIME_LIB.exists() else None
+    completed = False
+    skew = opts.skew if opts.skew and FAKETIME_LIB is not None else None
     if opts.skew and not skew:
         summary.problems.append("faketime not installed: no clock skew this run")
     try:
@@ -124,17 +125,29 @@ async def run(opts: Options) -> Summary:
                                                     for a in clients.history))
         (root / "faults.jsonl").write_text("".join(json.dumps(f.__dict__) + "\n"
                                                    for f in nemesis.events))
+        completed = True
     finally:
         await cluster.close()
         summary.restarts = sum(p.restarts for p in cluster.proxies)
         summary.seconds = time.monotonic() - started
-        if summary.violations and opts.findings is not None:
-            opts.findings.mkdir(parents=True, exist_ok=True)
-            name = f"seed{opts.seed}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-            (opts.findings / name).write_text(summary.render() + "\n")
-        if not opts.keep and not summary.violations and not summary.problems:
+        failed = not completed or bool(summary.violations or summary.problems)
+        if failed and opts.findings is not None:
+            _keep_findings(summary, root, opts.findings)
+        if not opts.keep:  # a failed run cleans up too: its logs went to findings
             shutil.rmtree(root, ignore_errors=True)
     return summary
+
+
+def _keep_findings(summary: Summary, root: Path, findings: Path) -> None:
+    """The summary and the small artefacts (logs, histories, configs); never the pgdata."""
+    name = f"seed{summary.options.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    findings.mkdir(parents=True, exist_ok=True)
+    (findings / f"{name}.txt").write_text(summary.render() + "\n")
+    logs = findings / f"{name}-logs"
+    logs.mkdir(exist_ok=True)
+    for f in root.iterdir():
+        if f.is_file() and f.suffix in (".log", ".jsonl", ".yaml"):
+            shutil.copy2(f, logs / f.name)
 
 
 async def final_phase(clients: Clients, *, lease: float) -> None:
