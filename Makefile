@@ -18,8 +18,13 @@ install: $(STAMP)
 run: $(STAMP)
 	@scripts/run-demo.sh $(BIN)
 
-## test: the whole suite against real PostgreSQL (embedded unless IDEMPROXY_TEST_DATABASE_URL)
-test: $(STAMP)
+## lint: ruff (rules in pyproject.toml) on the package, the tests and the load harness
+lint: $(STAMP)
+	$(BIN)/python -m ruff check proxy tests loadtest
+
+## test: lint, type check, then the whole suite against real PostgreSQL
+## (embedded unless IDEMPROXY_TEST_DATABASE_URL)
+test: lint
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

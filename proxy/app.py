@@ -20,10 +20,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import idempotency, routing
 from proxy.config import SAFE_METHODS, Config
-from proxy.framing import check_framing
 from proxy.errors import (
-    ERROR_BASE, BadRequest, ProblemError, ServiceUnavailable, StoreUnavailable,
+    ERROR_BASE,
+    BadRequest,
+    ProblemError,
+    ServiceUnavailable,
+    StoreUnavailable,
 )
+from proxy.framing import check_framing
 from proxy.idempotency import Deps
 
 log = logging.getLogger("idemproxy.app")

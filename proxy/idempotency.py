@@ -20,7 +20,11 @@ from proxy import keys
 from proxy.config import Concurrent, StoreUnavailablePolicy, UnknownOutcome
 from proxy.context import Deps, Guarded, finish, log
 from proxy.errors import (
-    KeyInFlight, KeyReused, ProblemError, ServiceUnavailable, StoreUnavailable,
+    KeyInFlight,
+    KeyReused,
+    ProblemError,
+    ServiceUnavailable,
+    StoreUnavailable,
 )
 from proxy.execute import execute, fail_dead_claim
 from proxy.forward import UpstreamError

@@ -21,7 +21,14 @@ from multidict import MultiMapping
 from proxy.config import Route, TenantMode
 from proxy.errors import KeyMalformed, KeyMissing
 from proxy.jsonbody import (
-    FORM, canonical_json, drop, media_type, parse_form, parse_json, resolve_pointer, unescape,
+    FORM,
+    canonical_json,
+    drop,
+    media_type,
+    parse_form,
+    parse_json,
+    resolve_pointer,
+    unescape,
 )
 
 __all__ = [

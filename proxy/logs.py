@@ -8,14 +8,14 @@ stderr handler would see the record.
 
 from __future__ import annotations
 
-import json
 import io
+import json
 import logging
 import math
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
 from typing import TextIO
 
@@ -23,7 +23,7 @@ from typing import TextIO
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, object] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
                 timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
@@ -166,7 +166,7 @@ class RequestLog:
         second, text = self._second
         if second != int(whole):
             second = int(whole)
-            text = datetime.fromtimestamp(second, timezone.utc).isoformat()[:19]
+            text = datetime.fromtimestamp(second, UTC).isoformat()[:19]
             self._second = (second, text)
         return f"{text}.{micros // 1000:03d}+00:00"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from aiohttp import web
@@ -27,7 +27,7 @@ def http_date(when: datetime) -> str:
 def _http_date(epoch: int) -> str:
     # Cached by the second: keys claimed in the same second share their expiry's text,
     # and every replay of a key formats the same instant.
-    return format_datetime(datetime.fromtimestamp(epoch, timezone.utc), usegmt=True)
+    return format_datetime(datetime.fromtimestamp(epoch, UTC), usegmt=True)
 
 
 def guard_headers(route: Route, expires_at: datetime) -> dict[str, str]:

@@ -21,15 +21,15 @@ from prometheus_client import CollectorRegistry
 
 from proxy import logs
 from proxy.app import create_admin_app, create_proxy_handler
+from proxy.cache import ReplayCache
 from proxy.cli import open_store
 from proxy.config import Config
+from proxy.errors import StoreUnavailable
 from proxy.forward import Forwarder
 from proxy.framing import ProxyRunner
 from proxy.idempotency import Deps
 from proxy.metrics import Metrics
-from proxy.errors import StoreUnavailable
 from proxy.store.notify import Notifier
-from proxy.cache import ReplayCache
 from proxy.store.sweeper import run_sweeper
 
 log = logging.getLogger("idemproxy.server")

@@ -29,8 +29,8 @@ from proxy.config import Config
 from proxy.forward import Forwarder
 from proxy.idempotency import Deps
 from proxy.metrics import Metrics
-from proxy.store.postgres import PostgresStore
 from proxy.server import _flush_logs
+from proxy.store.postgres import PostgresStore
 from proxy.store.sweeper import run_sweeper
 
 log = logging.getLogger("idemproxy.supervisor")

@@ -26,6 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.app import create_admin_app, create_proxy_handler
+from proxy.cache import ReplayCache
 from proxy.config import Config, loads
 from proxy.forward import Forwarder
 from proxy.framing import ProxyRunner
@@ -33,7 +34,6 @@ from proxy.idempotency import Deps
 from proxy.metrics import Metrics
 from proxy.store.migrate import migrate
 from proxy.store.notify import Notifier
-from proxy.cache import ReplayCache
 from proxy.store.postgres import PostgresStore
 from tests.upstream import TestUpstream
 
@@ -104,8 +104,8 @@ async def upstream() -> AsyncIterator[TestUpstream]:
 
 def config_for(upstream_url: str, routes_yaml: str, *, extra: str = "",
                upstream_timeout: str = "5s") -> Config:
-    text = f"upstream:\n  url: {upstream_url}\n  timeout: {upstream_timeout}\n{extra}\nroutes:\n" + \
-        textwrap.indent(textwrap.dedent(routes_yaml).strip(), "  ")
+    text = (f"upstream:\n  url: {upstream_url}\n  timeout: {upstream_timeout}\n{extra}\n"
+            "routes:\n") + textwrap.indent(textwrap.dedent(routes_yaml).strip(), "  ")
     return loads(text, env={})
 
 

@@ -221,7 +221,7 @@ async def test_overlapping_batches_from_two_stores_never_deadlock(
             random.shuffle(calls)
             results = await asyncio.gather(*[claim(s, scope, k) for s, k in calls])
             owners: dict[str, int] = {}
-            for (_, k), r in zip(calls, results):
+            for (_, k), r in zip(calls, results, strict=True):
                 owners[k] = owners.get(k, 0) + (r.outcome is ClaimOutcome.NEW)
             assert set(owners.values()) == {1}
         assert max(sizes) > 1  # batches did form
@@ -294,10 +294,10 @@ async def test_batches_claiming_the_same_keys_in_opposite_orders_do_not_deadlock
                 "now() + interval '1 minute', now() + interval '1 hour')", scope, gate)
         held = [await s.pool.acquire() for s in stores]
         tasks = [asyncio.create_task(claim(s, scope, k))
-                 for s, keys in zip(stores, (["b", "g1", "a"], ["a", "g2", "b"]))
+                 for s, keys in zip(stores, (["b", "g1", "a"], ["a", "g2", "b"]), strict=True)
                  for k in keys]
         await asyncio.sleep(0.05)  # every claim queued, in that order
-        for s, conn in zip(stores, held):
+        for s, conn in zip(stores, held, strict=True):
             s.pool.release(conn)
         for _ in range(200):
             waiting = await watcher.fetchval(
@@ -311,7 +311,7 @@ async def test_batches_claiming_the_same_keys_in_opposite_orders_do_not_deadlock
         results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
         keys = ["b", "g1", "a", "a", "g2", "b"]
         for k in ("a", "b"):
-            owners = [r for key, r in zip(keys, results)
+            owners = [r for key, r in zip(keys, results, strict=True)
                       if key == k and r.outcome is ClaimOutcome.NEW]
             assert len(owners) == 1
         assert "DeadlockDetected" not in caplog.text

@@ -174,7 +174,7 @@ async def exchange(port: int, raw: bytes, *, timeout: float = 4.0,
             try:
                 chunk = await asyncio.wait_for(reader.read(65536),
                                                min(left, idle) if data else left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             if not chunk:
                 closed = True

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
 import aiohttp
@@ -228,7 +228,7 @@ async def test_optional_body_key_still_guards_when_present(make_proxy, upstream,
 async def test_upstream_gets_the_body_byte_for_byte(make_proxy, upstream, client):
     """Reading a body key does not change what is forwarded: same bytes upstream."""
     p = await make_proxy(ROUTES)
-    raw = ('{ "template":"t" ,\n "to" : "%s", "x": 1.50 }' % unique()).encode()
+    raw = ('{ "template":"t" ,\n "to" : "' + unique() + '", "x": 1.50 }').encode()
     await send(client, p.url + "/exec/emails", data=raw, headers=JSON)
     assert upstream.executions[-1].body == raw
 
@@ -279,7 +279,7 @@ async def test_expires_is_an_http_date_on_first_and_replayed_answers(make_proxy,
     """Every guarded answer carries Idempotency-Expires: the window's end, as an HTTP-date."""
     p = await make_proxy(ROUTES)
     url = p.url + f"/exec/orders/{unique()}"
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     _, h1, _ = await send(client, url, method="PUT", data=b"{}")
     _, h2, _ = await send(client, url, method="PUT", data=b"{}")
     first = expiry(h1)

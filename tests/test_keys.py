@@ -313,7 +313,10 @@ def test_tenant_is_a_hash_never_the_credential() -> None:
 
 # --- fingerprint ------------------------------------------------------------------------
 
-def fp(fingerprint: Fingerprint = Fingerprint(), *, method: str = "POST", path: str = "/p",
+_DEFAULT_FP = Fingerprint()
+
+
+def fp(fingerprint: Fingerprint = _DEFAULT_FP, *, method: str = "POST", path: str = "/p",
        query: str = "", body: bytes = b'{"a": 1, "b": 2}', content_type: str = JSON,
        headers: dict[str, str] | None = None) -> bytes:
     route = replace(body_route("/a"), fingerprint=fingerprint)

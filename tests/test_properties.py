@@ -167,7 +167,7 @@ def test_several_key_headers_are_always_a_400(values):
 
 
 def _route(extra: str = "") -> Route:
-    cfg = loads("routes:\n  - {name: r, match: {methods: [POST], path: '/r/*'}%s}" % extra,
+    cfg = loads("routes:\n  - {name: r, match: {methods: [POST], path: '/r/*'}" + extra + "}",
                 env={})
     return cfg.routes[0]
 

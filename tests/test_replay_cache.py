@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
@@ -21,7 +21,7 @@ from tests.upstream import TestUpstream, body_json
 
 # --- the cache itself (pure logic) ------------------------------------------------------
 
-NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def record(body: bytes = b"{}", *, ttl: float = 3600, chunks: int = 0) -> Record:

@@ -14,8 +14,7 @@ import pytest
 from aiohttp import web
 
 from proxy import upstream_client
-from proxy.upstream_client import (HIGH_WATER, NotSent, ReadTimeout, SentFailure,
-                                   UpstreamPool)
+from proxy.upstream_client import HIGH_WATER, NotSent, ReadTimeout, SentFailure, UpstreamPool
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HOST = [("Host", "up.test")]

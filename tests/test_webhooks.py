@@ -9,7 +9,7 @@ import hmac
 import json
 import os
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 from standardwebhooks import Webhook
@@ -64,7 +64,7 @@ async def test_standard_webhooks_retry_with_new_signature_runs_once(make_proxy, 
     msg_id = f"msg_{uuid.uuid4().hex}"
     payload = json.dumps({"type": "invoice.paid", "timestamp": "2026-01-01T00:00:00Z",
                           "data": {"invoice": "in_1", "amount": 4200}})
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     attempt1 = standard_headers(wh, msg_id, payload, now)
     attempt2 = standard_headers(wh, msg_id, payload, now + timedelta(seconds=65))
     assert attempt1["webhook-signature"] != attempt2["webhook-signature"]
@@ -82,7 +82,7 @@ async def test_standard_webhooks_new_message_id_runs_again(make_proxy, upstream,
     p = await make_proxy(ROUTES)
     wh = Webhook(base64.b64encode(b"k" * 24).decode())
     payload = json.dumps({"type": "user.created", "data": {"id": "u1"}})
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for msg_id in (f"msg_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"):
         s, _, _ = await deliver(client, p.url + "/exec/hooks/std", payload,
                                 standard_headers(wh, msg_id, payload, now))

@@ -2,8 +2,21 @@
 
 from proxy.config.load import load, loads
 from proxy.config.schema import (
-    SAFE_METHODS, Admin, Concurrent, Config, Database, Fingerprint, KeySource, Listen,
-    Logging, Route, StoreUnavailablePolicy, Tenant, TenantMode, UnknownOutcome, Upstream,
+    SAFE_METHODS,
+    Admin,
+    Concurrent,
+    Config,
+    Database,
+    Fingerprint,
+    KeySource,
+    Listen,
+    Logging,
+    Route,
+    StoreUnavailablePolicy,
+    Tenant,
+    TenantMode,
+    UnknownOutcome,
+    Upstream,
 )
 
 __all__ = [

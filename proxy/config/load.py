@@ -17,7 +17,14 @@ import yaml
 from proxy.config.routes import parse_routes
 from proxy.config.schema import Admin, Config, Database, Logging, Upstream
 from proxy.config.values import (
-    Reader, bool_, choice, int_in, parse_duration, parse_listen, parse_size, str_,
+    Reader,
+    bool_,
+    choice,
+    int_in,
+    parse_duration,
+    parse_listen,
+    parse_size,
+    str_,
 )
 from proxy.errors import ConfigError
 

@@ -14,11 +14,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.config.schema import (
-    SAFE_METHODS, Concurrent, Fingerprint, KeySource, Route, StoreUnavailablePolicy, Tenant,
-    TenantMode, UnknownOutcome,
+    SAFE_METHODS,
+    Concurrent,
+    Fingerprint,
+    KeySource,
+    Route,
+    StoreUnavailablePolicy,
+    Tenant,
+    TenantMode,
+    UnknownOutcome,
 )
 from proxy.config.values import (
-    Reader, bool_, enum_, format_duration, parse_duration, parse_header_name, parse_size,
+    Reader,
+    bool_,
+    enum_,
+    format_duration,
+    parse_duration,
+    parse_header_name,
+    parse_size,
     str_,
 )
 from proxy.routing import PathPattern

@@ -82,7 +82,7 @@ class Batcher(Generic[T, R]):
                     try:
                         result = await self._one(conn, item)
                     except BaseException as exc:
-                        raise self._pool.release_after(conn, exc)
+                        raise self._pool.release_after(conn, exc) from exc
                     finally:
                         self._busy -= 1
                         self._kick()
@@ -165,7 +165,7 @@ class Batcher(Generic[T, R]):
                 if len(results) != len(batch):
                     raise RuntimeError(f"{self._op} batch of {len(batch)} answered "
                                        f"{len(results)} rows")
-                for (_, fut), result in zip(batch, results):
+                for (_, fut), result in zip(batch, results, strict=True):
                     if not fut.done():
                         fut.set_result(result)
                 return

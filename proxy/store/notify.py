@@ -89,7 +89,7 @@ class Notifier:
             try:
                 conn = await self._connect()
                 lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
                 await conn.add_listener(FORGET_CHANNEL, self._on_forget)
                 self._set_cache_live(True)  # deletions are heard from here on

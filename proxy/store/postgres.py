@@ -19,13 +19,18 @@ import asyncpg
 
 from proxy.errors import StoreUnavailable
 from proxy.store import (
-    Claim, ClaimOutcome, Completion, Record, State, decode_headers, encode_headers,
+    Claim,
+    ClaimOutcome,
+    Completion,
+    Record,
+    State,
+    decode_headers,
+    encode_headers,
 )
 from proxy.store.batch import Batcher
 from proxy.store.migrate import SCHEMA_VERSION, current_version
 from proxy.store.notify import FORGET_CHANNEL, LISTENER_NAME
 from proxy.store.pool import CONNECTION_ERRORS, Pool, unavailable
-
 
 _CLAIM = "SELECT * FROM idemproxy_claim($1, $2, $3, $4, $5, $6)"
 _CLAIM_MANY = "SELECT * FROM idemproxy_claim_many($1, $2, $3, $4, $5, $6)"
@@ -113,7 +118,7 @@ class PostgresStore:
             result = await getattr(conn, method)(query, *args)
         except BaseException as exc:
             if conn is not None:
-                raise pool.release_after(conn, exc)
+                raise pool.release_after(conn, exc) from exc
             if isinstance(exc, CONNECTION_ERRORS):
                 raise unavailable(exc) from exc
             raise
@@ -293,7 +298,7 @@ async def _claim_one(conn: Any, args: _ClaimArgs) -> Any:
 
 
 async def _claim_many(conn: Any, batch: list[_ClaimArgs]) -> list[Any]:
-    rows: list[Any] = await conn.fetch(_CLAIM_MANY, *map(list, zip(*batch)))
+    rows: list[Any] = await conn.fetch(_CLAIM_MANY, *map(list, zip(*batch, strict=True)))
     return rows
 
 
@@ -305,7 +310,7 @@ async def _complete_one(conn: Any, args: _CompleteArgs) -> bool:
 
 
 async def _complete_many(conn: Any, batch: list[_CompleteArgs]) -> list[bool]:
-    rows = await conn.fetch(_COMPLETE_MANY, *map(list, zip(*batch)))
+    rows = await conn.fetch(_COMPLETE_MANY, *map(list, zip(*batch, strict=True)))
     return [row["ok"] for row in rows]
 
 

@@ -113,7 +113,7 @@ def _check_executions(unit: Unit, atts: list[Attempt], exs: list[Execution], lea
                       faults: list[FaultEvent], report: Report) -> list[tuple[str, str]]:
     out = []
     delivered = {a.body for a in atts if a.kind == "ok"}
-    for prev, nxt in zip(exs, exs[1:]):
+    for prev, nxt in zip(exs, exs[1:], strict=False):
         if prev.status == 503:
             report.reexecutions.append((unit, "released after a 503 (release_statuses)"))
             continue

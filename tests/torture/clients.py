@@ -156,7 +156,7 @@ class Clients:
                     a.ptype = _problem_type(raw)
                 if r.status == 409:
                     retry_after = float(r.headers.get("Retry-After", "1") or 1)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             a.err = "timeout"
         except aiohttp.ClientConnectorError:
             a.err = "refused"

@@ -158,7 +158,7 @@ class Cluster:
         for p in self.proxies:
             self.spawn(p)
         why = await asyncio.gather(*(self.wait_ready(p) for p in self.proxies))
-        for p, reason in zip(self.proxies, why):
+        for p, reason in zip(self.proxies, why, strict=True):
             if reason is not None:
                 raise RuntimeError(f"proxy {p.index} did not start: {reason} (see {p.log})")
 
@@ -217,7 +217,7 @@ class Cluster:
                         if r.status == 200:
                             return None
                         last = f"/readyz {r.status} {(await r.text())[:100]}"
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     last = f"/readyz {type(exc).__name__}"
                 await asyncio.sleep(0.2)
         return f"not ready after {timeout:g}s ({last})"
@@ -232,7 +232,7 @@ class Cluster:
             return
         try:
             await asyncio.wait_for(asyncio.to_thread(p.proc.wait), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.kill(p)
             await asyncio.to_thread(p.proc.wait)
 

@@ -142,7 +142,7 @@ class Nemesis:
                 p.restarts += 1
         ready = await asyncio.gather(*(self.cluster.wait_ready(p) for p in
                                        self.cluster.proxies))
-        for p, reason in zip(self.cluster.proxies, ready):
+        for p, reason in zip(self.cluster.proxies, ready, strict=True):
             if reason is not None:
                 problems.append(f"proxy {p.index} after healing: {reason} (see {p.log})")
         return problems
