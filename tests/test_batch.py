@@ -70,6 +70,7 @@ async def xmins(db: str, scope: str) -> list[str]:
 
 async def test_claims_queued_behind_a_busy_pool_share_one_transaction(
         one_conn: PostgresStore, db: str):
+    """Twenty claims queued behind a held connection all come back NEW, written by one commit."""
     scope, _ = ids()
     keys = [f"k{i}" for i in range(20)]
     async with busy(one_conn):
@@ -81,6 +82,7 @@ async def test_claims_queued_behind_a_busy_pool_share_one_transaction(
 
 
 async def test_a_call_with_a_free_connection_runs_alone(one_conn: PostgresStore, db: str):
+    """Claims made one at a time, with nothing queued, each commit in a transaction of their own."""
     scope, _ = ids()
     for i in range(3):
         assert (await claim(one_conn, scope, f"k{i}")).outcome is ClaimOutcome.NEW
@@ -101,6 +103,7 @@ async def test_duplicates_in_one_batch_get_one_owner(one_conn: PostgresStore):
 
 
 async def test_completed_keys_replay_from_a_batch(one_conn: PostgresStore):
+    """Batched claims of a completed key each get its stored record, with its body and headers."""
     scope, key = ids()
     c = await claim(one_conn, scope, key)
     assert await one_conn.complete(scope=scope, key=key, token=c.record.lock_token,
@@ -114,6 +117,7 @@ async def test_completed_keys_replay_from_a_batch(one_conn: PostgresStore):
 
 async def test_completions_share_one_transaction_and_keep_compare_and_set(
         one_conn: PostgresStore, db: str):
+    """Queued completions commit together; one with a stale token is refused and stays in flight."""
     scope, _ = ids()
     claims = [await claim(one_conn, scope, f"k{i}") for i in range(5)]
     tokens = [c.record.lock_token for c in claims]
@@ -152,6 +156,7 @@ async def test_a_failing_call_fails_alone(one_conn: PostgresStore, db: str,
 
 async def test_a_caller_that_gives_up_while_queued_never_runs(one_conn: PostgresStore,
                                                               db: str):
+    """A claim cancelled while queued writes no row; the claims queued around it still succeed."""
     scope, _ = ids()
     async with busy(one_conn):
         tasks = {k: asyncio.create_task(claim(one_conn, scope, k)) for k in "abc"}
@@ -259,6 +264,7 @@ async def test_one_statement_of_a_kind_runs_at_once(db: str):
 
 
 async def test_batch_sizes_are_a_metric(db: str):
+    """Five claims batched together are observed once in the claim batch-size histogram, sum 5."""
     metrics = Metrics(CollectorRegistry())
     store = await PostgresStore.connect(db, min_size=1, max_size=1,
                                         observe_batch=metrics.observe_batch)

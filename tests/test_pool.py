@@ -47,6 +47,7 @@ async def test_released_connection_goes_to_the_longest_waiter_not_a_newcomer(db:
 
 
 async def test_many_waiters_are_served_in_arrival_order(db: str):
+    """Fifty callers sharing two connections are each handed one in the order they asked."""
     pool = Pool(db, min_size=2, max_size=2, timeout=5)  # both open: no connect reorders
     await pool.start()
     served: list[int] = []
@@ -64,6 +65,7 @@ async def test_many_waiters_are_served_in_arrival_order(db: str):
 
 
 async def test_a_waiter_that_times_out_gets_store_unavailable_and_leaves_the_line(db: str):
+    """A wait past its timeout raises StoreUnavailable and leaves the freed connection to others."""
     p = Pool(db, min_size=1, max_size=1, timeout=5)
     await p.start()
     try:
@@ -79,6 +81,7 @@ async def test_a_waiter_that_times_out_gets_store_unavailable_and_leaves_the_lin
 
 
 async def test_a_connection_left_in_a_transaction_is_never_lent_again(pool: Pool):
+    """A connection returned mid-transaction is closed; later borrowers get clean, other ones."""
     conn = await pool.acquire()
     await conn.execute("BEGIN")
     await conn.execute("CREATE TEMP TABLE leftover (x int)")
@@ -117,6 +120,7 @@ async def test_a_cancelled_query_discards_its_connection_and_a_waiter_gets_a_new
 
 
 async def test_a_sql_error_keeps_the_connection(pool: Pool):
+    """A statement failing with an SQL error returns its connection to the pool for reuse."""
     conn = await pool.acquire()
     pid = conn.get_server_pid()
     pool.release(conn)
@@ -128,6 +132,7 @@ async def test_a_sql_error_keeps_the_connection(pool: Pool):
 
 
 async def test_a_connection_killed_by_the_server_is_replaced(pool: Pool, db: str):
+    """An idle connection the server terminated is never lent; borrowers get a new, working one."""
     conn = await pool.acquire()
     pid = conn.get_server_pid()
     pool.release(conn)
@@ -144,6 +149,7 @@ async def test_a_connection_killed_by_the_server_is_replaced(pool: Pool, db: str
 
 
 async def test_close_fails_waiters_and_later_borrowers(db: str):
+    """close() fails waiters and later acquires with StoreUnavailable; a lent one dies on return."""
     p = Pool(db, min_size=1, max_size=1, timeout=5)
     await p.start()
     held = await p.acquire()
@@ -159,6 +165,7 @@ async def test_close_fails_waiters_and_later_borrowers(db: str):
 
 
 async def test_start_fails_on_an_unreachable_database():
+    """Starting against an unreachable database raises OSError and leaves no connection open."""
     p = Pool("postgresql://nobody@127.0.0.1:1/none", min_size=1, max_size=2, timeout=2)
     with pytest.raises(OSError):
         await p.start()

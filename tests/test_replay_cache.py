@@ -37,6 +37,7 @@ def live_cache(max_bytes: int = 1 << 20) -> ReplayCache:
 
 
 def test_off_until_live_and_emptied_when_deaf():
+    """The cache keeps nothing until NOTIFY is live and drops everything when it stops being so."""
     c = ReplayCache(1 << 20)
     c.put("s", "k", record(), seen=c.version)
     assert c.get("s", "k", db_now=NOW.timestamp()) is None  # not live yet: nothing kept
@@ -48,12 +49,14 @@ def test_off_until_live_and_emptied_when_deaf():
 
 
 def test_zero_bytes_turns_it_off():
+    """A cache of zero bytes never goes live and never holds an entry."""
     c = live_cache(0)
     c.put("s", "k", record(), seen=c.version)
     assert not c.live and len(c) == 0
 
 
 def test_stops_serving_a_margin_before_the_database_expiry():
+    """An entry is served until EXPIRY_MARGIN before its database expiry, then evicted."""
     c = live_cache()
     c.put("s", "k", record(ttl=10), seen=c.version)
     expiry = NOW.timestamp() + 10
@@ -63,6 +66,7 @@ def test_stops_serving_a_margin_before_the_database_expiry():
 
 
 def test_bounded_by_bytes_least_recently_used_first():
+    """Over its byte budget the cache evicts the least recently used entry (a read is a use)."""
     body = b"x" * 1000
     c = live_cache(3 * 1400)  # room for about three entries
     for k in "abc":
@@ -74,6 +78,7 @@ def test_bounded_by_bytes_least_recently_used_first():
 
 
 def test_large_and_chunked_bodies_are_not_kept():
+    """Bodies over MAX_ENTRY bytes and bodies stored in chunks are never cached."""
     c = live_cache(1 << 24)
     c.put("s", "big", record(b"x" * (MAX_ENTRY + 1)), seen=c.version)
     c.put("s", "chunked", record(b"x" * 10, chunks=2), seen=c.version)
@@ -92,6 +97,7 @@ def test_a_deletion_heard_between_read_and_put_keeps_the_record_out():
 
 
 def test_forget_by_the_notify_payload():
+    """A NOTIFY payload's channel id evicts exactly its own key, not others in the same scope."""
     c = live_cache()
     c.put("route:tenant", "k1", record(), seen=c.version)
     c.put("route:tenant", "k2", record(), seen=c.version)
@@ -108,6 +114,7 @@ def claims(p: ProxyHandle) -> float:
 
 async def test_a_cached_replay_is_the_stored_answer_without_a_round_trip(
         make_proxy, upstream: TestUpstream, client: aiohttp.ClientSession):
+    """A hot retry replays the original status, body and headers from memory, with no store call."""
     p = await make_proxy()
     key = new_key()
     s1, h1, b1 = await post(client, p.url + "/exec/c1", key=key)
@@ -138,6 +145,7 @@ async def test_a_replay_found_in_the_database_is_cached_for_the_next(
 
 async def test_a_different_payload_is_still_refused_from_the_cache(
         make_proxy, upstream: TestUpstream, client: aiohttp.ClientSession):
+    """A cached key reused with another body still gets a 422 problem+json, upstream untouched."""
     p = await make_proxy()
     key = new_key()
     await post(client, p.url + "/exec/c3", key=key)
@@ -149,6 +157,7 @@ async def test_a_different_payload_is_still_refused_from_the_cache(
 
 async def test_large_answers_replay_from_the_database(
         make_proxy, upstream: TestUpstream, client: aiohttp.ClientSession):
+    """An answer over MAX_ENTRY bytes is not cached: its replay reads the database again."""
     p = await make_proxy()
     key = new_key()
     url = p.url + f"/big?size={MAX_ENTRY + 1}&length=1"
@@ -161,6 +170,7 @@ async def test_large_answers_replay_from_the_database(
 
 async def test_cached_replays_stop_when_the_key_expires(
         make_proxy, upstream: TestUpstream, client: aiohttp.ClientSession):
+    """Once the key's ttl has passed, no cached replay is served: the request executes again."""
     p = await make_proxy("""
         - name: short
           match: {methods: [POST], path: "/exec/*"}

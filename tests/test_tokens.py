@@ -8,6 +8,7 @@ from proxy.context import new_token
 
 
 def test_tokens_are_distinct_version_4_uuids():
+    """Ten thousand lock tokens are all distinct RFC 4122 version-4 UUIDs."""
     tokens = [new_token() for _ in range(10_000)]
     assert len(set(tokens)) == len(tokens)
     assert all(t.version == 4 and t.variant == "specified in RFC 4122" for t in tokens)

@@ -154,6 +154,7 @@ async def test_request_goes_out_in_one_write_with_our_framing(serve, monkeypatch
 ])
 async def test_content_length_is_sent_unless_a_bodyless_get_delete_or_options(
         serve, method, body, length):
+    """Content-Length is the body length (0 if none), omitted for bodyless GET, DELETE, OPTIONS."""
     srv, pool = await serve(respond(OK))
     await get(pool, method, body)
     m = re.search(rb"\r\nContent-Length: (\d+)\r\n", srv.requests[0])
@@ -174,6 +175,7 @@ async def test_content_length_is_sent_unless_a_bodyless_get_delete_or_options(
 ])
 async def test_anything_that_could_split_the_request_raises_before_connecting(
         serve, method, target, headers):
+    """A bad method, target or header (one that could split the request) fails before connecting."""
     srv, pool = await serve(respond(OK))
     with pytest.raises(ValueError):
         await pool.request(method, target, headers, b"")
@@ -182,6 +184,7 @@ async def test_anything_that_could_split_the_request_raises_before_connecting(
 
 
 async def test_header_values_are_sent_utf8_with_surrogateescape(serve):
+    """Header values go out as UTF-8; surrogate-escaped characters go out as their raw bytes."""
     srv, pool = await serve(respond(OK))
     await get(pool, headers=HOST + [("X-Name", "café \udcff")])
     assert b"\r\nX-Name: caf\xc3\xa9 \xff\r\n" in srv.requests[0]
@@ -190,6 +193,7 @@ async def test_header_values_are_sent_utf8_with_surrogateescape(serve):
 # --- responses ----------------------------------------------------------------------------
 
 async def test_head_keeps_order_duplicates_reason_and_undecodable_bytes(serve):
+    """The parsed head keeps header order, case, duplicates, the reason and undecodable bytes."""
     srv, pool = await serve(respond(
         b"HTTP/1.1 201 Tr\xc3\xa8s Bien\r\nSet-Cookie: a=1\r\nX-Raw: caf\xc3\xa9 \xff  \r\n"
         b"set-cookie: b=2\r\nContent-Length: 5\r\n\r\nhello"))
@@ -203,6 +207,7 @@ async def test_head_keeps_order_duplicates_reason_and_undecodable_bytes(serve):
 
 
 async def test_chunked_body_is_decoded_as_it_arrives_and_the_connection_reused(serve):
+    """A chunked body sent in pieces decodes whole, trailers dropped, its connection reused."""
     async def handler(srv, reader, writer):
         while True:
             await srv.read_request(reader)
@@ -222,6 +227,7 @@ async def test_chunked_body_is_decoded_as_it_arrives_and_the_connection_reused(s
 
 
 async def test_close_delimited_body_runs_to_eof_and_its_connection_is_not_reused(serve):
+    """A body with neither length nor chunking is read to EOF, and its connection is not reused."""
     async def handler(srv, reader, writer):
         await srv.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nX: 1\r\n\r\nall of ")
@@ -239,6 +245,7 @@ async def test_close_delimited_body_runs_to_eof_and_its_connection_is_not_reused
 
 @pytest.mark.parametrize("status", [204, 304])
 async def test_204_and_304_have_no_body_and_keep_the_connection(serve, status):
+    """A 204 or 304 without framing headers has an empty body and its connection is reused."""
     srv, pool = await serve(respond(
         f"HTTP/1.1 {status} X\r\nETag: e\r\n\r\n".encode(), OK))
     assert await get(pool) == (status, b"")
@@ -247,6 +254,7 @@ async def test_204_and_304_have_no_body_and_keep_the_connection(serve, status):
 
 
 async def test_interim_responses_are_skipped(serve):
+    """1xx interim responses are skipped: only the final response is returned, connection kept."""
     srv, pool = await serve(respond(
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"
         b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" + OK))
@@ -275,6 +283,7 @@ async def test_interim_responses_are_skipped(serve):
     b"HTTP/1.1 200 OK\r\nX: " + b"a" * 400_000 + b"\r\nContent-Length: 0\r\n\r\n",
 ])
 async def test_malformed_response_is_sent_failure_and_its_connection_closed(serve, response):
+    """A malformed response is a SentFailure: never re-sent, and its connection is closed."""
     srv, pool = await serve(respond(response, OK))
     with pytest.raises(SentFailure):
         await get(pool)
@@ -291,6 +300,7 @@ async def test_malformed_response_is_sent_failure_and_its_connection_closed(serv
     b"",
 ])
 async def test_connection_closed_before_the_response_ends_is_sent_failure(serve, response):
+    """A connection closed before the response is whole raises SentFailure; nothing is re-sent."""
     srv, pool = await serve(respond(response, then_close=True))
     with pytest.raises(SentFailure):
         await get(pool)
@@ -298,6 +308,7 @@ async def test_connection_closed_before_the_response_ends_is_sent_failure(serve,
 
 
 async def test_bytes_after_a_complete_response_keep_it_but_not_the_connection(serve):
+    """Stray bytes after a complete response leave it intact but its connection is not reused."""
     srv, pool = await serve(respond(OK + b"HTTP/1.1 200 OK\r\n", OK))
     assert await get(pool) == (200, b"ok")
     assert await get(pool) == (200, b"ok")
@@ -314,6 +325,7 @@ async def test_bytes_after_a_complete_response_keep_it_but_not_the_connection(se
 ])
 async def test_connection_is_reused_only_after_a_keep_alive_http11_response(
         serve, first, reused):
+    """A connection is reused only after an HTTP/1.1 response without Connection: close."""
     srv, pool = await serve(respond(first, OK))
     assert await get(pool) == (200, b"ok")
     assert await get(pool) == (200, b"ok")
@@ -321,6 +333,7 @@ async def test_connection_is_reused_only_after_a_keep_alive_http11_response(
 
 
 async def test_closing_a_response_early_reuses_only_a_connection_whose_body_has_ended(serve):
+    """Closing a response early closes its connection if the body is unfinished, else reuses it."""
     async def handler(srv, reader, writer):
         await srv.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfive!")  # 5 missing
@@ -348,6 +361,7 @@ async def test_idle_connection_the_server_closed_is_not_used(serve):
 
 
 async def test_idle_connection_past_keepalive_is_closed_not_used(serve):
+    """A connection idle longer than keepalive is closed, and the next request opens a new one."""
     srv, pool = await serve(respond(OK), keepalive=0.05)
     assert await get(pool) == (200, b"ok")
     await asyncio.sleep(0.1)
@@ -357,6 +371,7 @@ async def test_idle_connection_past_keepalive_is_closed_not_used(serve):
 
 
 async def test_idle_connection_that_sent_stray_bytes_is_not_used(serve):
+    """An idle connection on which the server sent unsolicited bytes is not used again."""
     async def handler(srv, reader, writer):
         await srv.read_request(reader)
         writer.write(OK)
@@ -377,6 +392,7 @@ async def test_idle_connection_that_sent_stray_bytes_is_not_used(serve):
 # --- send once ----------------------------------------------------------------------------
 
 async def test_connection_refused_is_not_sent():
+    """A refused connect raises NotSent and gives its slot back for the next request."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: refused
@@ -414,6 +430,7 @@ async def test_connect_timeout_is_not_sent():
 
 
 async def test_waiting_for_a_free_connection_past_connect_timeout_is_not_sent(serve):
+    """Waiting longer than connect_timeout for a free connection raises NotSent, never written."""
     async def stall(srv, reader, writer):
         await srv.read_request(reader)
         await srv.until_eof(reader)
@@ -449,6 +466,7 @@ async def test_connection_dropped_after_the_request_is_sent_failure_never_resent
 
 
 async def test_connection_dropped_mid_body_is_sent_failure_after_the_bytes_received(serve):
+    """A connection dropped mid-body yields the bytes received, then SentFailure; no resend."""
     async def handler(srv, reader, writer):
         await srv.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
@@ -467,6 +485,7 @@ async def test_connection_dropped_mid_body_is_sent_failure_after_the_bytes_recei
 # --- read timeout -------------------------------------------------------------------------
 
 async def test_no_response_head_within_read_timeout_is_read_timeout(serve):
+    """No complete head within read_timeout raises ReadTimeout and closes the connection."""
     async def stall(srv, reader, writer):
         await srv.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\n")  # a head that never ends
@@ -482,6 +501,7 @@ async def test_no_response_head_within_read_timeout_is_read_timeout(serve):
 @pytest.mark.parametrize("head", [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
                                   b"HTTP/1.1 200 OK\r\n\r\n"])  # the EOF we cause ends nothing
 async def test_no_next_body_bytes_within_read_timeout_is_read_timeout(serve, head):
+    """A body stalled longer than read_timeout raises ReadTimeout and closes the connection."""
     async def stall(srv, reader, writer):
         await srv.read_request(reader)
         writer.write(head + b"abc")
@@ -498,6 +518,7 @@ async def test_no_next_body_bytes_within_read_timeout_is_read_timeout(serve, hea
 # --- flow control, limits, cancellation ---------------------------------------------------
 
 async def test_big_body_buffers_at_most_about_a_mebibyte_for_a_slow_reader(serve, monkeypatch):
+    """A 20 MiB body to a slow reader arrives intact, buffering at most HIGH_WATER plus one read."""
     size, piece = 20 * 2**20, bytes(range(256)) * 256
     peak = 0
     on_body = upstream_client._Conn.on_body
@@ -551,6 +572,7 @@ async def test_a_paused_connection_given_back_still_notices_the_server_closing_i
 
 
 async def test_at_most_max_connections_are_open(serve):
+    """Ten concurrent requests all succeed without ever opening more than max_connections."""
     async def slow(srv, reader, writer):
         while True:
             await srv.read_request(reader)
@@ -564,6 +586,7 @@ async def test_at_most_max_connections_are_open(serve):
 
 
 async def test_waiters_are_served_in_arrival_order(serve):
+    """Requests waiting for the one connection are sent in the order they were made."""
     srv, pool = await serve(respond(OK), max_connections=1)
     await asyncio.gather(*[get(pool, headers=HOST + [("X-N", str(i))]) for i in range(6)])
     served = [int(re.search(rb"X-N: (\d+)", r).group(1)) for r in srv.requests]
@@ -571,6 +594,7 @@ async def test_waiters_are_served_in_arrival_order(serve):
 
 
 async def test_a_waiter_gets_the_slot_of_a_connection_that_was_closed(serve):
+    """When a connection closes after Connection: close, its slot passes to the next waiter."""
     close = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
     srv, pool = await serve(respond(close, then_close=True), max_connections=1)
     assert await asyncio.gather(*[get(pool) for _ in range(3)]) == [(200, b"ok")] * 3
@@ -579,6 +603,7 @@ async def test_a_waiter_gets_the_slot_of_a_connection_that_was_closed(serve):
 
 @pytest.mark.parametrize("where", ["head", "body"])
 async def test_cancelled_request_closes_its_connection_and_frees_the_slot(serve, where):
+    """A request cancelled while awaiting head or body closes its connection and frees its slot."""
     async def handler(srv, reader, writer):
         await srv.read_request(reader)
         if srv.connections == 1:  # the first one stalls
@@ -601,6 +626,7 @@ async def test_cancelled_request_closes_its_connection_and_frees_the_slot(serve,
 
 
 async def test_close_closes_idle_and_lent_connections(serve):
+    """close() ends idle and lent connections: a pending read fails, later requests are NotSent."""
     async def handler(srv, reader, writer):
         first = srv.connections == 1
         await srv.read_request(reader)
@@ -624,6 +650,7 @@ async def test_close_closes_idle_and_lent_connections(serve):
 # --- a real server ------------------------------------------------------------------------
 
 async def test_against_an_aiohttp_server():
+    """Against real aiohttp, sized and chunked bodies and a 404 share one keep-alive connection."""
     peers: set[object] = set()
 
     async def echo(request: web.Request) -> web.StreamResponse:
