@@ -13,7 +13,8 @@
         ├── UpstreamUnreachable     502 connection refused: the request was never sent
         ├── UpstreamFailed          502 reset after sending: outcome unknown
         ├── UpstreamTimeout         504 no answer in time: outcome unknown
-        └── ServiceUnavailable      503 the store is down and the route fails closed
+        ├── ServiceUnavailable      503 the store is down and the route fails closed
+        └── StoredAnswerUnreadable  500 a sealed record cannot be opened (never re-executed)
 
 Foreign exceptions (asyncpg, aiohttp client) are translated at exactly one boundary each:
 `store/postgres.py` and `forward.py`.
@@ -131,3 +132,16 @@ class ServiceUnavailable(ProblemError):
     status = 503
     slug = "store-unavailable"
     title = "Idempotency store unavailable"
+
+
+class StoredAnswerUnreadable(ProblemError):
+    """A stored record's key is not configured or its ciphertext was altered: an error,
+    never a reason to execute the request again (proxy/sealing.py)."""
+
+    status = 500
+    slug = "stored-answer-unreadable"
+    title = "Stored answer cannot be read"
+
+    def __init__(self, detail: str, *, key_id: str) -> None:
+        super().__init__(detail)
+        self.key_id = key_id

@@ -160,8 +160,8 @@ def test_bad_defaults_are_reported_once_under_defaults() -> None:
 
 @pytest.mark.parametrize(("text", "problem"), [
     ("listn: 0.0.0.0:8080\n", "listn: unknown field (expected one of: admin, "
-     "allow_python_parser, data_dir, database, defaults, listen, logging, replay_cache, "
-     "routes, shutdown_grace, sweep_interval, upstream, workers)"),
+     "allow_python_parser, data_dir, database, defaults, encryption, listen, logging, "
+     "replay_cache, routes, shutdown_grace, sweep_interval, upstream, workers)"),
     ("defaults: {tll: 1h}\n", "defaults.tll: unknown field"),
     ("defaults: {preset: github}\n", "defaults.preset: unknown field"),
     (one_route("tll: 1h"), "routes[0].tll: unknown field"),

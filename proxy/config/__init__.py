@@ -7,6 +7,7 @@ from proxy.config.schema import (
     Concurrent,
     Config,
     Database,
+    Encryption,
     Fingerprint,
     KeySource,
     Listen,
@@ -20,7 +21,7 @@ from proxy.config.schema import (
 )
 
 __all__ = [
-    "SAFE_METHODS", "Admin", "Concurrent", "Config", "Database", "Fingerprint", "KeySource",
-    "Listen", "Logging", "Route", "StoreUnavailablePolicy", "Tenant", "TenantMode",
+    "SAFE_METHODS", "Admin", "Concurrent", "Config", "Database", "Encryption", "Fingerprint",
+    "KeySource", "Listen", "Logging", "Route", "StoreUnavailablePolicy", "Tenant", "TenantMode",
     "UnknownOutcome", "Upstream", "load", "loads",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from proxy.config.routes import parse_routes
-from proxy.config.schema import Admin, Config, Database, Logging, Upstream
+from proxy.config.schema import Admin, Config, Database, Encryption, Logging, Upstream
 from proxy.config.values import (
     Reader,
     bool_,
@@ -47,8 +47,11 @@ def loads(text: str, *, env: Mapping[str, str], source: str = "<string>") -> Con
     r = Reader(problems, env)
     top = r.section(raw, "", {"listen", "admin", "upstream", "database", "defaults", "routes",
                               "data_dir", "workers", "shutdown_grace", "sweep_interval",
-                              "replay_cache", "logging", "allow_python_parser"})
+                              "replay_cache", "logging", "encryption",
+                              "allow_python_parser"})
     cfg = _parse_top(r, top, env, source)
+    if not problems:
+        problems += _check_keys(cfg.encryption.keys_env, env)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -61,6 +64,7 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
                    {"url", "connect_timeout", "timeout", "max_connections"})
     db = r.section(top.get("database"), "database", {"url", "pool_min", "pool_max", "timeout"})
     lg = r.section(top.get("logging"), "logging", {"format", "level"})
+    enc = r.section(top.get("encryption"), "encryption", {"keys_env"})
     upstream_url = r.get(up, "url", "upstream.url", _upstream_url, d.upstream.url)
     db_url = env.get("IDEMPROXY_DATABASE_URL") or r.get(db, "url", "database.url", str_, "")
     return Config(
@@ -90,6 +94,8 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
             format=r.get(lg, "format", "logging.format", choice("json", "text"), "json"),
             level=r.get(lg, "level", "logging.level",
                         choice("debug", "info", "warning", "error"), "info")),
+        encryption=Encryption(keys_env=r.get(enc, "keys_env", "encryption.keys_env",
+                                             _env_name, d.encryption.keys_env)),
         allow_python_parser=r.get(top, "allow_python_parser", "allow_python_parser",
                                   bool_, False),
         source=source,
@@ -104,6 +110,25 @@ def _workers(value: object) -> int:
     if isinstance(value, str) and value.strip().isdigit():  # e.g. ${IDEMPROXY_WORKERS:-2}
         value = int(value)
     return int_in(1, 256)(value)
+
+
+def _env_name(value: object) -> str:
+    text = str_(value)
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", text):
+        raise ValueError(f"{value!r} is not an environment variable name")
+    return text
+
+
+def _check_keys(env_name: str, env: Mapping[str, str]) -> list[str]:
+    """The keys the variable holds must parse (checked here so check-config sees them;
+    they are parsed again at start-up and never kept in the config)."""
+    from proxy.sealing import parse_keys
+
+    try:
+        parse_keys(env.get(env_name, ""), source=f"encryption.keys_env: ${env_name}")
+    except ConfigError as exc:
+        return exc.problems
+    return []
 
 
 def _upstream_url(value: object) -> str:

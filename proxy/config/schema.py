@@ -131,6 +131,13 @@ class Database:
 
 
 @dataclass(frozen=True, slots=True)
+class Encryption:
+    # the environment variable holding the keys, `ID:BASE64` comma-separated; the first
+    # seals new records, all open them; unset or empty: stored answers are not encrypted
+    keys_env: str = "IDEMPROXY_ENCRYPTION_KEYS"
+
+
+@dataclass(frozen=True, slots=True)
 class Logging:
     format: str = "json"  # json | text
     level: str = "info"
@@ -149,6 +156,7 @@ class Config:
     sweep_interval: float = 60.0
     replay_cache: int = 16 * 1024 * 1024  # bytes of completed responses kept per process
     logging: Logging = Logging()
+    encryption: Encryption = Encryption()
     allow_python_parser: bool = False  # refuse to start without aiohttp's C parser
     source: str = field(default="<defaults>", compare=False)
 
