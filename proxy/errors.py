@@ -9,7 +9,7 @@
         ├── KeyMalformed            400 empty, too long, non-printable, several key headers
         ├── BodyTooLarge            413 request body over max_request_body
         ├── KeyInFlight             409 the first request with this key is still running
-        ├── KeyReused               422 same key, different fingerprint
+        ├── KeyReused               422 same key, different fingerprint (mismatch_status)
         ├── UpstreamUnreachable     502 connection refused: the request was never sent
         ├── UpstreamFailed          502 reset after sending: outcome unknown
         ├── UpstreamTimeout         504 no answer in time: outcome unknown
@@ -47,7 +47,7 @@ class StoreUnavailable(IdemproxyError):
 class ProblemError(IdemproxyError):
     """An error answered to the client as application/problem+json."""
 
-    status: ClassVar[int] = 500
+    status: int = 500  # per class; an instance may differ (KeyReused: mismatch_status)
     slug: ClassVar[str] = "internal"
     title: ClassVar[str] = "Internal error"
 
@@ -108,6 +108,11 @@ class KeyReused(ProblemError):
     status = 422
     slug = "key-reused"
     title = "Idempotency key reused with a different request"
+
+    def __init__(self, detail: str, *, status: int = 422,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail, headers=headers)
+        self.status = status  # routes[].mismatch_status: 409 or 400 for some clients
 
 
 class UpstreamUnreachable(ProblemError):

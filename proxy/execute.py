@@ -8,6 +8,7 @@ import time
 
 from aiohttp import web
 
+from proxy import cors
 from proxy import headers as hdrs
 from proxy.config import UnknownOutcome
 from proxy.context import Deps, Guarded, finish, log
@@ -157,7 +158,9 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
             State.COMPLETED, g.fingerprint, g.token, claim.record.expires_at, up.status,
             stored, body, 0, len(body), False), seen=seen)
     finish(deps, g, route, Outcome.FORWARDED, up.status)
-    return whole_response(up, body, guard_headers(route, claim.record.expires_at))
+    resp = whole_response(up, body, guard_headers(route, claim.record.expires_at))
+    cors.expose_for(route, resp.headers)
+    return resp
 
 
 async def _stream_and_record(request: web.BaseRequest, deps: Deps, g: Guarded, claim: Claim,
@@ -169,6 +172,7 @@ async def _stream_and_record(request: web.BaseRequest, deps: Deps, g: Guarded, c
         return await _record_small(deps, g, claim, up)
     sink = ClientSink(request, response_for(up, extra=guard_headers(
         route, claim.record.expires_at)))
+    cors.expose_for(route, sink.response.headers)
     await sink.start()
     rec = Recorder(deps.store, scope=g.scope, key=g.key, token=g.token,
                    limit=route.max_stored_body)

@@ -129,9 +129,10 @@ async def _answer(request: web.BaseRequest, deps: Deps, g: Guarded,
                 return await fail_dead_claim(deps, g)
         return await execute(request, deps, g, claim)
     if rec.fingerprint != g.fingerprint:
-        finish(deps, g, route, Outcome.MISMATCH, 422)
+        finish(deps, g, route, Outcome.MISMATCH, route.mismatch_status)
         raise KeyReused("This idempotency key was already used for a different request "
                         "(method, path, query or body differ). Use a new key.",
+                        status=route.mismatch_status,
                         headers=guard_headers(route, rec.expires_at))
     if rec.state is State.COMPLETED:
         resp = await replay(request, rec, route=route, scope=g.scope, key=g.key,

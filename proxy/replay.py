@@ -9,6 +9,7 @@ from email.utils import format_datetime
 
 from aiohttp import web
 
+from proxy import cors
 from proxy.config import Route
 from proxy.errors import StoreUnavailable
 from proxy.relay import ClientSink
@@ -51,6 +52,7 @@ async def replay(request: web.BaseRequest, record: Record, *, route: Route, scop
         if k.lower() != "content-length":
             resp.headers.add(k, v)
     resp.headers.update(extra)
+    cors.expose_for(route, resp.headers)
     if record.body_chunks == 0:
         return resp
     sink = ClientSink(request, resp)

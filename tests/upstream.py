@@ -3,7 +3,7 @@
 Paths: /exec/* (count and answer; ?status=, ?delay=), /gate/* (hold until released),
 /big?size=N (stream N bytes), /reset/* (execute, then drop the connection unanswered),
 /stall/* (execute, then never answer), /headers (multi-value and Set-Cookie headers),
-/echo (echo request headers and body), anything else: 200 JSON.
+/echo (echo request headers and body), /cors/* (a CORS answer; ?expose=), anything else: 200 JSON.
 """
 
 from __future__ import annotations
@@ -99,6 +99,14 @@ class TestUpstream:
         resp.headers.add("Cache-Control", "no-store")
         return resp
 
+    async def cors(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        resp = web.json_response({"n": self.count(request.path)}, status=201)
+        resp.headers["Access-Control-Allow-Origin"] = "https://app.example"
+        if "expose" in request.query:
+            resp.headers["Access-Control-Expose-Headers"] = request.query["expose"]
+        return resp
+
     async def echo(self, request: web.Request) -> web.StreamResponse:
         e = await self._record(request)
         return web.json_response({"method": e.method, "path": e.path, "query": e.query,
@@ -118,6 +126,7 @@ class TestUpstream:
         r.add_route("*", "/stall/{tail:.*}", self.stall)
         r.add_route("*", "/headers", self.headers)
         r.add_route("*", "/echo{tail:.*}", self.echo)
+        r.add_route("*", "/cors/{tail:.*}", self.cors)
         r.add_route("*", "/{tail:.*}", self.other)
         return app
 

@@ -40,7 +40,7 @@ ROUTE_FIELDS = {
     "name", "match", "key", "preset", "require_key", "tenant", "fingerprint", "ttl",
     "lock_timeout", "concurrent", "wait_timeout", "release_statuses", "unknown_outcome",
     "max_request_body", "max_stored_body", "store_unavailable", "replay_set_cookie",
-    "replay_header", "expires_header",
+    "replay_header", "expires_header", "mismatch_status",
 }
 DEFAULT_FIELDS = ROUTE_FIELDS - {"name", "match", "preset"}
 KEY_FIELDS = {"header", "path", "body", "bucket", "raw"}
@@ -177,6 +177,7 @@ def _policies(r: Reader, layers: _Layers) -> dict[str, Any]:
         "unknown_outcome": enum_(UnknownOutcome), "max_request_body": parse_size,
         "max_stored_body": parse_size, "store_unavailable": enum_(StoreUnavailablePolicy),
         "replay_set_cookie": bool_, "replay_header": _response_header,
+        "mismatch_status": _mismatch_status,
     }
     dflt = Route(name="", methods=frozenset(), path=PathPattern.compile("/"))
     out = {f: r.get(d, f, at(f), parse, getattr(dflt, f)) for f, parse in parsers.items()}
@@ -306,6 +307,18 @@ def _statuses(value: object) -> frozenset[int]:
             isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in value):
         raise ValueError(f"{value!r} is not a list of HTTP statuses like [429, 503]")
     return frozenset(value)
+
+
+MISMATCH_STATUSES = (400, 409, 422)
+
+
+def _mismatch_status(value: object) -> int:
+    # 422 is the IETF draft's answer; some clients read 422 as "fix the body, do not
+    # retry" and want 409 (conflict) or 400 instead (draft issue #42).
+    if isinstance(value, bool) or value not in MISMATCH_STATUSES:
+        raise ValueError(f"{value!r} is not one of: 400, 409, 422")
+    assert isinstance(value, int)
+    return value
 
 
 def _pointer(value: object) -> str:

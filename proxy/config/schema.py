@@ -93,6 +93,7 @@ class Route:
     replay_set_cookie: bool = False
     replay_header: str = "Idempotent-Replayed"  # default Idempotent-Replayed: true on replays
     expires_header: str | None = "Idempotency-Expires"  # default; null turns it off
+    mismatch_status: int = 422  # default 422; 409 or 400 for clients that read 422 otherwise
 
 
 @dataclass(frozen=True, slots=True)
