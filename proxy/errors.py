@@ -150,3 +150,11 @@ class StoredAnswerUnreadable(ProblemError):
     def __init__(self, detail: str, *, key_id: str) -> None:
         super().__init__(detail)
         self.key_id = key_id
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as log and error text that is never empty: `TimeoutError()` has no
+    message, so its class name stands in (`error: TimeoutError: ` said nothing)."""
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name

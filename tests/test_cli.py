@@ -100,7 +100,7 @@ async def test_a_missing_config_file_exits_2():
 async def test_check_config_warns_about_an_open_admin_port_without_a_token(tmp_path):
     """An admin listener beyond loopback without the token set passes with a warning."""
     cfg = tmp_path / "open-admin.yaml"
-    cfg.write_text("admin:\n  listen: 0.0.0.0:9090\n")
+    cfg.write_text("upstream: {url: 'http://127.0.0.1:9'}\nadmin:\n  listen: 0.0.0.0:9090\n")
     code, _, err = await cli("check-config", str(cfg))
     assert code == 0 and "IDEMPROXY_ADMIN_TOKEN" in err
     code, _, err = await cli("check-config", str(cfg), env={"IDEMPROXY_ADMIN_TOKEN": "t"})
@@ -171,3 +171,150 @@ async def test_an_unreachable_database_exits_1_with_one_line():
     code, _, err = await cli(*keys_cmd("list"), db=url)
     assert code == 1 and err.startswith("error: database unreachable")
     assert "Traceback" not in err
+
+
+# --- a stranger's first hour (#14) ------------------------------------------------------
+
+async def test_version_matches_the_package_metadata():
+    """`idemproxy --version` prints the version pyproject.toml declares, and exits 0."""
+    import tomllib
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    code, out, _ = await cli("--version")
+    assert (code, out.strip()) == (0, f"idemproxy {meta['version']}")
+
+
+def test_license_file_and_metadata_agree():
+    """LICENSE is the Apache-2.0 text the metadata names, shipped, with project URLs."""
+    import tomllib
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == "Apache-2.0" and meta["license-files"] == ["LICENSE"]
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    assert meta["urls"]["Homepage"].startswith("https://")
+
+
+@pytest.mark.parametrize("args", [("serve",), ("keys", "list"), ("migrate",), ("purge",)])
+async def test_no_config_anywhere_exits_2_saying_what_to_set(args):
+    """Without --config or IDEMPROXY_CONFIG a command exits 2 naming both, not "cannot read"."""
+    code, _, err = await cli(*args)
+    assert code == 2 and "--config" in err and "IDEMPROXY_CONFIG" in err, err
+    assert "cannot read" not in err and "Traceback" not in err
+
+
+async def test_a_negative_limit_is_a_usage_error():
+    """`keys list --limit -1` exits 2 with argparse's line, never a database error name."""
+    code, _, err = await cli(*keys_cmd("list", "--limit", "-1"))
+    assert code == 2 and "--limit" in err and "Error:" not in err.replace("error:", "")
+
+
+async def test_check_config_on_a_binary_file_exits_2_naming_it(tmp_path):
+    """A binary file is "not a YAML text file" (exit 2), not a UnicodeDecodeError."""
+    bad = tmp_path / "binary.yaml"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    code, _, err = await cli("check-config", str(bad))
+    assert code == 2 and f"{bad}: not a YAML text file" in err, err
+    assert "UnicodeDecodeError" not in err
+
+
+async def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    """PyYAML's `<unicode string>` is replaced by the file's name, line and column."""
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("listen: 127.0.0.1:8080\nroutes: [\n")
+    code, _, err = await cli("check-config", str(bad))
+    assert code == 2 and f"{bad}:3:" in err and "not valid YAML" in err, err
+    assert "<unicode string>" not in err
+
+
+async def test_an_empty_config_file_is_an_error(tmp_path):
+    """An empty (or comments-only) file exits 2 instead of "OK (0 routes, ...)"."""
+    for text in ("", "# nothing yet\n\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        code, out, err = await cli("check-config", str(empty))
+        assert code == 2 and "empty" in err and "OK" not in out, err
+
+
+async def test_check_config_counts_one_route_in_the_singular(tmp_path):
+    """"1 route", not "1 routes"."""
+    cfg = tmp_path / "one.yaml"
+    cfg.write_text("upstream: {url: 'http://127.0.0.1:9'}\n"
+                   "routes:\n  - {name: a, match: {path: /a}}\n")
+    code, out, _ = await cli("check-config", str(cfg))
+    assert code == 0 and "(1 route," in out
+
+
+def test_data_dir_counts_from_the_config_files_folder(tmp_path, monkeypatch):
+    """A relative (or absent) data_dir resolves against the config's folder, not the cwd."""
+    from proxy.config import load
+    (tmp_path / "etc").mkdir()
+    cfg = tmp_path / "etc" / "c.yaml"
+    cfg.write_text("upstream: {url: 'http://127.0.0.1:9'}\ndata_dir: state\n")
+    monkeypatch.chdir("/")
+    assert load(cfg, env={}).data_dir == str(tmp_path / "etc" / "state")
+    cfg.write_text("upstream: {url: 'http://127.0.0.1:9'}\n")
+    assert load(cfg, env={}).data_dir == str(tmp_path / "etc" / ".idemproxy")
+    cfg.write_text("upstream: {url: 'http://127.0.0.1:9'}\ndata_dir: /var/lib/x\n")
+    assert load(cfg, env={}).data_dir == "/var/lib/x"
+
+
+@pytest.mark.parametrize("args", [("keys", "list"), ("keys", "show", "a:-", "k"), ("purge",)])
+async def test_read_only_commands_never_create_a_cluster(tmp_path, args):
+    """With no URL and no cluster under data_dir, keys/purge exit 1 and create nothing."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("upstream: {url: 'http://127.0.0.1:9'}\ndata_dir: state\n")
+    code, _, err = await cli(*args, "--config", str(cfg))
+    assert code == 1 and "no database" in err and "idemproxy migrate" in err, err
+    assert not (tmp_path / "state").exists()
+
+
+async def test_the_image_refuses_a_private_embedded_database(tmp_path):
+    """IDEMPROXY_EMBEDDED_DATABASE=0 (the image's setting) without a URL: exit 2 saying
+    what to set, and no cluster is created."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"listen: 127.0.0.1:{free_port()}\nadmin: {{listen: '127.0.0.1:"
+                   f"{free_port()}'}}\nupstream: {{url: 'http://127.0.0.1:9'}}\n"
+                   "data_dir: state\nworkers: 1\n")
+    code, _, err = await cli("serve", "--config", str(cfg),
+                             env={"IDEMPROXY_EMBEDDED_DATABASE": "0"})
+    assert code == 2 and "IDEMPROXY_DATABASE_URL" in err
+    assert "IDEMPROXY_EMBEDDED_DATABASE=1" in err and not (tmp_path / "state").exists()
+
+
+async def test_keys_list_shows_stored_keys_newest_first_with_their_scope(db, store):
+    """`keys list` lists completed keys too, newest first, filtered by route, state and
+    age, bounded by --limit; each row's scope is what `keys show` takes."""
+    from proxy.store import Completion
+    route = "cli-list-" + uuid.uuid4().hex[:6]
+    keys = [uuid.uuid4().hex for _ in range(3)]
+    for k in keys:
+        token = uuid.uuid4()
+        await store.claim(scope=f"{route}:t1", key=k, fingerprint=b"f" * 32, token=token,
+                          lease=60, ttl=60)
+        if k != keys[1]:
+            await store.complete(scope=f"{route}:t1", key=k, token=token, done=Completion(
+                status=201, headers=(), body=b"{}", body_chunks=0, body_size=2,
+                body_omitted=False), notify=False)
+    await claim(store, f"{route}-other:t1", uuid.uuid4().hex)
+    code, out, _ = await cli(*keys_cmd("list", "--route", route), db=db)
+    rows = json.loads(out)
+    assert code == 0 and [r["key"] for r in rows] == keys[::-1]
+    assert {r["scope"] for r in rows} == {f"{route}:t1"}
+    code, out, _ = await cli(*keys_cmd("list", "--route", route, "--state", "completed"),
+                             db=db)
+    assert [r["key"] for r in json.loads(out)] == [keys[2], keys[0]]
+    code, out, _ = await cli(*keys_cmd("list", "--route", route, "--limit", "1"), db=db)
+    assert [r["key"] for r in json.loads(out)] == [keys[2]]
+    code, out, _ = await cli(*keys_cmd("list", "--route", route, "--older-than", "1h"),
+                             db=db)
+    assert json.loads(out) == []
+    code, out, _ = await cli(*keys_cmd("list", "--route", route, "--newer-than", "1h"),
+                             db=db)
+    assert len(json.loads(out)) == 3
+    code, out, _ = await cli(*keys_cmd("show", rows[0]["scope"], rows[0]["key"]), db=db)
+    assert code == 0 and json.loads(out)["state"] == "completed"
+
+
+def test_exception_text_is_never_empty():
+    """An exception without a message is described by its class name, not "Name: "."""
+    from proxy.errors import describe
+    assert describe(TimeoutError()) == "TimeoutError"
+    assert describe(ValueError("bad")) == "ValueError: bad"

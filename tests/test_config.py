@@ -371,3 +371,96 @@ def test_workers_default_to_the_cores_available():
     from proxy.config import loads as load_text
 
     assert load_text("{}", env={}).workers == len(os.sched_getaffinity(0))
+
+
+# --- cross-field checks (#14): configs whose fields are fine but cannot work as written ---
+
+UP = "upstream: {url: 'http://127.0.0.1:9'}\n"
+
+
+def _problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        loads(UP + text, env={})
+    return info.value.problems
+
+
+@pytest.mark.parametrize("routes,expect", [
+    ("  - {name: all, match: {methods: [POST, PUT], path: '/*'}}\n"
+     "  - {name: charges, match: {methods: [POST], path: /v1/charges}, require_key: true}\n",
+     "routes[1] ('charges') can never match: every request it would take goes first to "
+     "routes[0] ('all', '/*')"),
+    ("  - {name: a, match: {methods: [POST], path: /v1/x}}\n"
+     "  - {name: b, match: {methods: [POST], path: /v1/x}}\n",
+     "routes[1] ('b') has the same path and methods as routes[0] ('a', '/v1/x')"),
+    ("  - {name: a, match: {methods: [PUT], path: '/orders/{id}'}}\n"
+     "  - {name: b, match: {methods: [PUT], path: /orders/42}}\n",
+     "routes[1] ('b') can never match"),
+    ("  - {name: a, match: {methods: [POST], path: '/v1/*'}}\n"
+     "  - {name: b, match: {methods: [POST], path: '/v1/files/*'}}\n",
+     "routes[1] ('b') can never match"),
+    ("  - {name: a, match: {path: '/v1/charges?x=1'}}\n",
+     "routes[0].match.path: '/v1/charges?x=1' contains ?"),
+    ("  - {name: a, match: {path: '/v1/my charges'}}\n",
+     "routes[0].match.path: '/v1/my charges' contains whitespace"),
+])
+def test_routes_that_cannot_work_are_errors(routes, expect):
+    """A route hidden behind an earlier one, a duplicate, a path with ? or a space: errors
+    naming the route."""
+    problems = _problems("routes:\n" + routes)
+    assert any(expect in p for p in problems), problems
+
+
+@pytest.mark.parametrize("routes", [
+    "  - {name: c, match: {methods: [POST], path: /v1/charges}}\n"
+    "  - {name: all, match: {methods: [POST], path: '/*'}}\n",
+    "  - {name: a, match: {methods: [PUT], path: '/orders/42'}}\n"
+    "  - {name: b, match: {methods: [PUT], path: '/orders/{id}'}}\n",
+    "  - {name: a, match: {methods: [POST], path: '/v1/files/*'}}\n"
+    "  - {name: b, match: {methods: [POST], path: '/v1/*'}}\n",
+    "  - {name: a, match: {methods: [POST], path: '/v1/a'}}\n"
+    "  - {name: b, match: {methods: [PUT], path: '/v1/a'}}\n",
+])
+def test_narrower_routes_first_are_fine(routes):
+    """The narrower route before the wider one, or other methods, loads without a warning."""
+    cfg = loads(UP + "routes:\n" + routes, env={})
+    assert cfg.warnings == ()
+
+
+def test_a_route_losing_some_methods_to_an_earlier_one_is_a_warning():
+    """Partly shadowed: it loads, and the warning names the methods and the earlier route."""
+    cfg = loads(UP + "routes:\n"
+                "  - {name: all, match: {methods: [POST], path: '/*'}}\n"
+                "  - {name: o, match: {methods: [POST, PUT], path: '/orders/{id}'}}\n",
+                env={})
+    assert cfg.warnings == ("routes[1] ('o'): its POST requests go first to routes[0] "
+                            "('all', '/*')",)
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("listen: 0.0.0.0:8080\nadmin: {listen: '127.0.0.1:8080'}\n",
+     "admin.listen: 127.0.0.1:8080 is the proxied port (listen: 0.0.0.0:8080)"),
+    ("listen: 127.0.0.1:8080\nadmin: {listen: '127.0.0.1:8080'}\n", "admin.listen:"),
+    ("database: {pool_min: 20, pool_max: 10}\n",
+     "database.pool_min: 20 is more than database.pool_max (10)"),
+])
+def test_top_level_combinations_that_cannot_work_are_errors(text, expect):
+    """admin.listen on the proxied port, pool_min above pool_max: errors naming the field."""
+    assert any(expect in p for p in _problems(text)), _problems(text)
+
+
+def test_leases_and_waits_longer_than_the_window_are_warnings():
+    """lock_timeout or wait_timeout longer than ttl loads, with a warning naming it."""
+    cfg = loads(UP + "routes:\n  - {name: a, match: {path: /a}, ttl: 1m, lock_timeout: 2m,"
+                " concurrent: wait, wait_timeout: 90s}\n", env={})
+    assert cfg.warnings == (
+        "routes[0] ('a').lock_timeout: 2m is longer than ttl (1m): a claim stays in "
+        "flight past its key's window",
+        "routes[0] ('a').wait_timeout: 90s is longer than ttl (1m): a held retry can "
+        "outwait the key's window")
+
+
+def test_a_missing_upstream_is_a_warning_not_a_silent_default():
+    """No upstream.url: the config loads, with a warning saying where requests go."""
+    assert loads("routes: []\n", env={}).warnings == (
+        "upstream.url: not set; requests go to the default http://127.0.0.1:9000",)
+    assert loads(UP, env={}).warnings == ()

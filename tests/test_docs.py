@@ -30,7 +30,8 @@ EXAMPLES = sorted((ROOT / "config").glob("*.yaml"))
 RENAMED = {("Route", "methods"): "match.methods", ("Route", "path"): "match.path",
            ("Tenant", "mode"): ""}
 LEAVES = (Listen, PathPattern)  # dataclasses written as one scalar
-NOT_CONFIG = {("Config", "source")}  # where the config was read from, not a field
+NOT_CONFIG = {("Config", "source"), ("Config", "warnings")}  # not fields: where it was
+# read from, and what check-config warns about
 YAML_ONLY = {"defaults"}  # a YAML section with no dataclass of its own
 
 

@@ -6,6 +6,7 @@ in a file are collected and reported together.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from proxy.config.checks import check_config, config_warnings
 from proxy.config.routes import parse_routes
 from proxy.config.schema import Admin, Config, Database, Encryption, Logging, Upstream
 from proxy.config.values import (
@@ -30,19 +32,41 @@ from proxy.errors import ConfigError
 
 
 def load(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
-    """Read, expand and validate a config file; raise ConfigError listing every problem."""
+    """Read, expand and validate a config file; raise ConfigError listing every problem.
+
+    A relative `data_dir` is resolved against the config file's folder, so a command run
+    from anywhere finds the same embedded database.
+    """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    return loads(text, env=os.environ if env is None else env, source=str(path))
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not a YAML text file (byte {exc.start} is not "
+                           "UTF-8)"]) from None
+    if not text.strip() or all(line.lstrip().startswith("#") or not line.strip()
+                               for line in text.splitlines()):
+        raise ConfigError([f"{path}: the file is empty (a config needs at least "
+                           "upstream.url; see config/example.yaml)"])
+    cfg = loads(text, env=os.environ if env is None else env, source=str(path))
+    return dataclasses.replace(cfg, data_dir=resolve_data_dir(cfg.data_dir, path))
+
+
+def resolve_data_dir(data_dir: str, config_path: str | Path) -> str:
+    """`data_dir` as an absolute path; a relative one counts from the config's folder."""
+    expanded = Path(data_dir).expanduser()
+    if expanded.is_absolute():
+        return str(expanded)
+    return str((Path(config_path).resolve().parent / expanded).resolve())
 
 
 def loads(text: str, *, env: Mapping[str, str], source: str = "<string>") -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
+        raise ConfigError([_yaml_error(source, exc)]) from None
     problems: list[str] = []
     r = Reader(problems, env)
     top = r.section(raw, "", {"listen", "admin", "upstream", "database", "defaults", "routes",
@@ -52,9 +76,20 @@ def loads(text: str, *, env: Mapping[str, str], source: str = "<string>") -> Con
     cfg = _parse_top(r, top, env, source)
     if not problems:
         problems += _check_keys(cfg.encryption.keys_env, env)
+        check_config(r, cfg)
     if problems:
         raise ConfigError(problems)
-    return cfg
+    return dataclasses.replace(cfg, warnings=config_warnings(cfg, top))
+
+
+def _yaml_error(source: str, exc: yaml.YAMLError) -> str:
+    """`file:LINE:COLUMN: not valid YAML: <problem>`, naming the file (PyYAML's own text
+    names `<unicode string>`)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: str) -> Config:

@@ -160,5 +160,8 @@ class Config:
     encryption: Encryption = Encryption()
     allow_python_parser: bool = False  # refuse to start without aiohttp's C parser
     source: str = field(default="<defaults>", compare=False)
+    # Not a field: what check-config prints and serve logs about a config that loads but
+    # looks wrong (a partly shadowed route, a lease longer than the window, ...).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 

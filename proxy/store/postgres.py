@@ -246,6 +246,29 @@ class PostgresStore:
               FROM idemproxy_keys WHERE state = 1 ORDER BY created_at LIMIT $1""", limit)
         return [_admin_row(r) for r in rows]
 
+    async def list_keys(self, *, limit: int, route: str | None = None,
+                        state: State | None = None, newer_than: float | None = None,
+                        older_than: float | None = None) -> list[dict[str, Any]]:
+        """Stored keys and claims, newest first, at most `limit` (the CLI's `keys list`).
+
+        `route` keeps one route's scopes (`ROUTE:TENANT`); `newer_than`/`older_than` are
+        ages in seconds on the database's clock. Expired rows the sweeper has not deleted
+        yet are listed too, marked `expired`. No index serves this order: it reads the
+        table once (an operator's command, bounded by `limit`, never on the request path).
+        """
+        rows = await self._call("admin", "fetch", """
+            SELECT scope, key, state, status, created_at, completed_at, expires_at,
+                   locked_until, body_size, body_omitted, takeovers,
+                   expires_at <= now() AS expired
+              FROM idemproxy_keys
+             WHERE ($2::text IS NULL OR left(scope, length($2) + 1) = $2 || ':')
+               AND ($3::smallint IS NULL OR state = $3)
+               AND ($4::float8 IS NULL OR created_at >= now() - make_interval(secs => $4))
+               AND ($5::float8 IS NULL OR created_at <= now() - make_interval(secs => $5))
+             ORDER BY created_at DESC, scope, key LIMIT $1""",
+            limit, route, None if state is None else int(state), newer_than, older_than)
+        return [_admin_row(r) for r in rows]
+
     async def purge(self, *, batch: int = 1000) -> int:
         """Delete one batch of expired rows (and their bodies); the number of rows gone."""
         n: int = await self._call("purge", "fetchval", """
