@@ -8,7 +8,6 @@ never a traceback to the client.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -21,13 +20,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy import idempotency, routing
 from proxy.config import SAFE_METHODS, Config
 from proxy.errors import (
-    ERROR_BASE,
+    AdminUnauthorized,
     BadRequest,
+    InternalError,
+    NotFound,
     ProblemError,
-    ServiceUnavailable,
-    StoreUnavailable,
+    StoreError,
+    for_http_status,
+    store_unavailable,
 )
-from proxy.framing import check_framing
+from proxy.framing import check_framing, problem_response
 from proxy.idempotency import Deps
 
 log = logging.getLogger("idemproxy.app")
@@ -38,18 +40,6 @@ STATE = web.AppKey("state", dict)
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PROBLEM_JSON = "application/problem+json"
-
-
-def problem_response(exc: ProblemError, *, instance: str | None = None) -> web.Response:
-    resp = web.Response(status=exc.status, body=exc.body(instance=instance),
-                        content_type=PROBLEM_JSON)
-    resp.headers.update(exc.headers)
-    if exc.close:
-        resp.force_close()
-    return resp
-
-
 def _refused(request: web.BaseRequest, exc: ProblemError) -> web.Response:
     log.info("request refused", extra={"fields": {
         "method": request.method, "status": exc.status, "type": exc.slug}})
@@ -58,8 +48,8 @@ def _refused(request: web.BaseRequest, exc: ProblemError) -> web.Response:
 
 def _internal_error() -> web.Response:
     log.exception("unhandled error in request handler")
-    return problem_response(ProblemError("The proxy hit an internal error; nothing was "
-                                         "stored."))
+    return problem_response(InternalError("The proxy hit an internal error; nothing was "
+                                          "stored."))
 
 
 @web.middleware
@@ -125,18 +115,6 @@ def create_admin_app(cfg: Config, deps: Deps, *, state: dict[str, bool] | None =
 OPEN_ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-class AdminUnauthorized(ProblemError):
-    status = 401
-    slug = "unauthorized"
-    title = "Admin token required"
-
-
-class AdminNotFound(ProblemError):
-    status = 404
-    slug = "not-found"
-    title = "Not found"
-
-
 def _admin_auth(cfg: Config) -> Middleware:
     """Beyond loopback, all but the open paths need `Authorization: Bearer $token_env`.
 
@@ -172,14 +150,10 @@ async def _admin_problems(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status, "http-error")
-        doc = {"type": ERROR_BASE + slug, "title": exc.reason, "status": exc.status,
-               "detail": f"The admin API has no {request.method} {request.path}."}
-        resp = web.Response(status=exc.status, body=json.dumps(doc).encode(),
-                            content_type=PROBLEM_JSON)
-        if "Allow" in exc.headers:
-            resp.headers["Allow"] = exc.headers["Allow"]
-        return resp
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return problem_response(for_http_status(
+            exc.status, reason=exc.reason,
+            detail=f"The admin API has no {request.method} {request.path}.", headers=allow))
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -219,7 +193,7 @@ async def _key_show(request: web.Request) -> web.Response:
     scope, key = _scope_key(request)
     rec = await _admin_call(request.app[DEPS].store.show(scope=scope, key=key))
     if rec is None:
-        raise AdminNotFound("No record for this key in this scope.")
+        raise NotFound("No record for this key in this scope.")
     return web.json_response(rec)
 
 
@@ -231,7 +205,7 @@ async def _key_delete(request: web.Request) -> web.Response:
     if deps.cache is not None:  # at once here; other processes hear the NOTIFY
         deps.cache.forget(scope, key)
     if not deleted:
-        raise AdminNotFound("No record for this key in this scope.")
+        raise NotFound("No record for this key in this scope.")
     log.warning("admin deleted a key", extra={"fields": {"scope": scope.split(":")[0]}})
     return web.json_response({"deleted": True})
 
@@ -240,7 +214,7 @@ async def _key_release(request: web.Request) -> web.Response:
     """POST /admin/keys/release?scope=&key=: end a stuck in-flight claim now."""
     scope, key = _scope_key(request)
     if not await _admin_call(request.app[DEPS].store.force_release(scope=scope, key=key)):
-        raise AdminNotFound("No in-flight claim for this key in this scope (completed "
+        raise NotFound("No in-flight claim for this key in this scope (completed "
                             "keys are deleted, not released).")
     log.warning("admin released a claim", extra={"fields": {"scope": scope.split(":")[0]}})
     return web.json_response({"released": True})
@@ -258,6 +232,5 @@ async def _in_flight(request: web.Request) -> web.Response:
 async def _admin_call(coro: Awaitable[T]) -> T:
     try:
         return await coro
-    except StoreUnavailable as exc:
-        raise ServiceUnavailable("The idempotency store is unreachable; try again.",
-                                 headers={"Retry-After": "1"}) from exc
+    except StoreError as exc:
+        raise store_unavailable() from exc

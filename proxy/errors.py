@@ -1,31 +1,42 @@
-"""The error tree. Every error a client can cause or see is a `ProblemError`.
+"""The error tree. Every error a client can see is a `ProblemError` defined here.
 
     IdemproxyError
     ├── ConfigError                 bad YAML config (never reaches a client)
-    ├── StoreUnavailable            Postgres unreachable or timed out (-> 503 at the edge)
+    ├── SchemaNotCurrent            the database needs `idemproxy migrate` (CLI only)
+    ├── StoreError                  anything the store failed at (store/ raises nothing else)
+    │   └── StoreUnavailable        Postgres unreachable or timed out
+    ├── UpstreamError               the upstream leg failed; carries the problem to answer
     └── ProblemError                rendered as RFC 9457 application/problem+json
-        ├── BadRequest              400 malformed framing or headers
+        ├── BadRequest              400 malformed framing, headers or admin query
         ├── KeyMissing              400 route has require_key and no key was found
         ├── KeyMalformed            400 empty, too long, non-printable, several key headers
-        ├── BodyTooLarge            413 request body over max_request_body
+        ├── AdminUnauthorized       401 admin beyond loopback without its bearer token
+        ├── NotFound                404 no such admin path or key
+        ├── MethodNotAllowed        405 admin path without that method
         ├── KeyInFlight             409 the first request with this key is still running
+        ├── BodyTooLarge            413 request body over max_request_body
         ├── KeyReused               422 same key, different fingerprint (mismatch_status)
+        ├── HTTPProblem             any other status aiohttp itself answered (admin)
+        ├── InternalError           500 a bug: logged with its traceback, never shown
+        ├── StoredAnswerUnreadable  500 a sealed record cannot be opened (never re-executed)
         ├── UpstreamUnreachable     502 connection refused: the request was never sent
         ├── UpstreamFailed          502 reset after sending: outcome unknown
-        ├── UpstreamTimeout         504 no answer in time: outcome unknown
         ├── ServiceUnavailable      503 the store is down and the route fails closed
-        └── StoredAnswerUnreadable  500 a sealed record cannot be opened (never re-executed)
+        └── UpstreamTimeout         504 no answer in time: outcome unknown
 
-Foreign exceptions (asyncpg, aiohttp client) are translated at exactly one boundary each:
-`store/postgres.py` and `forward.py`.
+Foreign exceptions are translated at exactly one boundary each: asyncpg's in `store/`
+(to `StoreError`), the upstream clients' in `forward.py` (to `UpstreamError`). Internal
+failures become answers here, in one function each: `store_unavailable()` and
+`UpstreamError.problem`. `ProblemError.body()` is the one problem+json renderer;
+`framing.problem_response` the one place it becomes an HTTP response.
 """
 
 from __future__ import annotations
 
 import json
-from typing import ClassVar
 
 ERROR_BASE = "https://idemproxy.dev/errors/"
+PROBLEM_JSON = "application/problem+json"
 
 
 class IdemproxyError(Exception):
@@ -40,16 +51,25 @@ class ConfigError(IdemproxyError):
         self.problems = problems
 
 
-class StoreUnavailable(IdemproxyError):
+class SchemaNotCurrent(IdemproxyError):
+    """The database has not been migrated to the version this code needs."""
+
+
+class StoreError(IdemproxyError):
+    """The store could not do what was asked. The flow catches this class, so every
+    failure the store translates (connection or SQL) is answered, never a 500."""
+
+
+class StoreUnavailable(StoreError):
     """The database could not be reached or did not answer in time."""
 
 
 class ProblemError(IdemproxyError):
     """An error answered to the client as application/problem+json."""
 
-    status: int = 500  # per class; an instance may differ (KeyReused: mismatch_status)
-    slug: ClassVar[str] = "internal"
-    title: ClassVar[str] = "Internal error"
+    status: int = 500
+    slug: str = "internal"
+    title: str = "Internal error"
 
     def __init__(self, detail: str, *, headers: dict[str, str] | None = None,
                  close: bool = False) -> None:
@@ -63,6 +83,7 @@ class ProblemError(IdemproxyError):
         return ERROR_BASE + self.slug
 
     def body(self, *, instance: str | None = None) -> bytes:
+        """The RFC 9457 document: type, title, status, detail (and instance if given)."""
         doc: dict[str, object] = {
             "type": self.type_uri,
             "title": self.title,
@@ -92,16 +113,34 @@ class KeyMalformed(ProblemError):
     title = "Malformed idempotency key"
 
 
-class BodyTooLarge(ProblemError):
-    status = 413
-    slug = "body-too-large"
-    title = "Request body too large"
+class AdminUnauthorized(ProblemError):
+    status = 401
+    slug = "unauthorized"
+    title = "Admin token required"
+
+
+class NotFound(ProblemError):
+    status = 404
+    slug = "not-found"
+    title = "Not Found"
+
+
+class MethodNotAllowed(ProblemError):
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method Not Allowed"
 
 
 class KeyInFlight(ProblemError):
     status = 409
     slug = "key-in-flight"
     title = "A request with this idempotency key is in progress"
+
+
+class BodyTooLarge(ProblemError):
+    status = 413
+    slug = "body-too-large"
+    title = "Request body too large"
 
 
 class KeyReused(ProblemError):
@@ -115,28 +154,21 @@ class KeyReused(ProblemError):
         self.status = status  # routes[].mismatch_status: 409 or 400 for some clients
 
 
-class UpstreamUnreachable(ProblemError):
-    status = 502
-    slug = "upstream-unreachable"
-    title = "Upstream unreachable"
+class HTTPProblem(ProblemError):
+    """A status aiohttp answered by itself (say 413 on the admin port), as a problem."""
+
+    slug = "http-error"
+
+    def __init__(self, status: int, title: str, detail: str, *,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail, headers=headers)
+        self.status, self.title = status, title
 
 
-class UpstreamFailed(ProblemError):
-    status = 502
-    slug = "upstream-failed"
-    title = "Upstream failed after the request was sent"
-
-
-class UpstreamTimeout(ProblemError):
-    status = 504
-    slug = "upstream-timeout"
-    title = "Upstream timed out"
-
-
-class ServiceUnavailable(ProblemError):
-    status = 503
-    slug = "store-unavailable"
-    title = "Idempotency store unavailable"
+class InternalError(ProblemError):
+    status = 500
+    slug = "internal"
+    title = "Internal error"
 
 
 class StoredAnswerUnreadable(ProblemError):
@@ -152,9 +184,59 @@ class StoredAnswerUnreadable(ProblemError):
         self.key_id = key_id
 
 
+class UpstreamUnreachable(ProblemError):
+    status = 502
+    slug = "upstream-unreachable"
+    title = "Upstream unreachable"
+
+
+class UpstreamFailed(ProblemError):
+    status = 502
+    slug = "upstream-failed"
+    title = "Upstream failed after the request was sent"
+
+
+class ServiceUnavailable(ProblemError):
+    status = 503
+    slug = "store-unavailable"
+    title = "Idempotency store unavailable"
+
+
+class UpstreamTimeout(ProblemError):
+    status = 504
+    slug = "upstream-timeout"
+    title = "Upstream timed out"
+
+
+class UpstreamError(IdemproxyError):
+    """An upstream failure: `problem` is what the client gets; `sent` if it may have acted."""
+
+    def __init__(self, problem: ProblemError, *, sent: bool) -> None:
+        super().__init__(problem.detail)
+        self.problem = problem
+        self.sent = sent
+
+
+def store_unavailable() -> ServiceUnavailable:
+    """The answer whenever the store failed a guarded or admin request before anything was
+    done (fail closed, design §2 and §9): 503 + Retry-After."""
+    return ServiceUnavailable("The idempotency store is unreachable; nothing was done "
+                              "(a guarded request was not forwarded). Retry later.",
+                              headers={"Retry-After": "1"})
+
+
 def describe(exc: BaseException) -> str:
     """An exception as log and error text that is never empty: `TimeoutError()` has no
     message, so its class name stands in (`error: TimeoutError: ` said nothing)."""
     text = str(exc).strip()
     name = type(exc).__name__
     return f"{name}: {text}" if text else name
+
+
+def for_http_status(status: int, *, reason: str, detail: str,
+                    headers: dict[str, str] | None = None) -> ProblemError:
+    """The problem for a status aiohttp raised itself (the admin app's 404, 405, ...)."""
+    known: dict[int, type[ProblemError]] = {404: NotFound, 405: MethodNotAllowed}
+    if status in known:
+        return known[status](detail, headers=headers)
+    return HTTPProblem(status, reason, detail, headers=headers)

@@ -12,8 +12,8 @@ from proxy import cors
 from proxy import headers as hdrs
 from proxy.config import UnknownOutcome
 from proxy.context import Deps, Guarded, finish, log
-from proxy.errors import ProblemError, StoreUnavailable, UpstreamFailed
-from proxy.forward import UpstreamError, UpstreamResponse
+from proxy.errors import ProblemError, StoreError, UpstreamError, UpstreamFailed
+from proxy.forward import UpstreamResponse
 from proxy.metrics import Outcome
 from proxy.recorder import INLINE, Recorder
 from proxy.relay import ClientSink, open_upstream, response_for, whole_response
@@ -44,7 +44,7 @@ class _Heartbeat:
             if not await self._deps.store.extend(scope=g.scope, key=g.key, token=g.token,
                                                  lease=g.route.lock_timeout):
                 return  # taken over or finished: nothing left to renew
-        except StoreUnavailable as exc:
+        except StoreError as exc:
             log.warning("could not renew a lease: %s", exc)
         self._timer = self._loop.call_later(g.route.lock_timeout / 3, self._fire)
 
@@ -90,13 +90,14 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
 async def _release_quietly(deps: Deps, g: Guarded) -> None:
     try:
         await deps.store.release(scope=g.scope, key=g.key, token=g.token, notify=g.notify)
-    except StoreUnavailable as exc:
+    except StoreError as exc:
         log.warning("could not release a claim (it ends with its lease): %s", exc)
 
 
 async def _upstream_failed(deps: Deps, g: Guarded, claim: Claim,
                            exc: UpstreamError) -> web.StreamResponse:
     problem = exc.problem
+    problem.headers.update(guard_headers(g.route, claim.record.expires_at))
     finish(deps, g, g.route, Outcome.UPSTREAM_ERROR, problem.status)
     if not exc.sent:
         await _release_quietly(deps, g)
@@ -105,12 +106,13 @@ async def _upstream_failed(deps: Deps, g: Guarded, claim: Claim,
     raise problem from exc
 
 
-async def fail_dead_claim(deps: Deps, g: Guarded) -> web.StreamResponse:
+async def fail_dead_claim(deps: Deps, g: Guarded, claim: Claim) -> web.StreamResponse:
     """`unknown_outcome: fail` and the claim's proxy died: the first attempt may have
     reached the upstream, so store that unknown outcome as the answer, never forward."""
     problem = UpstreamFailed("The proxy handling the first request with this key stopped "
                              "before it finished; the outcome is unknown and this route "
-                             "does not retry it.")
+                             "does not retry it.",
+                             headers=guard_headers(g.route, claim.record.expires_at))
     finish(deps, g, g.route, Outcome.UPSTREAM_ERROR, problem.status)
     await _complete(deps, g, _failure(problem))
     raise problem
@@ -146,6 +148,7 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
     try:
         body = await up.read()
     except UpstreamError as exc:  # nothing reached the client yet: answer the problem
+        exc.problem.headers.update(guard_headers(route, claim.record.expires_at))
         finish(deps, g, route, Outcome.UPSTREAM_ERROR, exc.problem.status)
         if route.unknown_outcome is UnknownOutcome.FAIL:
             await _complete(deps, g, _failure(exc.problem))
@@ -206,7 +209,7 @@ async def _complete(deps: Deps, g: Guarded, done: Completion, *,
     try:
         ok = await deps.store.complete(scope=g.scope, key=g.key, token=g.token, done=done,
                                           notify=g.notify)
-    except StoreUnavailable as exc:
+    except StoreError as exc:
         log.warning("storing a result failed, retrying within the lease: %s", exc)
         deadline = time.monotonic() + g.route.lock_timeout * 0.9
         if retry_in_background:
@@ -230,7 +233,7 @@ async def _complete_retrying(deps: Deps, g: Guarded, done: Completion,
             await deps.store.complete(scope=g.scope, key=g.key, token=g.token, done=done,
                                           notify=g.notify)
             return
-        except StoreUnavailable:
+        except StoreError:
             continue
     deps.metrics.records_lost.labels(g.route.name).inc()
     log.error("record lost: the upstream answered but the result could not be stored "

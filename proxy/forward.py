@@ -5,9 +5,10 @@ our own HTTP/1.1 client (proxy/upstream_client.py: ~17 µs of CPU per small requ
 through aiohttp's); HTTPS upstreams, streamed request bodies and HEAD go through aiohttp's
 ClientSession.
 
-Errors map to problems in exactly one function, `_translate`: a failure before the request
-was written (connection refused, connect timeout) means no effect happened (`sent=False`);
-any failure after that means the upstream may have acted (`sent=True`).
+Errors map to problems in exactly one function, `_translate` (into `errors.UpstreamError`):
+a failure before the request was written (connection refused, connect timeout) means no
+effect happened (`sent=False`); any failure after that means the upstream may have acted
+(`sent=True`).
 """
 
 from __future__ import annotations
@@ -24,18 +25,9 @@ from yarl import URL
 
 from proxy import upstream_client as lean
 from proxy.config import Upstream
-from proxy.errors import ProblemError, UpstreamFailed, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import UpstreamError, UpstreamFailed, UpstreamTimeout, UpstreamUnreachable
 
 CHUNK = 256 * 1024
-
-
-class UpstreamError(Exception):
-    """An upstream failure: `problem` is what the client gets; `sent` if it may have acted."""
-
-    def __init__(self, problem: ProblemError, *, sent: bool) -> None:
-        super().__init__(problem.detail)
-        self.problem = problem
-        self.sent = sent
 
 
 # What either client raises for a failed exchange (anything else is a bug).

@@ -9,16 +9,25 @@ either way, since after a framing error the byte stream cannot be trusted.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web, web_protocol, web_server
 
-from proxy.errors import ERROR_BASE, BadRequest
+from proxy.errors import PROBLEM_JSON, BadRequest, InternalError, ProblemError
 
 log = logging.getLogger("idemproxy.framing")
+
+
+def problem_response(exc: ProblemError, *, instance: str | None = None) -> web.Response:
+    """The one place a problem becomes an HTTP answer (proxied port, admin, parser)."""
+    resp = web.Response(status=exc.status, body=exc.body(instance=instance),
+                        content_type=PROBLEM_JSON)
+    resp.headers.update(exc.headers)
+    if exc.close:
+        resp.force_close()
+    return resp
 
 
 def check_framing(request: web.BaseRequest) -> None:
@@ -42,19 +51,16 @@ class _ProblemRequestHandler(web_protocol.RequestHandler):
             raise ConnectionError("response already started; cannot send an error")
         reason = str(getattr(exc, "message", "") or message or exc or "").splitlines()
         detail = reason[0] if reason else "The request could not be parsed."
+        problem: ProblemError
         if status >= 500:
             log.error("internal error while handling a request", exc_info=exc)
-            detail = "The proxy hit an internal error."
+            problem = InternalError("The proxy hit an internal error.", close=True)
         else:
             log.warning("malformed request refused", extra={"fields": {
                 "status": status, "error": type(exc).__name__ if exc else "", "detail": detail}})
-        doc = {"type": ERROR_BASE + ("bad-request" if status < 500 else "internal"),
-               "title": "Malformed request" if status < 500 else "Internal error",
-               "status": status, "detail": detail[:300]}
-        resp = web.Response(status=status, text=json.dumps(doc),
-                            content_type="application/problem+json")
-        resp.force_close()
-        return resp
+            problem = BadRequest(detail[:300], close=True)
+        problem.status = status  # the parser's own status (400, 413, 431, ...)
+        return problem_response(problem)
 
 
 class _ProblemServer(web_server.Server):

@@ -23,16 +23,16 @@ from proxy.errors import (
     KeyInFlight,
     KeyReused,
     ProblemError,
-    ServiceUnavailable,
-    StoreUnavailable,
+    StoreError,
+    UpstreamError,
+    store_unavailable,
 )
 from proxy.execute import execute, fail_dead_claim
-from proxy.forward import UpstreamError
 from proxy.metrics import Outcome
 from proxy.relay import pass_through, read_body
 from proxy.replay import guard_headers, replay
 from proxy.routing import Match
-from proxy.store import Claim, ClaimOutcome, State
+from proxy.store import Claim, ClaimOutcome, Record, State
 from proxy.store.postgres import notify_channel_id
 
 __all__ = ["Deps", "Guarded", "handle", "pass_through_unrouted"]
@@ -61,7 +61,7 @@ async def handle(request: web.BaseRequest, m: Match, deps: Deps) -> web.StreamRe
     try:
         claim = await deps.store.claim(scope=g.scope, key=g.key, fingerprint=g.fingerprint,
                                        token=g.token, lease=route.lock_timeout, ttl=route.ttl)
-    except StoreUnavailable as exc:
+    except StoreError as exc:
         return await _store_down(request, deps, g, exc)
     if (cache is not None and claim.outcome is ClaimOutcome.EXISTING
             and claim.record.state is State.COMPLETED):
@@ -107,14 +107,13 @@ async def _unguarded(request: web.BaseRequest, deps: Deps, body: bytes | None,
 
 
 async def _store_down(request: web.BaseRequest, deps: Deps, g: Guarded,
-                      exc: StoreUnavailable) -> web.StreamResponse:
+                      exc: StoreError) -> web.StreamResponse:
     log.error("store unavailable: %s", exc)
     if g.route.store_unavailable is StoreUnavailablePolicy.PASS_THROUGH:
         finish(deps, g, g.route, Outcome.STORE_ERROR, 0)
         return await _unguarded(request, deps, g.body, {UNGUARDED_HEADER: "unguarded"})
     finish(deps, g, g.route, Outcome.STORE_ERROR, 503)
-    raise ServiceUnavailable("The idempotency store is unreachable; the request was not "
-                             "forwarded. Retry later.", headers={"Retry-After": "1"}) from exc
+    raise store_unavailable() from exc
 
 
 async def _answer(request: web.BaseRequest, deps: Deps, g: Guarded,
@@ -126,7 +125,7 @@ async def _answer(request: web.BaseRequest, deps: Deps, g: Guarded,
             log.warning("claim taken over after its lease ended",
                         extra={"fields": {"route": route.name, "key_hash": g.key_hash}})
             if route.unknown_outcome is UnknownOutcome.FAIL:
-                return await fail_dead_claim(deps, g)
+                return await fail_dead_claim(deps, g, claim)
         return await execute(request, deps, g, claim)
     if rec.fingerprint != g.fingerprint:
         finish(deps, g, route, Outcome.MISMATCH, route.mismatch_status)
@@ -140,14 +139,15 @@ async def _answer(request: web.BaseRequest, deps: Deps, g: Guarded,
         finish(deps, g, route, Outcome.REPLAYED, rec.status or 0)
         return resp
     if route.concurrent is Concurrent.WAIT:
-        return await _wait(request, deps, g)
+        return await _wait(request, deps, g, rec)
     finish(deps, g, route, Outcome.CONFLICT, 409)
     raise KeyInFlight("A request with this idempotency key is still being processed. "
                       "Retry after it completes.",
                       headers={"Retry-After": "1", **guard_headers(route, rec.expires_at)})
 
 
-async def _wait(request: web.BaseRequest, deps: Deps, g: Guarded) -> web.StreamResponse:
+async def _wait(request: web.BaseRequest, deps: Deps, g: Guarded,
+                rec: Record) -> web.StreamResponse:
     """Hold a retry until the first completes; re-claim on each wake-up or poll."""
     deadline = time.monotonic() + g.route.wait_timeout
     poll = 0.05
@@ -160,15 +160,16 @@ async def _wait(request: web.BaseRequest, deps: Deps, g: Guarded) -> web.StreamR
                 claim = await deps.store.claim(scope=g.scope, key=g.key,
                                                fingerprint=g.fingerprint, token=g.token,
                                                lease=g.route.lock_timeout, ttl=g.route.ttl)
-            except StoreUnavailable as exc:
+            except StoreError as exc:
                 return await _store_down(request, deps, g, exc)
-            if claim.outcome is not ClaimOutcome.EXISTING or \
-                    claim.record.state is not State.IN_FLIGHT:
+            rec = claim.record
+            if claim.outcome is not ClaimOutcome.EXISTING or rec.state is not State.IN_FLIGHT:
                 break
         else:
             finish(deps, g, g.route, Outcome.CONFLICT, 409)
             raise KeyInFlight(f"The first request with this key did not complete within "
-                              f"{g.route.wait_timeout:g}s.", headers={"Retry-After": "1"})
+                              f"{g.route.wait_timeout:g}s.", headers={
+                                  "Retry-After": "1", **guard_headers(g.route, rec.expires_at)})
     finally:
         deps.metrics.waiters.dec()
     return await _answer(request, deps, g, claim)

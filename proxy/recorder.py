@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from uuid import UUID
 
-from proxy.errors import StoreUnavailable
+from proxy.errors import StoreError
 from proxy.store import Completion
 from proxy.store.postgres import PostgresStore
 
@@ -52,7 +52,7 @@ class Recorder:
             await self._store.write_chunk(scope=self._scope, key=self._key, token=self._token,
                                           seq=self.seq, data=data)
             self.seq += 1
-        except StoreUnavailable as exc:
+        except StoreError as exc:
             log.error("storing a response body failed; it will be replayed as omitted: %s",
                       exc)
             self.store_failed = True
@@ -66,7 +66,7 @@ class Recorder:
             try:
                 await self._store.delete_chunks(scope=self._scope, key=self._key,
                                                 token=self._token)
-            except StoreUnavailable:
+            except StoreError:
                 pass  # orphaned rows: the sweeper removes them once the key expires
 
     async def discard(self) -> None:

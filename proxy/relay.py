@@ -13,8 +13,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import headers as hdrs
-from proxy.errors import BodyTooLarge
-from proxy.forward import Forwarder, UpstreamError, UpstreamResponse
+from proxy.errors import BodyTooLarge, UpstreamError
+from proxy.forward import Forwarder, UpstreamResponse
 
 log = logging.getLogger("idemproxy.relay")
 

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from proxy import cors
 from proxy.config import Route
-from proxy.errors import StoreUnavailable
+from proxy.errors import StoreError
 from proxy.relay import ClientSink
 from proxy.store import Record
 from proxy.store.postgres import PostgresStore
@@ -64,7 +64,7 @@ async def replay(request: web.BaseRequest, record: Record, *, route: Route, scop
             await sink.write(chunk)
             if sink.gone:
                 return resp
-    except StoreUnavailable as exc:  # headers are out: cut the connection, never a short body
+    except StoreError as exc:  # headers are out: cut the connection, never a short body
         log.error("store failed during a streamed replay: %s", exc)
         sink.abort()
         return resp

@@ -24,7 +24,7 @@ from proxy.app import create_admin_app, create_proxy_handler
 from proxy.cache import ReplayCache
 from proxy.cli import open_store
 from proxy.config import Config
-from proxy.errors import StoreUnavailable
+from proxy.errors import StoreError
 from proxy.forward import Forwarder
 from proxy.framing import ProxyRunner
 from proxy.idempotency import Deps
@@ -160,7 +160,7 @@ async def _track_db_clock(deps: Deps) -> None:
     """Re-measure the database clock's offset now and then: body-key buckets follow it."""
     while True:
         await asyncio.sleep(60)
-        with contextlib.suppress(StoreUnavailable):
+        with contextlib.suppress(StoreError):
             deps.db_clock_offset = await deps.store.clock_offset()
 
 
