@@ -48,8 +48,8 @@ def _refused(request: web.BaseRequest, exc: ProblemError) -> web.Response:
 
 def _internal_error() -> web.Response:
     log.exception("unhandled error in request handler")
-    return problem_response(InternalError("The proxy hit an internal error; nothing was "
-                                          "stored."))
+    # Never "nothing was stored": the error may come after the upstream acted.
+    return problem_response(InternalError("The proxy hit an internal error."))
 
 
 @web.middleware

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from proxy import __version__, logs
-from proxy.config import Config, load
+from proxy.config import Config, Pooler, load
 from proxy.config.values import parse_duration
-from proxy.errors import ConfigError, StoreUnavailable, describe
+from proxy.errors import ConfigError, StoreError, StoreUnavailable, describe
 from proxy.store import State
 
 log = logging.getLogger("idemproxy")
@@ -91,7 +91,10 @@ async def open_store(cfg: Config, *, wait: float = 0.0,
         url = cfg.database.url or stack.enter_context(embedded_postgres(cfg.data_dir))
         store = await _connect_retrying(lambda: PostgresStore.connect(
             url, min_size=cfg.database.pool_min, max_size=cfg.database.pool_max,
-            timeout=cfg.database.timeout, observe=observe, observe_batch=observe_batch),
+            timeout=cfg.database.timeout,
+            transaction_pooler=cfg.database.pooler is Pooler.TRANSACTION,
+            listen_url=cfg.database.listen_url or None,
+            observe=observe, observe_batch=observe_batch),
             wait=wait)
         try:
             yield store
@@ -326,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except StoreUnavailable as exc:
         print(f"error: database unreachable: {exc}", file=sys.stderr)
+        return 1
+    except StoreError as exc:
+        print(f"error: the database refused: {exc}", file=sys.stderr)
         return 1
     except (SchemaNotCurrent, RuntimeFailure) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,8 +3,11 @@
     IdemproxyError
     ├── ConfigError                 bad YAML config (never reaches a client)
     ├── SchemaNotCurrent            the database needs `idemproxy migrate` (CLI only)
-    ├── StoreError                  anything the store failed at (store/ raises nothing else)
-    │   └── StoreUnavailable        Postgres unreachable or timed out
+    ├── StoreError                  anything the store failed at (store/ raises nothing else):
+    │   │                           503 before the upstream was called; after it answered,
+    │   │                           the completion is retried within the lease
+    │   ├── StoreUnavailable        Postgres unreachable, timed out, or not a primary
+    │   └── StoreFailed             the server refused the statement (any other SQLSTATE)
     ├── UpstreamError               the upstream leg failed; carries the problem to answer
     └── ProblemError                rendered as RFC 9457 application/problem+json
         ├── BadRequest              400 malformed framing, headers or admin query
@@ -56,12 +59,20 @@ class SchemaNotCurrent(IdemproxyError):
 
 
 class StoreError(IdemproxyError):
-    """The store could not do what was asked. The flow catches this class, so every
-    failure the store translates (connection or SQL) is answered, never a 500."""
+    """A store call failed; the flow sees only this family, never a driver's exception.
+
+    Whatever the cause, nothing the call would have written is visible: the statement's
+    transaction was rolled back, or never reached the server."""
 
 
 class StoreUnavailable(StoreError):
-    """The database could not be reached or did not answer in time."""
+    """The database could not be reached, did not answer in time, or is not (or no longer)
+    a primary that accepts writes."""
+
+
+class StoreFailed(StoreError):
+    """The database refused the statement: a serialization failure, a statement timeout,
+    a full disk, a prepared-statement error, an error raised by a trigger, ..."""
 
 
 class ProblemError(IdemproxyError):
@@ -220,8 +231,9 @@ class UpstreamError(IdemproxyError):
 def store_unavailable() -> ServiceUnavailable:
     """The answer whenever the store failed a guarded or admin request before anything was
     done (fail closed, design §2 and §9): 503 + Retry-After."""
-    return ServiceUnavailable("The idempotency store is unreachable; nothing was done "
-                              "(a guarded request was not forwarded). Retry later.",
+    return ServiceUnavailable("The idempotency store is unreachable or failed; nothing "
+                              "was done (a guarded request was not forwarded). Retry "
+                              "later.",
                               headers={"Retry-After": "1"})
 
 

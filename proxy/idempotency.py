@@ -108,7 +108,7 @@ async def _unguarded(request: web.BaseRequest, deps: Deps, body: bytes | None,
 
 async def _store_down(request: web.BaseRequest, deps: Deps, g: Guarded,
                       exc: StoreError) -> web.StreamResponse:
-    log.error("store unavailable: %s", exc)
+    log.error("store call failed before forwarding: %s", exc)
     if g.route.store_unavailable is StoreUnavailablePolicy.PASS_THROUGH:
         finish(deps, g, g.route, Outcome.STORE_ERROR, 0)
         return await _unguarded(request, deps, g.body, {UNGUARDED_HEADER: "unguarded"})

@@ -65,9 +65,16 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
             applied = await store.migrate()
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
-        cache = ReplayCache(cfg.replay_cache)
-        async with Forwarder.open(cfg.upstream) as forwarder, \
-                Notifier(store.acquire_listener, cache=cache) as notifier:
+        listens = store.listen_url is not None
+        if not listens:
+            log.warning("database.pooler is transaction and database.listen_url is not set: "
+                        "no LISTEN connection, so concurrent: wait retries poll the store "
+                        "and the replay cache is off")
+        cache = ReplayCache(cfg.replay_cache) if listens else None
+        async with contextlib.AsyncExitStack() as stack:
+            forwarder = await stack.enter_async_context(Forwarder.open(cfg.upstream))
+            notifier = (await stack.enter_async_context(
+                Notifier(store.acquire_listener, cache=cache)) if listens else None)
             deps = Deps(store=store, forwarder=forwarder, metrics=metrics, notifier=notifier,
                         cache=cache, db_clock_offset=await store.clock_offset())
             return await _run_listeners(cfg, deps, worker=worker)

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.errors import StoreUnavailable
+from proxy.errors import StoreFailed, StoreUnavailable
 from proxy.metrics import Metrics
 from proxy.store import ClaimOutcome, State
 from proxy.store.postgres import PostgresStore
@@ -140,13 +140,15 @@ async def test_completions_share_one_transaction_and_keep_compare_and_set(
 async def test_a_failing_call_fails_alone(one_conn: PostgresStore, db: str,
                                           caplog: pytest.LogCaptureFixture):
     """Postgres refuses a NUL in text: the batch rolls back whole, and each call is re-run
-    on its own, so only the bad one fails and each good one is written once."""
+    on its own, so only the bad one fails (StoreFailed, the SQL error as its cause) and
+    each good one is written once."""
     scope, _ = ids()
     keys = ["a", "b", "bad\x00key", "c"]
     async with busy(one_conn):
         tasks = [asyncio.create_task(claim(one_conn, scope, k)) for k in keys]
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    assert isinstance(results[2], asyncpg.PostgresError)
+    assert isinstance(results[2], StoreFailed)
+    assert isinstance(results[2].__cause__, asyncpg.PostgresError)
     assert all(not isinstance(r, BaseException) and r.outcome is ClaimOutcome.NEW
                for i, r in enumerate(results) if i != 2)
     assert len(set(await xmins(db, scope))) == 3  # three calls, three transactions

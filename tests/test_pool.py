@@ -119,16 +119,17 @@ async def test_a_cancelled_query_discards_its_connection_and_a_waiter_gets_a_new
         await p.close()
 
 
-async def test_a_sql_error_keeps_the_connection(pool: Pool):
-    """A statement failing with an SQL error returns its connection to the pool for reuse."""
+async def test_a_sql_error_drops_the_connection(pool: Pool):
+    """A connection whose statement failed, even with a plain SQL error, is never lent
+    again (issue #13: it may hold a broken statement or sit on a demoted server)."""
     conn = await pool.acquire()
     pid = conn.get_server_pid()
     pool.release(conn)
-    with pytest.raises(Exception, match="division by zero"):
+    with pytest.raises(asyncpg.DivisionByZeroError):
         async with pool.connection() as c:
             await c.fetchval("SELECT 1/0")
     async with pool.connection() as c:
-        assert c.get_server_pid() == pid
+        assert c.get_server_pid() != pid
 
 
 async def test_a_connection_killed_by_the_server_is_replaced(pool: Pool, db: str):
@@ -165,9 +166,9 @@ async def test_close_fails_waiters_and_later_borrowers(db: str):
 
 
 async def test_start_fails_on_an_unreachable_database():
-    """Starting against an unreachable database raises OSError and leaves no connection open."""
+    """A refused connection at start-up is StoreUnavailable, and no slot stays taken."""
     p = Pool("postgresql://nobody@127.0.0.1:1/none", min_size=1, max_size=2, timeout=2)
-    with pytest.raises(OSError):
+    with pytest.raises(StoreUnavailable):
         await p.start()
     assert p.get_size() == 0
 

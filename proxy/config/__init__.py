@@ -12,6 +12,7 @@ from proxy.config.schema import (
     KeySource,
     Listen,
     Logging,
+    Pooler,
     Route,
     StoreUnavailablePolicy,
     Tenant,
@@ -22,6 +23,7 @@ from proxy.config.schema import (
 
 __all__ = [
     "SAFE_METHODS", "Admin", "Concurrent", "Config", "Database", "Encryption", "Fingerprint",
-    "KeySource", "Listen", "Logging", "Route", "StoreUnavailablePolicy", "Tenant", "TenantMode",
+    "KeySource", "Listen", "Logging", "Pooler", "Route", "StoreUnavailablePolicy", "Tenant",
+    "TenantMode",
     "UnknownOutcome", "Upstream", "load", "loads",
 ]

@@ -17,11 +17,12 @@ import yaml
 
 from proxy.config.checks import check_config, config_warnings
 from proxy.config.routes import parse_routes
-from proxy.config.schema import Admin, Config, Database, Encryption, Logging, Upstream
+from proxy.config.schema import Admin, Config, Database, Encryption, Logging, Pooler, Upstream
 from proxy.config.values import (
     Reader,
     bool_,
     choice,
+    enum_,
     int_in,
     parse_duration,
     parse_listen,
@@ -97,11 +98,18 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
     adm = r.section(top.get("admin"), "admin", {"listen", "token_env"})
     up = r.section(top.get("upstream"), "upstream",
                    {"url", "connect_timeout", "timeout", "max_connections"})
-    db = r.section(top.get("database"), "database", {"url", "pool_min", "pool_max", "timeout"})
+    db = r.section(top.get("database"), "database", {"url", "pool_min", "pool_max", "timeout",
+                                                    "pooler", "listen_url"})
     lg = r.section(top.get("logging"), "logging", {"format", "level"})
     enc = r.section(top.get("encryption"), "encryption", {"keys_env"})
     upstream_url = r.get(up, "url", "upstream.url", _upstream_url, d.upstream.url)
     db_url = env.get("IDEMPROXY_DATABASE_URL") or r.get(db, "url", "database.url", str_, "")
+    listen_url = (env.get("IDEMPROXY_DATABASE_LISTEN_URL")
+                  or r.get(db, "listen_url", "database.listen_url", str_, ""))
+    pooler = r.get(db, "pooler", "database.pooler", enum_(Pooler), Pooler.NONE)
+    if pooler is Pooler.TRANSACTION and not db_url:
+        r.report("database.pooler: transaction needs database.url (the pooler's "
+                 "address); the embedded PostgreSQL has no pooler")
     return Config(
         listen=r.get(top, "listen", "listen", parse_listen, d.listen),
         admin=Admin(
@@ -118,7 +126,8 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
             url=db_url,
             pool_min=r.get(db, "pool_min", "database.pool_min", int_in(0, 1000), 2),
             pool_max=r.get(db, "pool_max", "database.pool_max", int_in(1, 1000), 10),
-            timeout=r.get(db, "timeout", "database.timeout", parse_duration, 5.0)),
+            timeout=r.get(db, "timeout", "database.timeout", parse_duration, 5.0),
+            pooler=pooler, listen_url=listen_url),
         routes=parse_routes(r, top.get("routes"), top.get("defaults")),
         data_dir=r.get(top, "data_dir", "data_dir", str_, d.data_dir),
         workers=r.get(top, "workers", "workers", _workers, _workers("auto")),

@@ -35,6 +35,13 @@ class StoreUnavailablePolicy(enum.Enum):
     PASS_THROUGH = "pass_through"  # forward unguarded, say so in a response header
 
 
+class Pooler(enum.Enum):
+    """What sits between the proxy and Postgres on `database.url`."""
+
+    NONE = "none"  # Postgres itself, or a pooler in session mode
+    TRANSACTION = "transaction"  # PgBouncer (or alike) in transaction mode: no session state
+
+
 class TenantMode(enum.Enum):
     AUTHORIZATION = "authorization"
     NONE = "none"
@@ -129,6 +136,8 @@ class Database:
     pool_min: int = 2
     pool_max: int = 10
     timeout: float = 5.0  # per statement; past it the store counts as unavailable
+    pooler: Pooler = Pooler.NONE  # transaction: url is a transaction-mode pooler
+    listen_url: str = ""  # direct URL for LISTEN; empty: url (none), no LISTEN (transaction)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,11 @@ Why it keeps every promise of the calls it replaces:
   * a batch takes its row locks in (scope, key) order, the same order in every batch in
     every process, so batches cannot deadlock one another;
   * if a batch fails with an SQL error (say a deadlock with an operator's statement), it
-    has been rolled back whole, and each call is re-run alone: one bad call fails alone;
-  * a connection failure fails every call in the batch with StoreUnavailable, as it
-    would have failed each alone;
+    has been rolled back whole, and each call is re-run alone, each on a connection of
+    its own: one bad call fails alone (with StoreFailed);
+  * a connection failure (or a read-only server) fails every call in the batch with
+    StoreUnavailable, as it would have failed each alone;
+  * a connection whose statement failed is dropped, never lent again;
   * a caller that gives up while still queued is dropped from the batch: its statement
     never runs.
 """
@@ -34,10 +36,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-import asyncpg
-
-from proxy.errors import StoreUnavailable
-from proxy.store.pool import CONNECTION_ERRORS, Conn, Pool, unavailable
+from proxy.errors import StoreError, StoreFailed, StoreUnavailable
+from proxy.store.pool import Conn, Pool, store_error
 
 log = logging.getLogger("idemproxy.store")
 
@@ -82,7 +82,10 @@ class Batcher(Generic[T, R]):
                     try:
                         result = await self._one(conn, item)
                     except BaseException as exc:
-                        raise self._pool.release_after(conn, exc) from exc
+                        err = self._pool.release_after(conn, exc)
+                        if err is exc:
+                            raise
+                        raise err from exc
                     finally:
                         self._busy -= 1
                         self._kick()
@@ -137,60 +140,85 @@ class Batcher(Generic[T, R]):
                 raise
             return
         batch = self._take(self._max)
+        if not batch:
+            self._pool.release(conn)
+            self._busy -= 1
+            self._kick()
+            return
         try:
-            if batch:
-                batch.sort(key=lambda call: self._order(call[0]))  # one lock order
-                self._observe_batch(self._op, len(batch))
-                await self._run(conn, batch)
+            batch.sort(key=lambda call: self._order(call[0]))  # one lock order
+            self._observe_batch(self._op, len(batch))
+            await self._run(conn, batch)
         except BaseException as exc:
-            _fail(batch, self._pool.release_after(conn, exc))
+            _fail(batch, exc)
             if not isinstance(exc, Exception):
                 raise
-        else:
-            self._pool.release(conn)
         finally:
             self._busy -= 1
             self._kick()
 
     async def _run(self, conn: Conn, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
-        if len(batch) > 1:
-            try:
+        """Run a batch on `conn` and give the connection back (dropped if it failed)."""
+        try:
+            if len(batch) == 1:
+                results: Sequence[R] = [await self._one(conn, batch[0][0])]
+            else:
                 results = await self._many(conn, [item for item, _ in batch])
-            except asyncpg.PostgresError as exc:
-                if isinstance(exc, CONNECTION_ERRORS):
-                    raise
+        except BaseException as exc:
+            err = self._pool.release_after(conn, exc)
+            if len(batch) > 1 and isinstance(err, StoreFailed):
                 log.warning("a batch of %d %s calls failed (%s); running each alone",
                             len(batch), self._op, type(exc).__name__)
-            else:
-                if len(results) != len(batch):
-                    raise RuntimeError(f"{self._op} batch of {len(batch)} answered "
-                                       f"{len(results)} rows")
-                for (_, fut), result in zip(batch, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(result)
+                await self._alone(batch)
                 return
-        for item, fut in batch:
+            if err is exc:
+                raise
+            raise err from exc
+        self._pool.release(conn)
+        if len(results) != len(batch):
+            raise StoreFailed(f"{self._op} batch of {len(batch)} answered "
+                              f"{len(results)} rows")
+        for (_, fut), result in zip(batch, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
+
+    async def _alone(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        """Each call of a failed batch on a fresh connection, one after the other."""
+        for i, (item, fut) in enumerate(batch):
+            if fut.done():
+                continue
+            try:
+                conn = await self._pool.acquire()
+            except BaseException as exc:
+                _fail(batch[i:], exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
             try:
                 result = await self._one(conn, item)
-            except asyncpg.PostgresError as exc:
-                if isinstance(exc, CONNECTION_ERRORS):
+            except BaseException as exc:
+                err = self._pool.release_after(conn, exc)
+                if not isinstance(exc, Exception):
+                    _fail(batch[i:], exc)
                     raise
                 if not fut.done():
-                    fut.set_exception(exc)
-            else:
-                if not fut.done():
-                    fut.set_result(result)
+                    fut.set_exception(err)
+                continue
+            self._pool.release(conn)
+            if not fut.done():
+                fut.set_result(result)
 
 
 def _fail(batch: Sequence[tuple[object, asyncio.Future[R]]], exc: BaseException) -> None:
+    """Fail every waiting caller with a StoreError of its own (never a cancellation:
+    the store closing is an outage to them)."""
+    err = store_error(exc)
     for _, fut in batch:
         if fut.done():
             continue
-        if isinstance(exc, StoreUnavailable):
-            fut.set_exception(StoreUnavailable(str(exc)))  # one instance per caller
-        elif isinstance(exc, CONNECTION_ERRORS):  # say, Postgres refused a new connection
-            fut.set_exception(unavailable(exc))
-        elif isinstance(exc, Exception):
-            fut.set_exception(exc)
-        else:  # cancelled (the store is closing): the callers see an outage, not a cancel
+        if isinstance(err, StoreError):
+            mine = type(err)(str(err))  # one instance per caller
+            mine.__cause__ = err.__cause__
+            fut.set_exception(mine)
+        else:
             fut.set_exception(StoreUnavailable("the store call was interrupted"))

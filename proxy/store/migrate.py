@@ -1,7 +1,10 @@
 """Versioned schema migrations, applied under an advisory lock.
 
 Ten replicas starting at once serialise on the lock; each applies only what is missing.
-Files are `migrations/NNNN_name.sql`, applied in order, each in its own transaction.
+Files are `migrations/NNNN_name.sql`, applied in order, each in its own transaction. The
+lock is transaction-scoped (`pg_advisory_xact_lock`), taken again by each migration's
+transaction: a session lock would not survive a transaction-mode pooler, which may run
+the unlock on another server connection than the lock.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from importlib import resources
 
 import asyncpg
 
-_LOCK_ID = 0x1DE3_9A0C  # pg_advisory_lock key for migrations
+_LOCK_ID = 0x1DE3_9A0C  # advisory lock key for migrations
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -39,20 +42,18 @@ async def current_version(conn: asyncpg.Connection) -> int:
 async def migrate(conn: asyncpg.Connection) -> list[str]:
     """Apply every missing migration; return the names applied (empty when current)."""
     applied: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
-    try:
-        await conn.execute("""CREATE TABLE IF NOT EXISTS idemproxy_schema (
-            version integer PRIMARY KEY, name text NOT NULL,
-            applied_at timestamptz NOT NULL DEFAULT now())""")
-        have = await current_version(conn)
-        for version, name, sql in migrations():
-            if version <= have:
-                continue
-            async with conn.transaction():
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO idemproxy_schema (version, name) "
-                                   "VALUES ($1, $2)", version, name)
-            applied.append(name)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
-    return applied
+    while True:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+            await conn.execute("""CREATE TABLE IF NOT EXISTS idemproxy_schema (
+                version integer PRIMARY KEY, name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())""")
+            have = await current_version(conn)
+            todo = [m for m in migrations() if m[0] > have]
+            if not todo:
+                return applied
+            version, name, sql = todo[0]
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO idemproxy_schema (version, name) "
+                               "VALUES ($1, $2)", version, name)
+        applied.append(name)

@@ -9,9 +9,10 @@ requests for seconds under saturation (replay p99 ~900 ms in `make bench`).
 
 This pool hands a released connection straight to the longest waiter, so service is
 strictly in arrival order, and the common case (an idle connection, nobody waiting) is a
-deque pop with no coroutine switch. A connection that may be out of step with the server
-(the call was cancelled or failed below SQL, or it was left inside a transaction) is
-terminated rather than repaired; the next borrower opens a fresh one. After a burst,
+deque pop with no coroutine switch. A connection whose call failed in any way (an
+SQL error of any class, a read-only server, a cancellation, a reset), or that was left
+inside a transaction, is terminated rather than repaired or reused; the next borrower
+opens a fresh one (which, with `target_session_attrs=read-write`, finds the primary). After a burst,
 connections above `min_size` left unused for `MAX_IDLE` are closed as others come back.
 """
 
@@ -26,18 +27,23 @@ from typing import Any
 
 import asyncpg
 
-from proxy.errors import StoreUnavailable
+from proxy.errors import StoreError, StoreFailed, StoreUnavailable
 from proxy.slots import Slots
+from proxy.store.unnamed import UnnamedStatementConnection
 
 # What a connection is, for this module: asyncpg's, untyped (asyncpg ships no stubs).
 Conn = Any
 
-# Failures of the connection, not of the SQL: refused, reset, timed out, server shutting
-# down. They become StoreUnavailable; SQL errors are bugs and propagate as they are.
+# Failures of the connection or the server rather than of one statement: refused, reset,
+# timed out, shutting down, out of resources, or not a primary (a read-only transaction on
+# a standby or a demoted primary; no host matched target_session_attrs). They become
+# StoreUnavailable; every other failure of a store call becomes StoreFailed.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
 )
 
 
@@ -48,16 +54,36 @@ def unavailable(exc: BaseException) -> StoreUnavailable:
     return err
 
 
+def store_error(exc: BaseException) -> BaseException:
+    """What a failed store call raises: a StoreError, whatever the driver raised (its
+    cause attached). A cancellation (or another BaseException) stays what it is."""
+    if isinstance(exc, StoreError) or not isinstance(exc, Exception):
+        return exc
+    if isinstance(exc, CONNECTION_ERRORS):
+        return unavailable(exc)
+    state = getattr(exc, "sqlstate", None)
+    err = StoreFailed(f"{type(exc).__name__}" + (f" (SQLSTATE {state})" if state else "")
+                      + f": {exc}")
+    err.__cause__ = exc
+    return err
+
+
 MAX_IDLE = 60.0  # seconds a connection above min_size may sit unused before it is closed
 
 
 class Pool:
-    def __init__(self, url: str, *, min_size: int, max_size: int, timeout: float) -> None:
+    def __init__(self, url: str, *, min_size: int, max_size: int, timeout: float,
+                 transaction_pooler: bool = False) -> None:
         if max_size < 1 or min_size > max_size:
             raise ValueError(f"pool sizes: need 0 <= min_size <= max_size >= 1, "
                              f"got {min_size}, {max_size}")
         self.url = url
         self.timeout = timeout
+        # Behind a transaction-mode pooler: no named prepared statements, no session state
+        # (store/unnamed.py). Otherwise asyncpg's statement cache, as fast as it gets.
+        self._connect_args: dict[str, Any] = (
+            {"statement_cache_size": 0, "connection_class": UnnamedStatementConnection}
+            if transaction_pooler else {})
         self._min = min_size
         self._idle: deque[Conn] = deque()
         self._slots: Slots[Conn] = Slots(max_size, keep_idle=self._keep_idle)
@@ -110,12 +136,13 @@ class Pool:
         return conn
 
     def release_after(self, conn: Conn, exc: BaseException) -> BaseException:
-        """Give a connection back after a call failed with `exc`; what to raise instead.
+        """Drop a connection whose call failed with `exc`; what to raise instead.
 
-        A server-reported SQL error leaves the connection in step; anything else
-        (cancelled, reset, timed out mid-call) may not, so it is never lent again."""
-        self.release(conn, discard=not _in_step(exc))
-        return unavailable(exc) if isinstance(exc, CONNECTION_ERRORS) else exc
+        Whatever the failure (an SQL error of any class, a read-only server, cancelled,
+        reset, timed out mid-call), the connection is never lent again: it may be out of
+        step, hold a broken statement, or point at a server that is no longer primary."""
+        self.release(conn, discard=True)
+        return store_error(exc)
 
     def release(self, conn: Conn, *, discard: bool = False) -> None:
         """Give a connection back; `discard` (or a dirty connection) terminates it."""
@@ -127,13 +154,13 @@ class Pool:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
-        """Borrow a connection for a block; it is terminated if the block fails below
-        SQL (a connection error, a cancellation) or leaves a transaction open."""
+        """Borrow a connection for a block; it is terminated if the block fails in any way
+        or leaves a transaction open."""
         conn = await self.acquire()
         try:
             yield conn
-        except BaseException as exc:
-            self.release(conn, discard=not _in_step(exc))
+        except BaseException:
+            self.release(conn, discard=True)
             raise
         self.release(conn)
 
@@ -160,10 +187,13 @@ class Pool:
         """Open a connection into a slot already counted."""
         try:
             conn = await asyncpg.connect(self.url, timeout=self.timeout,
-                                         command_timeout=self.timeout)
-        except BaseException:
+                                         command_timeout=self.timeout, **self._connect_args)
+        except BaseException as exc:
             self._slots.hand_over(None)  # the next in line tries its own luck
-            raise
+            err = store_error(exc)
+            if err is exc:
+                raise
+            raise err from exc
         if self._closed:
             conn.terminate()
             raise StoreUnavailable("the database connection pool is closed")
@@ -201,9 +231,3 @@ class Pool:
             self._open.discard(conn)
             self._slots.hand_over(None)
 
-
-def _in_step(exc: BaseException) -> bool:
-    """After a call failed with `exc`, is the connection still in step with the server?
-    A server-reported SQL error leaves it so; anything else (cancelled, reset, timed out
-    mid-call) may not."""
-    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, CONNECTION_ERRORS)

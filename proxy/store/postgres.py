@@ -1,7 +1,9 @@
 """The PostgreSQL store. asyncpg lives here and in store/ only.
 
-Every connection-level failure (refused, reset, timed out, server shutting down) becomes
-`StoreUnavailable` at `_guard`, the one boundary; SQL errors are bugs and propagate.
+Every failure of a store call becomes a `StoreError` here, the one boundary (see
+store/pool.py `store_error`): `StoreUnavailable` for the connection or a server that is
+not a writable primary, `StoreFailed` for an SQL error of any other class. The flow never
+sees a driver's exception.
 All time decisions (TTL, lease) are made with the database's clock inside SQL.
 """
 
@@ -17,7 +19,7 @@ from uuid import UUID
 
 import asyncpg
 
-from proxy.errors import StoreUnavailable
+from proxy.errors import StoreError, StoreUnavailable
 from proxy.store import (
     Claim,
     ClaimOutcome,
@@ -30,7 +32,7 @@ from proxy.store import (
 from proxy.store.batch import Batcher
 from proxy.store.migrate import SCHEMA_VERSION, current_version
 from proxy.store.notify import FORGET_CHANNEL, LISTENER_NAME
-from proxy.store.pool import CONNECTION_ERRORS, Pool, unavailable
+from proxy.store.pool import CONNECTION_ERRORS, Pool, store_error
 
 _CLAIM = "SELECT * FROM idemproxy_claim($1, $2, $3, $4, $5, $6)"
 _CLAIM_MANY = "SELECT * FROM idemproxy_claim_many($1, $2, $3, $4, $5, $6)"
@@ -47,6 +49,25 @@ _EXTEND = ("UPDATE idemproxy_keys SET locked_until = now() + make_interval(secs 
            "WHERE scope = $1 AND key = $2 AND lock_token = $3 AND state = 1")
 _CHUNK = ("INSERT INTO idemproxy_chunks (scope, key, lock_token, seq, data) "
           "VALUES ($1, $2, $3, $4, $5)")
+_PURGE = """
+    WITH gone AS (
+        DELETE FROM idemproxy_keys WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM idemproxy_keys WHERE expires_at <= now()
+             LIMIT $1 FOR UPDATE SKIP LOCKED))
+        RETURNING scope, key),
+      chunks AS (
+        DELETE FROM idemproxy_chunks c USING gone
+         WHERE c.scope = gone.scope AND c.key = gone.key)
+    SELECT count(*) FROM gone"""
+_PURGE_ORPHANS = """
+    WITH gone AS (
+        DELETE FROM idemproxy_chunks WHERE ctid = ANY(ARRAY(
+            SELECT c.ctid FROM idemproxy_chunks c WHERE NOT EXISTS (
+                SELECT 1 FROM idemproxy_keys k WHERE k.scope = c.scope
+                   AND k.key = c.key AND k.lock_token = c.lock_token)
+             LIMIT $1))
+        RETURNING 1)
+    SELECT count(*) FROM gone"""
 _READ_CHUNKS = ("SELECT data FROM idemproxy_chunks WHERE scope = $1 AND key = $2 "
                 "AND lock_token = $3 ORDER BY seq")
 
@@ -58,20 +79,28 @@ def notify_channel_id(scope: str, key: str) -> str:
 
 @contextlib.contextmanager
 def guard() -> Iterator[None]:
+    """Whatever the driver raises in the block leaves it as a StoreError."""
     try:
         yield
-    except CONNECTION_ERRORS as exc:
-        raise unavailable(exc) from exc
+    except Exception as exc:
+        err = store_error(exc)
+        if err is exc:
+            raise
+        raise err from exc
 
 
 class PostgresStore:
     """Claims, completions and stored responses in PostgreSQL."""
 
     def __init__(self, pool: Pool, *, url: str, timeout: float,
+                 listen_url: str | None = None,
                  observe: Callable[[str, float], None] | None = None,
                  observe_batch: Callable[[str, int], None] | None = None) -> None:
         self.pool = pool
         self.url = url
+        # Where LISTEN goes: a direct connection (a transaction-mode pooler cannot carry a
+        # session's LISTEN); None when there is none (waiters poll, replay cache off).
+        self.listen_url = listen_url
         self.timeout = timeout
         self._observe = observe or (lambda op, seconds: None)
         # Under load, claims (and quiet completions) that arrive while one of their kind
@@ -85,19 +114,25 @@ class PostgresStore:
 
     @classmethod
     async def connect(cls, url: str, *, min_size: int = 2, max_size: int = 10,
-                      timeout: float = 5.0,
+                      timeout: float = 5.0, transaction_pooler: bool = False,
+                      listen_url: str | None = None,
                       observe: Callable[[str, float], None] | None = None,
                       observe_batch: Callable[[str, int], None] | None = None
                       ) -> PostgresStore:
-        pool = Pool(url, min_size=min_size, max_size=max_size, timeout=timeout)
+        """A store on `url`. `transaction_pooler`: `url` is a transaction-mode pooler, so
+        no session state (store/unnamed.py) and LISTEN only on `listen_url`; otherwise
+        LISTEN uses `listen_url` or, by default, `url`."""
+        pool = Pool(url, min_size=min_size, max_size=max_size, timeout=timeout,
+                    transaction_pooler=transaction_pooler)
         with guard():
             try:
                 await pool.start()
             except BaseException:
                 await pool.close()
                 raise
-        return cls(pool, url=url, timeout=timeout, observe=observe,
-                   observe_batch=observe_batch)
+        return cls(pool, url=url, timeout=timeout,
+                   listen_url=listen_url or (None if transaction_pooler else url),
+                   observe=observe, observe_batch=observe_batch)
 
     async def close(self) -> None:
         await self._claims.close()
@@ -117,11 +152,10 @@ class PostgresStore:
             # the connection's command_timeout bounds the statement
             result = await getattr(conn, method)(query, *args)
         except BaseException as exc:
-            if conn is not None:
-                raise pool.release_after(conn, exc) from exc
-            if isinstance(exc, CONNECTION_ERRORS):
-                raise unavailable(exc) from exc
-            raise
+            err = store_error(exc) if conn is None else pool.release_after(conn, exc)
+            if err is exc:
+                raise
+            raise err from exc
         finally:
             self._observe(op, time.perf_counter() - start)
         pool.release(conn)
@@ -129,8 +163,8 @@ class PostgresStore:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
-        """A pooled connection for a block (operations, migrations, cursors); connection
-        failures become StoreUnavailable."""
+        """A pooled connection for a block (operations, migrations, cursors); any failure
+        in it becomes a StoreError, and the connection is dropped."""
         with guard():
             async with self.pool.connection() as conn:
                 yield conn
@@ -185,7 +219,8 @@ class PostgresStore:
                 yield row["data"]
 
     async def migrate(self) -> list[str]:
-        """Apply missing migrations (under an advisory lock); the names applied."""
+        """Apply missing migrations (under a transaction-scoped advisory lock, so through
+        a transaction-mode pooler too); the names applied."""
         from proxy.store.migrate import migrate
 
         async with self.connection() as conn:
@@ -203,7 +238,7 @@ class PostgresStore:
         try:
             async with self.connection() as conn:
                 return await current_version(conn) >= SCHEMA_VERSION
-        except StoreUnavailable:
+        except StoreError:
             return False
 
     # --- operations (admin API, CLI, sweeper) ---
@@ -269,37 +304,31 @@ class PostgresStore:
             limit, route, None if state is None else int(state), newer_than, older_than)
         return [_admin_row(r) for r in rows]
 
-    async def purge(self, *, batch: int = 1000) -> int:
-        """Delete one batch of expired rows (and their bodies); the number of rows gone."""
-        n: int = await self._call("purge", "fetchval", """
-            WITH gone AS (
-                DELETE FROM idemproxy_keys WHERE ctid = ANY(ARRAY(
-                    SELECT ctid FROM idemproxy_keys WHERE expires_at <= now()
-                     LIMIT $1 FOR UPDATE SKIP LOCKED))
-                RETURNING scope, key),
-              chunks AS (
-                DELETE FROM idemproxy_chunks c USING gone
-                 WHERE c.scope = gone.scope AND c.key = gone.key)
-            SELECT count(*) FROM gone""", batch)
-        return n
+    async def purge(self, *, batch: int = 1000, conn: Any = None) -> int:
+        """Delete one batch of expired rows (and their bodies); the number of rows gone.
+        On `conn` (the sweeper's, inside its locked transaction) or a pooled one."""
+        return await self._purge(_PURGE, batch, conn)
 
-    async def purge_orphans(self, *, batch: int = 1000) -> int:
+    async def purge_orphans(self, *, batch: int = 1000, conn: Any = None) -> int:
         """Delete chunks no record points at (left by a claim that was taken over)."""
-        n: int = await self._call("purge", "fetchval", """
-            WITH gone AS (
-                DELETE FROM idemproxy_chunks WHERE ctid = ANY(ARRAY(
-                    SELECT c.ctid FROM idemproxy_chunks c WHERE NOT EXISTS (
-                        SELECT 1 FROM idemproxy_keys k WHERE k.scope = c.scope
-                           AND k.key = c.key AND k.lock_token = c.lock_token)
-                     LIMIT $1))
-                RETURNING 1)
-            SELECT count(*) FROM gone""", batch)
-        return n
+        return await self._purge(_PURGE_ORPHANS, batch, conn)
+
+    async def _purge(self, query: str, batch: int, conn: Any) -> int:
+        if conn is None:
+            n: int = await self._call("purge", "fetchval", query, batch)
+            return n
+        with guard():
+            n = await conn.fetchval(query, batch)
+            return n
 
     async def acquire_listener(self) -> asyncpg.Connection:
+        """A connection for LISTEN, on `listen_url` (a session of its own)."""
+        if self.listen_url is None:
+            raise StoreUnavailable("no database.listen_url: LISTEN is off behind a "
+                                   "transaction-mode pooler")
         with guard():
             conn: asyncpg.Connection = await asyncpg.connect(
-                self.url, timeout=self.timeout,
+                self.listen_url, timeout=self.timeout,
                 server_settings={"application_name": LISTENER_NAME})  # named for operators
             return conn
 
