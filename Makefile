@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test install lint bench torture clean
+.PHONY: run test install lint bench torture clean pgbouncer
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +22,19 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/python -m ruff check proxy tests loadtest
 
+## pgbouncer: Debian's pgbouncer package (the fleet tests and `make bench --pooler` run
+## one), installed with apt-get when missing
+pgbouncer:
+	@scripts/install-pgbouncer.sh
+
 ## test: lint, type check, then the whole suite against real PostgreSQL
-## (embedded unless IDEMPROXY_TEST_DATABASE_URL)
-test: lint
+## (embedded unless IDEMPROXY_TEST_DATABASE_URL) and a PgBouncer the tests start
+test: lint pgbouncer
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## bench: the load harness (loadtest/): proxy vs baselines, ratios in one run
-bench: $(STAMP)
+bench: $(STAMP) pgbouncer
 	$(BIN)/python -m loadtest $(BENCH_ARGS)
 
 ## torture: the long fault-injection run with the history checker

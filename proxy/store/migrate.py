@@ -1,10 +1,11 @@
 """Versioned schema migrations, applied under an advisory lock.
 
 Ten replicas starting at once serialise on the lock; each applies only what is missing.
-Files are `migrations/NNNN_name.sql`, applied in order, each in its own transaction. The
-lock is transaction-scoped (`pg_advisory_xact_lock`), taken again by each migration's
-transaction: a session lock would not survive a transaction-mode pooler, which may run
-the unlock on another server connection than the lock.
+Files are `migrations/NNNN_name.sql`, applied in order, all that are missing in one
+transaction: all or none. The lock is transaction-scoped (`pg_advisory_xact_lock`): a
+session lock would not survive a transaction-mode pooler, which may run the unlock on
+another server connection than the lock. (It still excludes an older replica holding
+the session-level lock of the same key.)
 """
 
 from __future__ import annotations
@@ -41,19 +42,18 @@ async def current_version(conn: asyncpg.Connection) -> int:
 
 async def migrate(conn: asyncpg.Connection) -> list[str]:
     """Apply every missing migration; return the names applied (empty when current)."""
-    applied: list[str] = []
-    while True:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
-            await conn.execute("""CREATE TABLE IF NOT EXISTS idemproxy_schema (
-                version integer PRIMARY KEY, name text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now())""")
-            have = await current_version(conn)
-            todo = [m for m in migrations() if m[0] > have]
-            if not todo:
-                return applied
-            version, name, sql = todo[0]
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+        await conn.execute("""CREATE TABLE IF NOT EXISTS idemproxy_schema (
+            version integer PRIMARY KEY, name text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now())""")
+        have = await current_version(conn)
+        applied: list[str] = []
+        for version, name, sql in migrations():
+            if version <= have:
+                continue
             await conn.execute(sql)
             await conn.execute("INSERT INTO idemproxy_schema (version, name) "
                                "VALUES ($1, $2)", version, name)
-        applied.append(name)
+            applied.append(name)
+        return applied
