@@ -134,7 +134,7 @@ class ReplicatedPostgres:
         try:
             self._run("initdb", "-D", str(self.data[0]), "--auth=trust", "-U", "postgres",
                       "--encoding=utf8", "--no-sync")
-            self._configure(0, f"synchronous_standby_names = 'standby'\n")
+            self._configure(0, "synchronous_standby_names = 'standby'\n")
             self.start(0)
             self._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(self.ports[0]),
                       "-U", "postgres", "-D", str(self.data[1]), "-R", "-X", "stream",
