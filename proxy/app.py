@@ -16,6 +16,7 @@ from typing import TypeVar
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from yarl import URL
 
 from proxy import idempotency, routing
 from proxy.config import SAFE_METHODS, Config
@@ -31,6 +32,7 @@ from proxy.errors import (
 )
 from proxy.framing import check_framing, problem_response
 from proxy.idempotency import Deps
+from proxy.limits import BodyBudget
 
 log = logging.getLogger("idemproxy.app")
 
@@ -68,15 +70,21 @@ def create_proxy_handler(cfg: Config, deps: Deps
                          ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
     """The proxied port's one handler, for every path and method (see ProxyRunner)."""
     routes = cfg.routes
+    budget = BodyBudget(cfg.client.max_body_memory)
 
     async def proxy_handler(request: web.BaseRequest) -> web.StreamResponse:
+        ticket = budget.ticket(request)
         try:
             check_framing(request)
             m = None
             if request.method not in SAFE_METHODS:
-                m = routing.match(routes, request.method, request.path)
+                m = routing.resolve(routes, request.method, request.rel_url.raw_path)
             if m is None:
                 return await idempotency.pass_through_unrouted(request, deps)
+            if m.path != request.rel_url.raw_path:  # the upstream gets the path that matched
+                request = request.clone(rel_url=URL.build(
+                    path=m.path, query_string=request.rel_url.raw_query_string,
+                    encoded=True))
             return await idempotency.handle(request, m, deps)
         except ProblemError as exc:
             return _refused(request, exc)
@@ -84,6 +92,8 @@ def create_proxy_handler(cfg: Config, deps: Deps
             raise  # aiohttp answers these itself
         except Exception:
             return _internal_error()
+        finally:
+            ticket.release()
 
     return proxy_handler
 

@@ -13,9 +13,11 @@
         ├── BadRequest              400 malformed framing, headers or admin query
         ├── KeyMissing              400 route has require_key and no key was found
         ├── KeyMalformed            400 empty, too long, non-printable, several key headers
+        ├── CredentialMissing       400 no tenant header on a route scoped by it
         ├── AdminUnauthorized       401 admin beyond loopback without its bearer token
         ├── NotFound                404 no such admin path or key
         ├── MethodNotAllowed        405 admin path without that method
+        ├── BodyTimeout             408 the client stopped sending its request body
         ├── KeyInFlight             409 the first request with this key is still running
         ├── BodyTooLarge            413 request body over max_request_body
         ├── KeyReused               422 same key, different fingerprint (mismatch_status)
@@ -25,6 +27,7 @@
         ├── UpstreamUnreachable     502 connection refused: the request was never sent
         ├── UpstreamFailed          502 reset after sending: outcome unknown
         ├── ServiceUnavailable      503 the store is down and the route fails closed
+        ├── ProxyBusy               503 request-body memory (client.max_body_memory) is full
         └── UpstreamTimeout         504 no answer in time: outcome unknown
 
 Foreign exceptions are translated at exactly one boundary each: asyncpg's in `store/`
@@ -142,6 +145,18 @@ class MethodNotAllowed(ProblemError):
     title = "Method Not Allowed"
 
 
+class CredentialMissing(ProblemError):
+    status = 400
+    slug = "credential-missing"
+    title = "Credential required for the idempotency scope"
+
+
+class BodyTimeout(ProblemError):
+    status = 408
+    slug = "body-timeout"
+    title = "Request body timed out"
+
+
 class KeyInFlight(ProblemError):
     status = 409
     slug = "key-in-flight"
@@ -219,13 +234,22 @@ class UpstreamTimeout(ProblemError):
     title = "Upstream timed out"
 
 
-class UpstreamError(IdemproxyError):
-    """An upstream failure: `problem` is what the client gets; `sent` if it may have acted."""
+class ProxyBusy(ProblemError):
+    status = 503
+    slug = "proxy-busy"
+    title = "Too many request bodies in progress"
 
-    def __init__(self, problem: ProblemError, *, sent: bool) -> None:
+
+class UpstreamError(IdemproxyError):
+    """An upstream failure: `problem` is what the client gets; `sent` if it may have acted;
+    `answered` if it did answer, with a response the proxy cannot relay (the request was
+    executed: the failure is the outcome, not "maybe not executed")."""
+
+    def __init__(self, problem: ProblemError, *, sent: bool, answered: bool = False) -> None:
         super().__init__(problem.detail)
         self.problem = problem
         self.sent = sent
+        self.answered = answered
 
 
 def store_unavailable() -> ServiceUnavailable:

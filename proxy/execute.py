@@ -101,7 +101,8 @@ async def _upstream_failed(deps: Deps, g: Guarded, claim: Claim,
     finish(deps, g, g.route, Outcome.UPSTREAM_ERROR, problem.status)
     if not exc.sent:
         await _release_quietly(deps, g)
-    elif g.route.unknown_outcome is UnknownOutcome.FAIL:
+    elif exc.answered or g.route.unknown_outcome is UnknownOutcome.FAIL:
+        # answered: the upstream acted; its unrelayable answer is the outcome, stored
         await _complete(deps, g, _failure(problem))
     raise problem from exc
 

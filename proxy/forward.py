@@ -30,12 +30,23 @@ from proxy.errors import UpstreamError, UpstreamFailed, UpstreamTimeout, Upstrea
 CHUNK = 256 * 1024
 
 
+# One verdict per upstream answer, whichever client carries it (RFC 9112 §5: servers
+# choose their limits; ours are the same for both): a header line of at most 64 KiB,
+# at most 128 header fields.
+MAX_FIELD = lean.MAX_FIELD
+MAX_HEADERS = lean.MAX_HEADERS
+
+
 # What either client raises for a failed exchange (anything else is a bug).
 _FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError, lean.NotSent,
              lean.SentFailure)
 
 
 def _translate(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, (lean.BadAnswer, aiohttp.ClientResponseError)):
+        return UpstreamError(UpstreamFailed(
+            "The upstream answered with a response the proxy cannot relay (malformed or "
+            "over the header limits); the request was executed."), sent=True, answered=True)
     if isinstance(exc, lean.NotSent):  # the cause names the upstream: not for clients
         return UpstreamError(UpstreamUnreachable(
             "Could not connect to the upstream; the request was not sent."), sent=False)
@@ -128,6 +139,7 @@ class Forwarder:
         # client's Set-Cookie upstream with the next client's requests.
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False,
+            max_line_size=MAX_FIELD, max_field_size=MAX_FIELD, max_headers=MAX_HEADERS,
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         ) as session:
@@ -153,6 +165,9 @@ class Forwarder:
                    headers: CIMultiDict[str],
                    body: bytes | AsyncIterable[bytes] | None) -> UpstreamResponse:
         tail = raw_path + (f"?{raw_query}" if raw_query else "")
+        # The proxy answers Expect itself (framing.continue_if_expected); forwarded, an
+        # upstream that never sends 100 Continue would hold aiohttp's client forever.
+        headers.popall("Expect", None)
         if self._lean is not None and (body is None or isinstance(body, bytes)) \
                 and method not in _AIOHTTP_ONLY:
             try:

@@ -1,21 +1,39 @@
-"""Requests the HTTP parser itself refuses (bad framing, smuggling attempts, oversized
-headers) are answered as problem+json too, with one log line and no traceback.
+"""The proxied port's connections: framing refusals, client limits and `100 Continue`.
 
+Requests the HTTP parser itself refuses (bad framing, smuggling attempts, oversized
+headers) are answered as problem+json too, with one log line and no traceback.
 aiohttp answers parser errors from its protocol handler, before any application code or
 middleware runs, with a text/plain body and a logged traceback. `ProxyRunner` swaps in a
 protocol handler whose `handle_error` speaks RFC 9457 instead; the connection is closed
 either way, since after a framing error the byte stream cannot be trusted.
+
+The same handler bounds slow clients (`client:`): a request's head must arrive within
+`header_timeout` of its first byte (or of the connection opening), a body may pause at
+most `body_timeout` between bytes, an idle keep-alive connection lasts
+`keepalive_timeout`, and at most `max_connections` are open per process. One timer per
+connection checks the deadlines; nothing is re-armed per byte.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web, web_protocol, web_server
 
-from proxy.errors import PROBLEM_JSON, BadRequest, InternalError, ProblemError
+from proxy.config import Client
+from proxy.errors import (
+    ERROR_BASE,
+    PROBLEM_JSON,
+    BadRequest,
+    BodyTimeout,
+    InternalError,
+    ProblemError,
+)
 
 log = logging.getLogger("idemproxy.framing")
 
@@ -44,7 +62,130 @@ def check_framing(request: web.BaseRequest) -> None:
         raise BadRequest("HTTP/1.0 requests cannot use Transfer-Encoding.", close=True)
 
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def continue_if_expected(request: web.BaseRequest) -> None:
+    """Answer `Expect: 100-continue` just before the body is first read (RFC 9110
+    §10.1.1): every refusal that needs no body (413 by Content-Length, a missing key or
+    credential) has been sent by then instead. The header itself never goes upstream."""
+    if request.version != (1, 1) or not request.body_exists or request.content.is_eof():
+        return
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return
+    if request.transport is not None and not request.transport.is_closing():
+        request.transport.write(CONTINUE)
+
+
+_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/problem+json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+
+
+def _problem_408(detail: str) -> bytes:
+    doc = json.dumps({"type": ERROR_BASE + "header-timeout", "title": "Request header "
+                      "timed out", "status": 408, "detail": detail}).encode()
+    return _TIMEOUT_408 % (len(doc), doc)
+
+
 class _ProblemRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's handler with problem+json parser errors and the `client:` limits."""
+
+    def __init__(self, manager: Any, *, client: Client, **kwargs: Any) -> None:
+        super().__init__(manager, keepalive_timeout=client.keepalive_timeout, **kwargs)
+        self._limits = client
+        self._head_since: float | None = None  # a request head is pending since then
+        self._head_bytes = False  # ... and some of it has arrived
+        self._last_byte = 0.0
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_at = 0.0
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        manager = self._manager
+        if manager is not None and len(manager.connections) > self._limits.max_connections:
+            _log_sparsely("client connection refused: client.max_connections (%d) open",
+                          self._limits.max_connections)
+            self.force_close()
+            return
+        self._head_since = self._last_byte = time.monotonic()
+        self._arm(self._head_since + self._limits.header_timeout)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if data:
+            self._last_byte = now = time.monotonic()
+            if self._waiting_for_head():
+                self._head_bytes = True
+                if self._head_since is None:
+                    self._head_since = now  # the first byte of the next request
+                    self._arm(now + self._limits.header_timeout)
+        super().data_received(data)
+        if self._head_since is not None and not self._waiting_for_head():
+            self._head_since = None  # the head is complete: a request is queued or running
+            self._head_bytes = False
+
+    def _process_keepalive(self) -> None:
+        if self._head_bytes:  # a request has begun: header_timeout decides, with its 408
+            return
+        super()._process_keepalive()
+
+    def _waiting_for_head(self) -> bool:
+        if self._messages:
+            return False
+        waiter = self._waiter
+        if waiter is None:  # before the first message (start() may not run yet)
+            return self._request_count == 0
+        return not waiter.done()
+
+    def _arm(self, at: float) -> None:
+        if self._watch is not None:
+            if self._watch_at <= at:
+                return
+            self._watch.cancel()
+        self._watch_at = at
+        self._watch = asyncio.get_running_loop().call_later(
+            max(0.0, at - time.monotonic()), self._check)
+
+    def _check(self) -> None:
+        self._watch = None
+        if self._force_close or self.transport is None:
+            return
+        now, lim = time.monotonic(), self._limits
+        if self._head_since is not None:
+            if now - self._head_since >= lim.header_timeout:
+                self._header_timed_out()
+                return
+            self._arm(self._head_since + lim.header_timeout)
+            return
+        request = self._current_request
+        if request is not None and not request.content.is_eof() and \
+                not self._reading_paused:
+            if now - self._last_byte >= lim.body_timeout:
+                log.info("client request body timed out", extra={"fields": {
+                    "body_timeout_s": lim.body_timeout}})
+                request.content.set_exception(BodyTimeout(
+                    f"No request body bytes arrived for {lim.body_timeout:g}s "
+                    "(client.body_timeout).", close=True))
+                return
+            self._arm(self._last_byte + lim.body_timeout)
+            return
+        self._arm(now + min(lim.header_timeout, lim.body_timeout))
+
+    def _header_timed_out(self) -> None:
+        transport = self.transport
+        log.info("client request header timed out", extra={"fields": {
+            "header_timeout_s": self._limits.header_timeout, "partial": self._head_bytes}})
+        if transport is not None and self._head_bytes:  # silence for one that sent nothing
+            transport.write(_problem_408(
+                f"The request head did not arrive within {self._limits.header_timeout:g}s "
+                "(client.header_timeout)."))
+        self.force_close()
+
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         if request.writer.output_size > 0:
@@ -63,9 +204,25 @@ class _ProblemRequestHandler(web_protocol.RequestHandler):
         return problem_response(problem)
 
 
+_last_sparse_log = [0.0]
+
+
+def _log_sparsely(msg: str, *args: Any) -> None:
+    """At most one warning a second for events a flood repeats (refused connections)."""
+    now = time.monotonic()
+    if now - _last_sparse_log[0] >= 1.0:
+        _last_sparse_log[0] = now
+        log.warning(msg, *args)
+
+
 class _ProblemServer(web_server.Server):
+    def __init__(self, handler: Any, *, client: Client, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._client = client
+
     def __call__(self) -> web_protocol.RequestHandler:
-        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+        return _ProblemRequestHandler(self, client=self._client, loop=self._loop,
+                                      **self._kwargs)
 
 
 class ProxyRunner(web.ServerRunner):
@@ -74,7 +231,8 @@ class ProxyRunner(web.ServerRunner):
     answered as problem+json."""
 
     def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
-                 *, shutdown_timeout: float) -> None:
-        server = _ProblemServer(handler, handler_cancellation=False, access_log=None,
+                 *, shutdown_timeout: float, client: Client | None = None) -> None:
+        server = _ProblemServer(handler, client=client or Client(),
+                                handler_cancellation=False, access_log=None,
                                 max_field_size=16384, max_line_size=16384)
         super().__init__(server, shutdown_timeout=shutdown_timeout)

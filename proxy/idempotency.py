@@ -82,9 +82,10 @@ async def _identify(request: web.BaseRequest, m: Match, deps: Deps
                         now=time.time() + deps.db_clock_offset)
     if key is None:
         return None, body
+    # Before the body is read: a refusal goes out before any 100 Continue (RFC 9110 §10.1.1).
+    scope = keys.scope_of(route, keys.tenant_of(route, request.headers))
     if body is None:
         body = await read_body(request, limit=route.max_request_body)
-    scope = keys.scope_of(route, keys.tenant_of(route, request.headers))
     fp = keys.fingerprint(route, method=request.method, path=request.rel_url.raw_path,
                           query=request.rel_url.raw_query_string, body=body,
                           headers=request.headers,

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 
 from multidict import MultiMapping
 
-from proxy.config import Route, TenantMode
-from proxy.errors import KeyMalformed, KeyMissing
+from proxy.config import MissingCredential, Route, TenantMode
+from proxy.errors import CredentialMissing, KeyMalformed, KeyMissing
 from proxy.jsonbody import (
     FORM,
     canonical_json,
@@ -34,8 +34,11 @@ from proxy.jsonbody import (
 __all__ = [
     "MAX_KEY_LENGTH", "NoBodyValue", "body_key", "canonical_json", "check_key",
     "fingerprint", "header_values", "key_from_headers", "parse_json", "parse_key_value",
-    "read_key", "require", "resolve_pointer", "scope_of", "select", "tenant_of",
+    "normalize_credential", "read_key", "require", "resolve_pointer", "scope_of", "select",
+    "tenant_hash", "tenant_of",
 ]
+
+ANONYMOUS = "anonymous"  # the shared tenant of `missing: share` requests (never a hash)
 
 MAX_KEY_LENGTH = 255
 
@@ -204,11 +207,44 @@ def header_values(headers: Mapping[str, str], name: str) -> list[str]:
 
 
 def tenant_of(route: Route, headers: Mapping[str, str]) -> str:
-    """A hash naming the tenant; raw credentials are never stored or logged."""
-    if route.tenant.mode is TenantMode.NONE:
+    """A hash naming the tenant; raw credentials are never stored or logged.
+
+    No credential (no header, or only whitespace) is no tenant: refused with a 400 that
+    names the header, unless the route lets anonymous requests share one scope
+    (`tenant: {missing: share}`). Design §4: client A never receives B's answer.
+    """
+    tenant = route.tenant
+    if tenant.mode is TenantMode.NONE:
         return "-"
-    value = "\n".join(header_values(headers, route.tenant.header))
-    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    scheme = tenant.mode is TenantMode.AUTHORIZATION
+    values = [normalize_credential(v, scheme=scheme)
+              for v in header_values(headers, tenant.header)]
+    values = [v for v in values if v]
+    if not values:
+        if tenant.missing is MissingCredential.SHARE:
+            return ANONYMOUS
+        raise CredentialMissing(
+            f"Route {route.name!r} scopes idempotency keys by the {tenant.header} header, "
+            f"and this request has none; send {tenant.header}.")
+    return tenant_hash("\n".join(values))
+
+
+def normalize_credential(value: str, *, scheme: bool) -> str:
+    """One spelling per credential: surrounding whitespace gone, inner runs of spaces and
+    tabs one space, and (`scheme`, for Authorization) the auth scheme in one case, since
+    RFC 9110 §11.1 makes it case-insensitive: `bearer  x` and `Bearer x` are one tenant.
+    The scheme is capitalised (`Bearer`, `Basic`), the spelling nearly every client
+    sends, so their tenants hash as before. The credential itself keeps its case."""
+    words = value.split()
+    if scheme and words:
+        words[0] = words[0].capitalize()
+    return " ".join(words)
+
+
+def tenant_hash(credential: str) -> str:
+    """The tenant half of a scope: the one place a credential is hashed (a keyed hash by
+    an installation secret goes here)."""
+    return hashlib.sha256(credential.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 def scope_of(route: Route, tenant: str) -> str:

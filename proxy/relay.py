@@ -15,6 +15,8 @@ from multidict import CIMultiDict
 from proxy import headers as hdrs
 from proxy.errors import BodyTooLarge, UpstreamError
 from proxy.forward import Forwarder, UpstreamResponse
+from proxy.framing import continue_if_expected
+from proxy.limits import reserve
 
 log = logging.getLogger("idemproxy.relay")
 
@@ -30,11 +32,17 @@ async def read_body(request: web.BaseRequest, *, limit: int) -> bytes:
         if len(body) > limit:
             raise _over(limit)
         return body
+    declared = request.content_length or 0
+    reserve(request, declared)  # client.max_body_memory, before a byte is buffered
+    await continue_if_expected(request)
     buf = bytearray()
     async for chunk in content.iter_any():
         buf += chunk
         if len(buf) > limit:
             raise _over(limit)
+        if len(buf) > declared:
+            reserve(request, len(buf) - declared)
+            declared = len(buf)
     return bytes(buf)
 
 
@@ -44,6 +52,7 @@ def _over(limit: int) -> BodyTooLarge:
 
 
 async def _stream_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
+    await continue_if_expected(request)
     async for chunk in request.content.iter_any():
         yield chunk
 

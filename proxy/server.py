@@ -83,7 +83,7 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
 async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
     state = {"shutting_down": False}
     proxy_runner = ProxyRunner(create_proxy_handler(cfg, deps),
-                               shutdown_timeout=cfg.shutdown_grace)
+                               shutdown_timeout=cfg.shutdown_grace, client=cfg.client)
     admin_runner = web.AppRunner(create_admin_app(cfg, deps, state=state), access_log=None)
     await proxy_runner.setup()
     await admin_runner.setup()

@@ -41,13 +41,24 @@ class SentFailure(Exception):
 
 
 class ReadTimeout(SentFailure):
-    """No response head, or no next body bytes, within read_timeout."""
+    """No final response head, or no next body bytes, within read_timeout."""
+
+
+class BadAnswer(SentFailure):
+    """The upstream answered, but with a head the proxy cannot relay: it acted."""
 
 
 CHUNK = 256 * 1024
 HIGH_WATER = 1024 * 1024  # unread body bytes above which reading pauses...
 LOW_WATER = 256 * 1024  # ...and at or below which it resumes
-MAX_HEAD = 128 * 1024  # llhttp sets no limit; ours may be passed by one socket read
+MAX_FIELD = 64 * 1024  # one header line (or the status line); aiohttp's client: the same
+MAX_HEADERS = 128  # header fields in one head; aiohttp's client: the same
+MAX_HEAD = (MAX_HEADERS + 1) * (MAX_FIELD + 2) + 2  # what those two limits allow at most
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+# RFC 9112 §5.2: obs-fold is unfolded before parsing. As aiohttp's client does it (the
+# line break goes, the SP or HTAB after it stays), so both clients relay one value.
+_OBS_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+_BARE_CR = re.compile(rb"\r(?!\n)")  # RFC 9112 §2.2: invalid, as aiohttp's client says
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110
 _TARGET = re.compile(r"[\x21-\x7e]+")
@@ -114,7 +125,8 @@ class _Conn(asyncio.Protocol):
         self.content_length: int | None = None
         self.headers = _NO_HEADERS
         self.body: deque[bytes] = deque()
-        self.buffered = self.head_bytes = 0
+        self.buffered = 0
+        self.head_buf = b""
 
     def usable(self) -> bool:
         return not self.broken and not self.transport.is_closing()
@@ -171,19 +183,42 @@ class _Conn(asyncio.Protocol):
             self._lost()
             return
         try:
-            self.parser.feed_data(data)
+            while not self.head_done and data:  # heads (1xx ones too) are fed whole
+                data = self._feed_head(data)
+            if data:
+                self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if self.complete:  # bytes after the response: it stands, the connection not
                 self.shut()
                 return
             cause = exc.__context__  # what our callback raised, if it was us
             self.fail(cause if isinstance(cause, SentFailure)
-                      else SentFailure(f"malformed response from the upstream: {exc}"))
-            return
-        if not self.head_done:
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD:
-                self.fail(SentFailure("the upstream's response head is too large"))
+                      else BadAnswer(f"malformed response from the upstream: {exc}"))
+        except BadAnswer as exc:
+            self.fail(exc)
+
+    def _feed_head(self, data: bytes) -> bytes:
+        """Buffer a head until its blank line, check the limits aiohttp's client also
+        keeps, refuse bare CRs and unfold obs-fold (RFC 9112 §2.2, §5.2), then feed it;
+        returns the bytes after it (b"" while the head is still incomplete)."""
+        buf = self.head_buf + data
+        end = _HEAD_END.search(buf)
+        if end is None:
+            if len(buf) > MAX_HEAD:
+                raise BadAnswer("the upstream's response head is too large")
+            self.head_buf = buf
+            return b""
+        head, rest = buf[:end.end()], buf[end.end():]
+        self.head_buf = b""
+        if _BARE_CR.search(head):
+            raise BadAnswer("the upstream's response head has a bare CR")
+        head = _OBS_FOLD.sub(b"", head)
+        lines = head.split(b"\n")
+        if len(lines) - 3 > MAX_HEADERS or any(len(x) > MAX_FIELD + 1 for x in lines):
+            raise BadAnswer("the upstream's response head is over the header limits "
+                            f"({MAX_HEADERS} fields of at most {MAX_FIELD} bytes)")
+        self.parser.feed_data(head)
+        return rest
 
     def eof_received(self) -> bool:
         self._lost()
@@ -219,12 +254,12 @@ class _Conn(asyncio.Protocol):
         headers = CIMultiDict((_decode(n), _decode(v)) for n, v in self.raw_headers)
         framed = "Content-Length" in headers or "Transfer-Encoding" in headers
         if self.parser.get_http_version() not in ("1.1", "1.0") or not 100 <= status <= 599:
-            raise SentFailure(f"the upstream sent an invalid status line ({status})")
+            raise BadAnswer(f"the upstream sent an invalid status line ({status})")
         if status == 101:
-            raise SentFailure("the upstream switched protocols (101)")
+            raise BadAnswer("the upstream switched protocols (101)")
         if status < 200:
             if framed:  # llhttp would read a body for some 1xx; RFC 9110 says there is none
-                raise SentFailure(f"the upstream sent a {status} with a body")
+                raise BadAnswer(f"the upstream sent a {status} with a body")
             return  # interim: skipped, the final response follows
         length = headers.get("Content-Length")
         self.status, self.content_length = status, None if length is None else int(length)
@@ -318,12 +353,13 @@ class UpstreamPool:
         conn = await self._acquire()
         conn.start()
         conn.active = True
+        deadline = time.monotonic() + self.read_timeout
         try:
             conn.transport.write(data)  # from here on, the upstream may act on it
-            while not conn.head_done:
+            while not conn.head_done:  # interim (1xx) heads do not restart the clock
                 if conn.error is not None:
                     raise conn.error
-                await conn.wait(self.read_timeout)
+                await conn.wait(deadline - time.monotonic())
         except BaseException as exc:
             self._release(conn, reuse=False)
             if isinstance(exc, Exception) and not isinstance(exc, SentFailure):

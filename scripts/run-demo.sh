@@ -11,11 +11,11 @@ cat <<'TXT'
   admin (health, metrics) on http://127.0.0.1:9090. Try, in another terminal:
 
     # the first request runs once ...
-    curl -i -X POST localhost:8080/v1/charges -H 'Idempotency-Key: order-1834' -d amount=2000
+    curl -i -X POST localhost:8080/v1/charges -H 'Authorization: Bearer sk_demo' -H 'Idempotency-Key: order-1834' -d amount=2000
     # ... and the retry is replayed (same charge id, Idempotent-Replayed: true)
-    curl -i -X POST localhost:8080/v1/charges -H 'Idempotency-Key: order-1834' -d amount=2000
+    curl -i -X POST localhost:8080/v1/charges -H 'Authorization: Bearer sk_demo' -H 'Idempotency-Key: order-1834' -d amount=2000
     # the same key with another body is refused (422)
-    curl -i -X POST localhost:8080/v1/charges -H 'Idempotency-Key: order-1834' -d amount=9999
+    curl -i -X POST localhost:8080/v1/charges -H 'Authorization: Bearer sk_demo' -H 'Idempotency-Key: order-1834' -d amount=9999
     # metrics
     curl -s localhost:9090/metrics | grep idemproxy_requests
 

@@ -153,7 +153,8 @@ async def make_proxy(db: str, upstream: TestUpstream
         cache = ReplayCache(cfg.replay_cache)
         notifier = await stack.enter_async_context(Notifier(st.acquire_listener, cache=cache))
         deps = Deps(store=st, forwarder=fwd, metrics=metrics, notifier=notifier, cache=cache)
-        proxy_runner = ProxyRunner(create_proxy_handler(cfg, deps), shutdown_timeout=2)
+        proxy_runner = ProxyRunner(create_proxy_handler(cfg, deps), shutdown_timeout=2,
+                                   client=cfg.client)
         admin_runner = web.AppRunner(create_admin_app(cfg, deps), access_log=None)
         for runner in (proxy_runner, admin_runner):
             await runner.setup()
@@ -179,7 +180,12 @@ async def own_pg(tmp_path: Path) -> AsyncIterator[Any]:
         await asyncio.to_thread(pg.cleanup)
 
 
+# Routes scope keys by Authorization by default, and a guarded request without one is
+# refused (issue #17): the shared test client is one authenticated client.
+CLIENT_AUTH = {"Authorization": "Bearer test-client"}
+
+
 @pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
+    async with aiohttp.ClientSession(auto_decompress=False, headers=CLIENT_AUTH) as session:
         yield session

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__, keys
-from tests.conftest import ProxyHandle
+from tests.conftest import CLIENT_AUTH, ProxyHandle
 from tests.upstream import TestUpstream, body_json
 
 PROBLEM = "application/problem+json"
@@ -22,7 +22,7 @@ BEYOND_LOOPBACK = f"admin:\n  listen: 0.0.0.0:9090\n  token_env: {TOKEN_ENV}"
 
 def scope_for(p: ProxyHandle, route: str, headers: dict[str, str] | None = None) -> str:
     r = next(r for r in p.config.routes if r.name == route)
-    return keys.scope_of(r, keys.tenant_of(r, headers or {}))
+    return keys.scope_of(r, keys.tenant_of(r, headers or CLIENT_AUTH))
 
 
 async def call(client: aiohttp.ClientSession, method: str, url: str, *,

@@ -160,8 +160,7 @@ def test_bad_defaults_are_reported_once_under_defaults() -> None:
 
 @pytest.mark.parametrize(("text", "problem"), [
     ("listn: 0.0.0.0:8080\n", "listn: unknown field (expected one of: admin, "
-     "allow_python_parser, data_dir, database, defaults, encryption, listen, logging, "
-     "replay_cache, routes, shutdown_grace, sweep_interval, upstream, workers)"),
+     "allow_python_parser, client, data_dir, database, defaults, encryption, listen, "),
     ("defaults: {tll: 1h}\n", "defaults.tll: unknown field"),
     ("defaults: {preset: github}\n", "defaults.preset: unknown field"),
     (one_route("tll: 1h"), "routes[0].tll: unknown field"),
@@ -192,7 +191,11 @@ def test_unknown_fields_are_named_with_their_path(text: str, problem: str) -> No
     ("release_statuses: [429, 700]", "routes[0].release_statuses: [429, 700] is not a list "
      "of HTTP statuses like [429, 503]"),
     ("tenant: everyone", "routes[0].tenant: 'everyone' is not one of: authorization, none, "
-     "{header: NAME}"),
+     "{header: NAME, missing: reject | share}"),
+    ("tenant: {missing: maybe}", "routes[0].tenant.missing: 'maybe' is not one of: reject, "
+     "share"),
+    ("match: {path: /a, trailing_slash: loose}", "routes[0].match.trailing_slash: 'loose' "
+     "is not one of: ignore, strict"),
     ("tenant: {header: 'X Api'}", "routes[0].tenant.header: 'X Api' is not an HTTP header name"),
     ("preset: gitlab", "routes[0].preset: 'gitlab' is not one of: github, shopify, "
      "standard-webhooks, stripe"),
@@ -448,15 +451,20 @@ def test_top_level_combinations_that_cannot_work_are_errors(text, expect):
     assert any(expect in p for p in _problems(text)), _problems(text)
 
 
-def test_leases_and_waits_longer_than_the_window_are_warnings():
-    """lock_timeout or wait_timeout longer than ttl loads, with a warning naming it."""
-    cfg = loads(UP + "routes:\n  - {name: a, match: {path: /a}, ttl: 1m, lock_timeout: 2m,"
+def test_a_wait_longer_than_the_window_is_a_warning():
+    """wait_timeout longer than ttl loads, with a warning naming it."""
+    cfg = loads(UP + "routes:\n  - {name: a, match: {path: /a}, ttl: 1m, lock_timeout: 1m,"
                 " concurrent: wait, wait_timeout: 90s}\n", env={})
     assert cfg.warnings == (
-        "routes[0] ('a').lock_timeout: 2m is longer than ttl (1m): a claim stays in "
-        "flight past its key's window",
         "routes[0] ('a').wait_timeout: 90s is longer than ttl (1m): a held retry can "
-        "outwait the key's window")
+        "outwait the key's window",)
+
+
+def test_a_lease_longer_than_the_window_is_an_error():
+    """lock_timeout longer than ttl is refused (issue #17): a lease ends within its window."""
+    assert problems(one_route("ttl: 1m\nlock_timeout: 2m")) == [
+        "routes[0].lock_timeout: 2m is longer than ttl (1m): a claim's lease must end "
+        "within its key's window"]
 
 
 def test_a_missing_upstream_is_a_warning_not_a_silent_default():

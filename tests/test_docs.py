@@ -28,7 +28,8 @@ EXAMPLES = sorted((ROOT / "config").glob("*.yaml"))
 
 # Where a dataclass field sits in the YAML when that is not its own name.
 RENAMED = {("Route", "methods"): "match.methods", ("Route", "path"): "match.path",
-           ("Tenant", "mode"): ""}
+           ("Route", "trailing_slash"): "match.trailing_slash",
+           ("Route", "case_insensitive"): "match.case_insensitive", ("Tenant", "mode"): ""}
 LEAVES = (Listen, PathPattern)  # dataclasses written as one scalar
 NOT_CONFIG = {("Config", "source"), ("Config", "warnings")}  # not fields: where it was
 # read from, and what check-config warns about
@@ -91,6 +92,8 @@ def actual(path: str) -> Any:
         cfg = loads("routes:\n  - name: r\n    match: {path: /r}\n", env={})
         obj, path = cfg.routes[0], path.removeprefix("routes[].")
         path = {"match.methods": "methods", "match.path": "path",
+                "match.trailing_slash": "trailing_slash",
+                "match.case_insensitive": "case_insensitive",
                 "tenant": "tenant.mode"}.get(path, path)
     for part in path.split("."):
         obj = getattr(obj, part)

@@ -229,7 +229,8 @@ async def test_a_chunked_body_that_arrives_with_its_headers_is_limited_and_kept_
         chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c)
                            for c in (body[:600], body[600:]) if c) + b"0\r\n\r\n"
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /exec/whole HTTP/1.1\r\nHost: x\r\nIdempotency-Key: "
+        writer.write(b"POST /exec/whole HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer raw\r\nIdempotency-Key: "
                      + new_key().encode() + b"\r\nTransfer-Encoding: chunked\r\n"
                      b"Connection: close\r\n\r\n" + chunked)
         await writer.drain()
@@ -289,6 +290,7 @@ async def test_expired_key_is_a_new_key(make_proxy, upstream, client):
         - name: short
           match: {methods: [POST], path: "/exec/*"}
           ttl: 1s
+          lock_timeout: 1s
     """)
     key = new_key()
     await post(client, p.url + "/exec/ttl", key=key)

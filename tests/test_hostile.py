@@ -35,10 +35,11 @@ class Case:
 
 def _post(headers: bytes, body: bytes = b"", target: bytes = b"/exec/hostile",
           version: bytes = b"HTTP/1.1") -> bytes:
-    return (b"POST " + target + b" " + version + b"\r\nHost: proxy.test\r\n" + headers +
-            b"\r\n" + body)
+    return (b"POST " + target + b" " + version + b"\r\nHost: proxy.test\r\n" + AUTH +
+            headers + b"\r\n" + body)
 
 
+AUTH = b"Authorization: Bearer hostile\r\n"  # a credential: the tenant is not the reason
 SMUGGLED = b"POST /exec/smuggled HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: 0\r\n\r\n"
 KEY = b"Idempotency-Key: {key}\r\n"
 

@@ -175,6 +175,7 @@ async def test_cached_replays_stop_when_the_key_expires(
         - name: short
           match: {methods: [POST], path: "/exec/*"}
           ttl: 3s
+          lock_timeout: 3s
     """)
     key = new_key()
     await post(client, p.url + "/exec/c4", key=key)

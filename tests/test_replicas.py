@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.conftest import CLIENT_AUTH
 from tests.procs import Cluster, sigcont, sigstop, wait_ready
 from tests.test_flow import post
 from tests.upstream import TestUpstream, body_json
@@ -216,7 +217,7 @@ async def test_workers_share_the_port_and_aggregate_metrics(cluster: Cluster,
     children = psutil.Process(p.proc.pid).children()
     assert len(children) == 2
     keys = [new_key() for _ in range(20)]
-    async with aiohttp.ClientSession() as fresh:  # new connections spread over workers
+    async with aiohttp.ClientSession(headers=CLIENT_AUTH) as fresh:  # spread over workers
         for key in keys:
             await post(fresh, p.url + "/exec/wk", key=key)
         results = await asyncio.gather(*[

@@ -157,7 +157,7 @@ async def test_purge_deletes_expired_rows_and_their_chunks(store: PostgresStore)
     """The sweeper's purge removes expired records and their body chunks, nothing else."""
     scope, key = ids()
     keep_scope, keep_key = ids()
-    c = await claim(store, scope, key, ttl=0.1)
+    c = await claim(store, scope, key, ttl=0.1, lease=0.1)  # a live lease is never purged
     await store.write_chunk(scope=scope, key=key, token=c.record.lock_token, seq=0, data=b"x")
     await claim(store, keep_scope, keep_key)
     await asyncio.sleep(0.2)

@@ -4,6 +4,7 @@ from proxy.config.load import load, loads
 from proxy.config.schema import (
     SAFE_METHODS,
     Admin,
+    Client,
     Concurrent,
     Config,
     Database,
@@ -12,18 +13,20 @@ from proxy.config.schema import (
     KeySource,
     Listen,
     Logging,
+    MissingCredential,
     Pooler,
     Route,
     StoreUnavailablePolicy,
     Tenant,
     TenantMode,
+    TrailingSlash,
     UnknownOutcome,
     Upstream,
 )
 
 __all__ = [
-    "SAFE_METHODS", "Admin", "Concurrent", "Config", "Database", "Encryption", "Fingerprint",
-    "KeySource", "Listen", "Logging", "Pooler", "Route", "StoreUnavailablePolicy", "Tenant",
-    "TenantMode",
-    "UnknownOutcome", "Upstream", "load", "loads",
+    "SAFE_METHODS", "Admin", "Client", "Concurrent", "Config", "Database", "Encryption",
+    "Fingerprint", "KeySource", "Listen", "Logging", "MissingCredential", "Pooler", "Route",
+    "StoreUnavailablePolicy", "Tenant", "TenantMode", "TrailingSlash", "UnknownOutcome",
+    "Upstream", "load", "loads",
 ]

@@ -3,8 +3,8 @@
 Errors (the config is refused): a route that can never match because an earlier route
 takes all its requests, a path with `?` or whitespace, the admin listener on the proxied
 port, `database.pool_min` above `pool_max`. Warnings (it loads; check-config prints them
-and serve logs them): a route that loses some of its methods to an earlier one, a lease
-or a wait longer than the key's window, no `upstream` at all.
+and serve logs them): a route that loses some of its methods to an earlier one, a wait
+longer than the key's window (a lease longer than it is refused), no `upstream` at all.
 """
 
 from __future__ import annotations
@@ -67,9 +67,7 @@ def _route_warnings(cfg: Config, i: int, route: Route) -> list[str]:
             out.append(f"{at}: its {', '.join(sorted(lost))} requests go first to "
                        f"routes[{j}] ({earlier.name!r}, {earlier.path.text!r})")
     ttl = format_duration(route.ttl)
-    if route.lock_timeout > route.ttl:
-        out.append(f"{at}.lock_timeout: {format_duration(route.lock_timeout)} is longer "
-                   f"than ttl ({ttl}): a claim stays in flight past its key's window")
+    # lock_timeout > ttl is an error (config/routes.py, issue #17), not a warning
     if route.concurrent is Concurrent.WAIT and route.wait_timeout > route.ttl:
         out.append(f"{at}.wait_timeout: {format_duration(route.wait_timeout)} is longer "
                    f"than ttl ({ttl}): a held retry can outwait the key's window")

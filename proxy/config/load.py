@@ -17,7 +17,16 @@ import yaml
 
 from proxy.config.checks import check_config, config_warnings
 from proxy.config.routes import parse_routes
-from proxy.config.schema import Admin, Config, Database, Encryption, Logging, Pooler, Upstream
+from proxy.config.schema import (
+    Admin,
+    Client,
+    Config,
+    Database,
+    Encryption,
+    Logging,
+    Pooler,
+    Upstream,
+)
 from proxy.config.values import (
     Reader,
     bool_,
@@ -73,7 +82,7 @@ def loads(text: str, *, env: Mapping[str, str], source: str = "<string>") -> Con
     top = r.section(raw, "", {"listen", "admin", "upstream", "database", "defaults", "routes",
                               "data_dir", "workers", "shutdown_grace", "sweep_interval",
                               "replay_cache", "logging", "encryption",
-                              "allow_python_parser"})
+                              "allow_python_parser", "client"})
     cfg = _parse_top(r, top, env, source)
     if not problems:
         problems += _check_keys(cfg.encryption.keys_env, env)
@@ -102,6 +111,9 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
                                                     "pooler", "listen_url"})
     lg = r.section(top.get("logging"), "logging", {"format", "level"})
     enc = r.section(top.get("encryption"), "encryption", {"keys_env"})
+    cl = r.section(top.get("client"), "client", {"header_timeout", "body_timeout",
+                                                 "keepalive_timeout", "max_connections",
+                                                 "max_body_memory"})
     upstream_url = r.get(up, "url", "upstream.url", _upstream_url, d.upstream.url)
     db_url = env.get("IDEMPROXY_DATABASE_URL") or r.get(db, "url", "database.url", str_, "")
     listen_url = (env.get("IDEMPROXY_DATABASE_LISTEN_URL")
@@ -122,6 +134,7 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
             timeout=r.get(up, "timeout", "upstream.timeout", parse_duration, d.upstream.timeout),
             max_connections=r.get(up, "max_connections", "upstream.max_connections",
                                   int_in(1, 100000), d.upstream.max_connections)),
+        client=_parse_client(r, cl),
         database=Database(
             url=db_url,
             pool_min=r.get(db, "pool_min", "database.pool_min", int_in(0, 1000), 2),
@@ -145,6 +158,23 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
         source=source,
     )
 
+
+def _parse_client(r: Reader, cl: dict[str, Any]) -> Client:
+    d = Client()
+    timeouts = {f: r.get(cl, f, f"client.{f}", _positive_duration, getattr(d, f))
+                for f in ("header_timeout", "body_timeout", "keepalive_timeout")}
+    return Client(**timeouts,
+                  max_connections=r.get(cl, "max_connections", "client.max_connections",
+                                        int_in(1, 1000000), d.max_connections),
+                  max_body_memory=r.get(cl, "max_body_memory", "client.max_body_memory",
+                                        parse_size, d.max_body_memory))
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be more than zero")
+    return seconds
 
 
 def _workers(value: object) -> int:

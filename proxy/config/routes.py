@@ -18,10 +18,12 @@ from proxy.config.schema import (
     Concurrent,
     Fingerprint,
     KeySource,
+    MissingCredential,
     Route,
     StoreUnavailablePolicy,
     Tenant,
     TenantMode,
+    TrailingSlash,
     UnknownOutcome,
 )
 from proxy.config.values import (
@@ -151,14 +153,21 @@ def _section_fp(r: Reader, data: dict[str, Any], prefix: str) -> None:
 def _parse_route(r: Reader, layers: _Layers, *, check_params: bool = True) -> Route | None:
     d, at = layers.values, layers.at
     name = r.get(d, "name", at("name"), _name, "")
-    match = r.section(d.get("match"), at("match"), {"methods", "path"})
+    match = r.section(d.get("match"), at("match"),
+                      {"methods", "path", "trailing_slash", "case_insensitive"})
     if check_params and "path" not in match:
         r.report(f"{at('match')}.path: missing")
         return None
-    pattern = r.get(match, "path", f"{at('match')}.path", _pattern, PathPattern.compile("/"))
+    trailing = r.get(match, "trailing_slash", f"{at('match')}.trailing_slash",
+                     enum_(TrailingSlash), TrailingSlash.IGNORE)
+    fold = r.get(match, "case_insensitive", f"{at('match')}.case_insensitive", bool_, False)
+    pattern = r.get(match, "path", f"{at('match')}.path", _pattern(
+        trailing_slash=trailing is TrailingSlash.IGNORE, case_insensitive=fold),
+        PathPattern.compile("/"))
     methods = r.get(match, "methods", f"{at('match')}.methods", _methods, frozenset({"POST"}))
     key = _parse_key(r, d.get("key"), at("key"), pattern if check_params else None)
-    route = Route(name=name, methods=methods, path=pattern, key=key,
+    route = Route(name=name, methods=methods, path=pattern, trailing_slash=trailing,
+                  case_insensitive=fold, key=key,
                   preset=_preset_name(d.get("preset")),
                   tenant=_parse_tenant(r, d.get("tenant"), at("tenant")),
                   fingerprint=_parse_fingerprint(r, d.get("fingerprint"), layers),
@@ -195,6 +204,10 @@ def _check_route(r: Reader, route: Route, layers: _Layers) -> None:
         r.report(f"{layers.at('ttl')}: {format_duration(route.ttl)} is shorter than "
                  f"key.bucket ({format_duration(bucket)}): a duplicate later in the same "
                  "bucket would run again")
+    if route.lock_timeout > route.ttl:
+        r.report(f"{layers.at('lock_timeout')}: {format_duration(route.lock_timeout)} is "
+                 f"longer than ttl ({format_duration(route.ttl)}): a claim's lease must end "
+                 "within its key's window")
     if route.expires_header is not None and \
             route.expires_header.lower() == route.replay_header.lower():
         r.report(f"{layers.at('expires_header')}: {route.expires_header!r} is also the "
@@ -245,13 +258,20 @@ def _parse_tenant(r: Reader, raw: object, path: str) -> Tenant:
     if raw == "none":
         return Tenant(mode=TenantMode.NONE, header="")
     if isinstance(raw, dict):
-        d = r.section(raw, path, {"header"})
+        d = r.section(raw, path, {"header", "missing"})
+        missing = r.get(d, "missing", f"{path}.missing", enum_(MissingCredential),
+                        MissingCredential.REJECT)
+        if "header" not in d:  # {missing: share}: the Authorization header still
+            return Tenant(missing=missing)
         header = r.get(d, "header", f"{path}.header", parse_header_name, "")
-        if header:
-            return Tenant(mode=TenantMode.HEADER, header=header)
-        if "header" in d:
+        if not header:
             return Tenant()
-    r.report(f"{path}: {raw!r} is not one of: authorization, none, {{header: NAME}}")
+        mode = TenantMode.AUTHORIZATION if header.lower() == "authorization" else \
+            TenantMode.HEADER
+        return Tenant(mode=mode, header=header if mode is TenantMode.HEADER else
+                      "Authorization", missing=missing)
+    r.report(f"{path}: {raw!r} is not one of: authorization, none, "
+             "{header: NAME, missing: reject | share}")
     return Tenant()
 
 
@@ -285,8 +305,12 @@ def _name(value: object) -> str:
     return text
 
 
-def _pattern(value: object) -> PathPattern:
-    return PathPattern.compile(str_(value))
+def _pattern(*, trailing_slash: bool, case_insensitive: bool
+             ) -> Callable[[object], PathPattern]:
+    def parse(value: object) -> PathPattern:
+        return PathPattern.compile(str_(value), trailing_slash=trailing_slash,
+                                   case_insensitive=case_insensitive)
+    return parse
 
 
 def _methods(value: object) -> frozenset[str]:

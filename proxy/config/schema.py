@@ -48,12 +48,27 @@ class TenantMode(enum.Enum):
     HEADER = "header"
 
 
+class MissingCredential(enum.Enum):
+    """What a guarded request without the route's tenant header gets."""
+
+    REJECT = "reject"  # 400 problem+json naming the header: no shared anonymous scope
+    SHARE = "share"  # every request without it shares one anonymous scope (opt-in)
+
+
+class TrailingSlash(enum.Enum):
+    """Whether `/v1/charges/` matches a route for `/v1/charges`."""
+
+    IGNORE = "ignore"  # with or without one trailing slash, the same route
+    STRICT = "strict"  # only as written
+
+
 @dataclass(frozen=True, slots=True)
 class Tenant:
     """Whose keys these are: keys only ever match inside route name + tenant."""
 
     mode: TenantMode = TenantMode.AUTHORIZATION  # default: SHA-256 of Authorization
     header: str = "Authorization"  # the header hashed for mode header (X-Api-Key, ...)
+    missing: MissingCredential = MissingCredential.REJECT  # default reject: a 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +98,8 @@ class Route:
     name: str
     methods: frozenset[str]
     path: PathPattern
+    trailing_slash: TrailingSlash = TrailingSlash.IGNORE  # default ignore
+    case_insensitive: bool = False  # default false: letters match in their case only
     key: KeySource = KeySource()  # default: the Idempotency-Key header
     preset: str | None = None  # default none; github | shopify | standard-webhooks | stripe
     require_key: bool = False  # default false: no key streams through unguarded
@@ -131,6 +148,17 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class Client:
+    """Limits on the proxied port's clients, so slow or idle ones cannot hold it."""
+
+    header_timeout: float = 10.0  # default 10s: a connection's first byte to its last header
+    body_timeout: float = 30.0  # default 30s: at most between two reads of a request body
+    keepalive_timeout: float = 75.0  # default 75s: an idle connection between requests
+    max_connections: int = 10000  # default 10000 open client connections per process
+    max_body_memory: int = 256 * 2**20  # default 256MiB of request bodies held at once
+
+
+@dataclass(frozen=True, slots=True)
 class Database:
     url: str = ""  # empty: embedded PostgreSQL under data_dir
     pool_min: int = 2
@@ -158,6 +186,7 @@ class Config:
     listen: Listen = Listen("0.0.0.0", 8080)
     admin: Admin = Admin()
     upstream: Upstream = Upstream()
+    client: Client = Client()
     database: Database = Database()
     routes: tuple[Route, ...] = ()
     data_dir: str = "./.idemproxy"

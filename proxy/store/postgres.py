@@ -53,6 +53,7 @@ _PURGE = """
     WITH gone AS (
         DELETE FROM idemproxy_keys WHERE ctid = ANY(ARRAY(
             SELECT ctid FROM idemproxy_keys WHERE expires_at <= now()
+               AND (state = 1 AND locked_until > now()) IS NOT TRUE  -- 0005: a live lease
              LIMIT $1 FOR UPDATE SKIP LOCKED))
         RETURNING scope, key),
       chunks AS (
