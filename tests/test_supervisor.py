@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import CLIENT_AUTH, ROOT, free_port
 from tests.procs import ProxyProcess, wait_ready
 from tests.upstream import TestUpstream
 
@@ -69,7 +69,7 @@ async def test_a_second_idemproxy_on_the_same_port_refuses_to_start(tmp_path, db
                                        "already in use (another idemproxy or another "
                                        "program listens on it)"], second.output()
         assert "Traceback" not in second.output()
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers=CLIENT_AUTH) as s:
             for _ in range(6):  # new connections each time: all reach the first proxy
                 async with s.post(first.url + "/sup/x", data=b"{}", headers={
                         "Idempotency-Key": uuid.uuid4().hex, "Connection": "close"}) as r:
@@ -111,7 +111,7 @@ async def test_workers_that_keep_dying_end_the_supervisor(tmp_path, db):
     health: set[int] = set()
     try:
         await wait_ready(p, timeout=60)
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers=CLIENT_AUTH) as s:
             async with s.get(p.admin_url + "/healthz") as r:
                 assert r.status == 200
             deadline = time.monotonic() + 90
@@ -154,7 +154,7 @@ async def test_a_proxy_folder_in_the_cwd_cannot_take_over_the_workers(tmp_path, 
               cwd=tmp_path, argv0=argv0, port=port, admin=admin)
     try:
         await wait_ready(p, timeout=60)
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers=CLIENT_AUTH) as s:
             async with s.post(p.url + "/sup/y", data=b"{}",
                               headers={"Idempotency-Key": uuid.uuid4().hex}) as r:
                 assert r.status == 200
