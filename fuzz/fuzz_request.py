@@ -103,10 +103,8 @@ class InProcessProxy:
         from aiohttp import web
         from prometheus_client import CollectorRegistry
 
-        from proxy.app import create_proxy_app
-        from proxy.forward import Forwarder
+        from proxy.app import create_app
         from proxy.framing import ProxyRunner
-        from proxy.idempotency import Deps
         from proxy.metrics import Metrics
         from proxy.store.migrate import migrate
         from proxy.store.postgres import PostgresStore
@@ -127,10 +125,9 @@ class InProcessProxy:
         self._astack.push_async_callback(store.close)
         async with store.pool.acquire() as conn:
             await migrate(conn)
-        fwd = await self._astack.enter_async_context(Forwarder.open(cfg.upstream))
-        runner = ProxyRunner(create_proxy_app(cfg, Deps(store=store, forwarder=fwd,
-                                                        metrics=metrics)),
-                             access_log=None, handler_cancellation=False, shutdown_timeout=1)
+        app = await self._astack.enter_async_context(
+            create_app(cfg, store=store, metrics=metrics))
+        runner = ProxyRunner(app.proxied()[1], shutdown_timeout=1)
         await runner.setup()
         self._astack.push_async_callback(runner.cleanup)
         await web.TCPSite(runner, "127.0.0.1", 0).start()

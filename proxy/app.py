@@ -1,4 +1,9 @@
-"""The proxied port's handler and the admin application (never on the same port).
+"""The composition root (`create_app`), the proxied port's handler and the admin
+application (never on the same port).
+
+`create_app` is the one place the pieces are assembled: `serve`, the supervisor and the
+tests call it with a store and a metrics registry; it opens the upstream session, the
+replay cache and its LISTEN connection, and builds both handlers on them.
 
 Both render every `ProblemError` as RFC 9457 problem+json; anything else that
 escapes a handler is logged with its traceback and answered as a generic 500 problem,
@@ -7,10 +12,12 @@ never a traceback to the client.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from aiohttp import web
@@ -19,7 +26,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
 from proxy import idempotency, routing
+from proxy.cache import ReplayCache
 from proxy.config import SAFE_METHODS, Config
+from proxy.context import Deps, Services
 from proxy.errors import (
     AdminUnauthorized,
     BadRequest,
@@ -30,18 +39,69 @@ from proxy.errors import (
     for_http_status,
     store_unavailable,
 )
+from proxy.forward import Forwarder
 from proxy.framing import check_framing, problem_response
-from proxy.idempotency import Deps
 from proxy.limits import BodyBudget
+from proxy.metrics import Metrics
+from proxy.store import Store
+from proxy.store.notify import Notifier
 
 log = logging.getLogger("idemproxy.app")
 
 CONFIG = web.AppKey("config", Config)
-DEPS = web.AppKey("deps", Deps)
+DEPS = web.AppKey("deps", Services)
 STATE = web.AppKey("state", dict)
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ProxyHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    """What `create_app` assembled. `deps` and `handler` (the proxied port's) are None in
+    an admin-only process (the supervisor's)."""
+
+    admin: web.Application
+    state: dict[str, bool]  # "shutting_down": /readyz turns unready
+    deps: Deps | None = None
+    handler: ProxyHandler | None = None
+
+    def proxied(self) -> tuple[Deps, ProxyHandler]:
+        if self.deps is None or self.handler is None:
+            raise RuntimeError("this App was created with proxied=False")
+        return self.deps, self.handler
+
+
+@contextlib.asynccontextmanager
+async def create_app(cfg: Config, *, store: Store, metrics: Metrics,
+                     proxied: bool = True) -> AsyncIterator[App]:
+    """Assemble the proxy for `cfg` on `store` and `metrics`, for the life of the block.
+
+    `proxied=False`: the admin application only (the supervisor's process, whose workers
+    serve the proxied port): no upstream session, cache or LISTEN connection is opened.
+    """
+    state = {"shutting_down": False}
+    if not proxied:
+        yield App(create_admin_app(cfg, Services(store=store, metrics=metrics),
+                                   state=state), state)
+        return
+    listens = store.listen_url is not None
+    if not listens:
+        log.warning("database.pooler is transaction and database.listen_url is not set: "
+                    "no LISTEN connection, so concurrent: wait retries poll the store "
+                    "and the replay cache is off")
+    cache = ReplayCache(cfg.replay_cache) if listens else None
+    async with contextlib.AsyncExitStack() as stack:
+        forwarder = await stack.enter_async_context(Forwarder.open(cfg.upstream))
+        notifier = (await stack.enter_async_context(
+            Notifier(store.acquire_listener, cache=cache)) if listens else None)
+        deps = Deps(store=store, forwarder=forwarder, metrics=metrics, notifier=notifier,
+                    cache=cache, db_clock_offset=await store.clock_offset())
+        yield App(create_admin_app(cfg, deps, state=state), state, deps,
+                  create_proxy_handler(cfg, deps))
+
+
 def _refused(request: web.BaseRequest, exc: ProblemError) -> web.Response:
     log.info("request refused", extra={"fields": {
         "method": request.method, "status": exc.status, "type": exc.slug}})
@@ -66,8 +126,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return _internal_error()
 
 
-def create_proxy_handler(cfg: Config, deps: Deps
-                         ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+def create_proxy_handler(cfg: Config, deps: Deps) -> ProxyHandler:
     """The proxied port's one handler, for every path and method (see ProxyRunner)."""
     routes = cfg.routes
     budget = BodyBudget(cfg.client.max_body_memory)
@@ -98,7 +157,7 @@ def create_proxy_handler(cfg: Config, deps: Deps
     return proxy_handler
 
 
-def create_admin_app(cfg: Config, deps: Deps, *, state: dict[str, bool] | None = None
+def create_admin_app(cfg: Config, deps: Services, *, state: dict[str, bool] | None = None
                      ) -> web.Application:
     """Health, readiness, metrics and key operations on the admin listener.
 

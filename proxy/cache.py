@@ -18,8 +18,7 @@ from collections import OrderedDict
 from typing import Any
 from uuid import UUID
 
-from proxy.store import Record, State
-from proxy.store.postgres import notify_channel_id
+from proxy.store import Record, State, notify_channel_id
 
 MAX_ENTRY = 64 * 1024  # a body larger than this is always replayed from the database
 MAX_AGE = 60.0  # seconds an entry may be served without the database being asked again

@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
 from proxy import __version__, logs
-from proxy.config import Config, Pooler, load
+from proxy.config import Config, load
 from proxy.config.values import parse_duration
-from proxy.errors import ConfigError, StoreError, StoreUnavailable, describe
+from proxy.errors import (
+    ConfigError,
+    RuntimeFailure,
+    SchemaNotCurrent,
+    StoreError,
+    StoreUnavailable,
+    UsageError,
+    describe,
+)
 from proxy.store import State
+from proxy.store.open import open_store
 
 log = logging.getLogger("idemproxy")
 
@@ -32,14 +40,6 @@ CONFIG_ENV = "IDEMPROXY_CONFIG"
 # rather than run a private, unshared database that goes with the container.
 EMBEDDED_ENV = "IDEMPROXY_EMBEDDED_DATABASE"
 LIST_LIMIT_MAX = 10_000
-
-
-class UsageError(Exception):
-    """The command line (or the environment it reads) cannot work: exit 2."""
-
-
-class RuntimeFailure(Exception):
-    """A clear, expected failure at run time (a port in use, no database yet): exit 1."""
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -76,43 +76,6 @@ def require_database(cfg: Config, *, create: bool) -> None:
             f"no database: {pgdata} holds no embedded PostgreSQL (data_dir of "
             f"{cfg.source}); run `idemproxy serve` or `idemproxy migrate` with this config "
             "first, or set IDEMPROXY_DATABASE_URL")
-
-
-@contextlib.asynccontextmanager
-async def open_store(cfg: Config, *, wait: float = 0.0,
-                     observe: Callable[[str, float], None] | None = None,
-                     observe_batch: Callable[[str, int], None] | None = None
-                     ) -> AsyncIterator[Any]:
-    """The store for `cfg`: its database URL, or an embedded server under data_dir."""
-    from proxy.embedded import embedded_postgres
-    from proxy.store.postgres import PostgresStore
-
-    with contextlib.ExitStack() as stack:
-        url = cfg.database.url or stack.enter_context(embedded_postgres(cfg.data_dir))
-        store = await _connect_retrying(lambda: PostgresStore.connect(
-            url, min_size=cfg.database.pool_min, max_size=cfg.database.pool_max,
-            timeout=cfg.database.timeout,
-            transaction_pooler=cfg.database.pooler is Pooler.TRANSACTION,
-            listen_url=cfg.database.listen_url or None,
-            observe=observe, observe_batch=observe_batch),
-            wait=wait)
-        try:
-            yield store
-        finally:
-            await store.close()
-
-
-async def _connect_retrying(connect: Callable[[], Awaitable[Any]], *, wait: float) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    while True:
-        try:
-            return await connect()
-        except StoreUnavailable as exc:
-            if loop.time() >= deadline:
-                raise
-            log.warning("database not reachable yet, retrying: %s", exc)
-            await asyncio.sleep(1)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -236,10 +199,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(f"{args.verb}d" if done else miss, file=sys.stdout if done else sys.stderr)
             return 0 if done else 1
     return _run(go())
-
-
-class SchemaNotCurrent(Exception):
-    """The database has not been migrated to the version this code needs."""
 
 
 async def _require_schema(store: Any) -> None:

@@ -19,22 +19,28 @@ from proxy.cache import ReplayCache
 from proxy.config import Concurrent, Route
 from proxy.forward import Forwarder
 from proxy.metrics import Metrics, Outcome
+from proxy.store import Store
 from proxy.store.notify import Notifier
-from proxy.store.postgres import PostgresStore
 
 log = logging.getLogger("idemproxy.request")
 request_log = logs.RequestLog(log)
 
 
-@dataclass
-class Deps:
-    """What the flow needs, passed in once at start-up."""
+@dataclass(kw_only=True)
+class Services:
+    """What the admin API needs: the store, the metrics, the replay cache to keep honest."""
 
-    store: PostgresStore
-    forwarder: Forwarder
+    store: Store
     metrics: Metrics
-    notifier: Notifier | None = None
     cache: ReplayCache | None = None  # completed small responses (proxy/cache.py)
+
+
+@dataclass(kw_only=True)
+class Deps(Services):
+    """What the flow needs besides: assembled once, by app.create_app."""
+
+    forwarder: Forwarder
+    notifier: Notifier | None = None
     db_clock_offset: float = 0.0  # database clock minus local clock, for key buckets
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 

@@ -2,7 +2,9 @@
 
     IdemproxyError
     ├── ConfigError                 bad YAML config (never reaches a client)
-    ├── SchemaNotCurrent            the database needs `idemproxy migrate` (CLI only)
+    ├── UsageError                  the command line cannot work (CLI: exit 2)
+    ├── RuntimeFailure              an expected failure at run time (CLI: exit 1)
+    ├── SchemaNotCurrent            the database needs `idemproxy migrate` (CLI: exit 1)
     ├── StoreError                  anything the store failed at (store/ raises nothing else):
     │   │                           503 before the upstream was called; after it answered,
     │   │                           the completion is retried within the lease
@@ -55,6 +57,14 @@ class ConfigError(IdemproxyError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class UsageError(IdemproxyError):
+    """The command line (or the environment it reads) cannot work: exit 2."""
+
+
+class RuntimeFailure(IdemproxyError):
+    """A clear, expected failure at run time (a port in use, no database yet): exit 1."""
 
 
 class SchemaNotCurrent(IdemproxyError):

@@ -32,8 +32,7 @@ from proxy.metrics import Outcome
 from proxy.relay import pass_through, read_body
 from proxy.replay import guard_headers, replay
 from proxy.routing import Match
-from proxy.store import Claim, ClaimOutcome, Record, State
-from proxy.store.postgres import notify_channel_id
+from proxy.store import Claim, ClaimOutcome, Record, State, notify_channel_id
 
 __all__ = ["Deps", "Guarded", "handle", "pass_through_unrouted"]
 

@@ -8,6 +8,7 @@ stderr handler would see the record.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -175,6 +176,14 @@ def flush() -> None:
     """Flush every root handler (the server calls this a few times a second)."""
     for handler in logging.getLogger().handlers:
         handler.flush()
+
+
+async def flush_periodically(interval: float = 0.5) -> None:
+    """Run for the life of a process: buffered lines reach stderr within `interval`
+    seconds even when traffic stops (serve and the supervisor own one such task)."""
+    while True:
+        await asyncio.sleep(interval)
+        flush()
 
 
 def configure(*, fmt: str = "json", level: str = "info") -> None:

@@ -12,8 +12,7 @@ import logging
 from uuid import UUID
 
 from proxy.errors import StoreError
-from proxy.store import Completion
-from proxy.store.postgres import PostgresStore
+from proxy.store import Completion, Store
 
 log = logging.getLogger("idemproxy.recorder")
 
@@ -22,7 +21,7 @@ CHUNK = 256 * 1024
 
 
 class Recorder:
-    def __init__(self, store: PostgresStore, *, scope: str, key: str, token: UUID,
+    def __init__(self, store: Store, *, scope: str, key: str, token: UUID,
                  limit: int) -> None:
         self._store = store
         self._scope, self._key, self._token = scope, key, token

@@ -13,8 +13,7 @@ from proxy import cors
 from proxy.config import Route
 from proxy.errors import StoreError
 from proxy.relay import ClientSink
-from proxy.store import Record
-from proxy.store.postgres import PostgresStore
+from proxy.store import Record, Store
 
 log = logging.getLogger("idemproxy.replay")
 
@@ -37,7 +36,7 @@ def guard_headers(route: Route, expires_at: datetime) -> dict[str, str]:
 
 
 async def replay(request: web.BaseRequest, record: Record, *, route: Route, scope: str, key: str,
-                 store: PostgresStore) -> web.StreamResponse:
+                 store: Store) -> web.StreamResponse:
     assert record.status is not None
     extra = {route.replay_header: "true", **guard_headers(route, record.expires_at)}
     if record.body_omitted:

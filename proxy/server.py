@@ -20,16 +20,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import logs
-from proxy.app import create_admin_app, create_proxy_handler
-from proxy.cache import ReplayCache
-from proxy.cli import open_store
+from proxy.app import App, create_app
 from proxy.config import Config
+from proxy.context import Deps
 from proxy.errors import StoreError
-from proxy.forward import Forwarder
 from proxy.framing import ProxyRunner
-from proxy.idempotency import Deps
 from proxy.metrics import Metrics
-from proxy.store.notify import Notifier
+from proxy.store.open import open_store
+from proxy.store.postgres import PostgresStore
 from proxy.store.sweeper import run_sweeper
 
 log = logging.getLogger("idemproxy.server")
@@ -65,26 +63,17 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
             applied = await store.migrate()
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
-        listens = store.listen_url is not None
-        if not listens:
-            log.warning("database.pooler is transaction and database.listen_url is not set: "
-                        "no LISTEN connection, so concurrent: wait retries poll the store "
-                        "and the replay cache is off")
-        cache = ReplayCache(cfg.replay_cache) if listens else None
-        async with contextlib.AsyncExitStack() as stack:
-            forwarder = await stack.enter_async_context(Forwarder.open(cfg.upstream))
-            notifier = (await stack.enter_async_context(
-                Notifier(store.acquire_listener, cache=cache)) if listens else None)
-            deps = Deps(store=store, forwarder=forwarder, metrics=metrics, notifier=notifier,
-                        cache=cache, db_clock_offset=await store.clock_offset())
-            return await _run_listeners(cfg, deps, worker=worker)
+        async with create_app(cfg, store=store, metrics=metrics) as app:
+            return await _run_listeners(cfg, app, store, worker=worker)
 
 
-async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
-    state = {"shutting_down": False}
-    proxy_runner = ProxyRunner(create_proxy_handler(cfg, deps),
-                               shutdown_timeout=cfg.shutdown_grace, client=cfg.client)
-    admin_runner = web.AppRunner(create_admin_app(cfg, deps, state=state), access_log=None)
+async def _run_listeners(cfg: Config, app: App, store: PostgresStore, *,
+                         worker: bool) -> int:
+    deps, handler = app.proxied()
+    state = app.state
+    proxy_runner = ProxyRunner(handler, shutdown_timeout=cfg.shutdown_grace,
+                               client=cfg.client)
+    admin_runner = web.AppRunner(app.admin, access_log=None)
     await proxy_runner.setup()
     await admin_runner.setup()
     stop = asyncio.Event()
@@ -92,11 +81,11 @@ async def _run_listeners(cfg: Config, deps: Deps, *, worker: bool) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     clock = asyncio.create_task(_track_db_clock(deps))
-    log_flusher = asyncio.create_task(_flush_logs())
+    log_flusher = asyncio.create_task(logs.flush_periodically())
     orphan_watch: asyncio.Task[None] | None = None
     pool_gauges: asyncio.Task[None] | None = None
     sweeper = None if worker else asyncio.create_task(run_sweeper(
-        deps.store, interval=cfg.sweep_interval, on_deleted=deps.metrics.swept.inc))
+        store, interval=cfg.sweep_interval, on_deleted=deps.metrics.swept.inc))
     # Everything built so far lives as long as the process: out of the collector's sight,
     # full collections only walk what requests create (the start-up objects alone made
     # each one ~15 ms).
@@ -154,13 +143,6 @@ async def _refresh_pool_gauges(deps: Deps) -> None:
         deps.metrics.observe_pool(deps.store.pool)
         deps.metrics.observe_cache(deps.cache)
         await asyncio.sleep(5)
-
-
-async def _flush_logs() -> None:
-    """Buffered log lines reach stderr within half a second even when traffic stops."""
-    while True:
-        await asyncio.sleep(0.5)
-        logs.flush()
 
 
 async def _track_db_clock(deps: Deps) -> None:

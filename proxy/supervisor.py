@@ -31,13 +31,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry, multiprocess
 
-from proxy.app import create_admin_app
-from proxy.cli import RuntimeFailure, open_store
+from proxy import logs
+from proxy.app import create_app
 from proxy.config import Config
-from proxy.forward import Forwarder
-from proxy.idempotency import Deps
+from proxy.errors import RuntimeFailure
 from proxy.metrics import Metrics
-from proxy.server import _flush_logs
+from proxy.store.open import open_store
 from proxy.store.postgres import PostgresStore
 from proxy.store.sweeper import run_sweeper
 
@@ -159,12 +158,10 @@ async def _run_admin(cfg: Config, store: PostgresStore, workers: Workers) -> int
     multiprocess.MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
     own = Metrics(CollectorRegistry())  # this process's values go to the shared files too
     own.registry = scrape
-    state = {"shutting_down": False}
-    async with Forwarder.open(cfg.upstream) as unused_forwarder:
-        deps = Deps(store=store, forwarder=unused_forwarder, metrics=own)
-        app = create_admin_app(cfg, deps, state=state)
-        app.middlewares.append(_workers_ready(workers, state))
-        runner = web.AppRunner(app, access_log=None)
+    async with create_app(cfg, store=store, metrics=own, proxied=False) as app:
+        state = app.state
+        app.admin.middlewares.append(_workers_ready(workers, state))
+        runner = web.AppRunner(app.admin, access_log=None)
         await runner.setup()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -173,7 +170,7 @@ async def _run_admin(cfg: Config, store: PostgresStore, workers: Workers) -> int
         tasks = [asyncio.create_task(workers.watch(stop)),
                  asyncio.create_task(run_sweeper(store, interval=cfg.sweep_interval,
                                                  on_deleted=own.swept.inc)),
-                 asyncio.create_task(_flush_logs())]
+                 asyncio.create_task(logs.flush_periodically())]
         try:
             await web.TCPSite(runner, cfg.admin.listen.host, cfg.admin.listen.port).start()
             log.info("idemproxy supervisor running", extra={"fields": {

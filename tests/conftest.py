@@ -25,15 +25,12 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.app import create_admin_app, create_proxy_handler
-from proxy.cache import ReplayCache
+from proxy.app import create_app
 from proxy.config import Config, loads
-from proxy.forward import Forwarder
+from proxy.context import Deps
 from proxy.framing import ProxyRunner
-from proxy.idempotency import Deps
 from proxy.metrics import Metrics
 from proxy.store.migrate import migrate
-from proxy.store.notify import Notifier
 from proxy.store.postgres import PostgresStore
 from tests.upstream import TestUpstream
 
@@ -149,18 +146,16 @@ async def make_proxy(db: str, upstream: TestUpstream
                                          observe=metrics.observe_store,
                                          observe_batch=metrics.observe_batch)
         stack.push_async_callback(st.close)
-        fwd = await stack.enter_async_context(Forwarder.open(cfg.upstream))
-        cache = ReplayCache(cfg.replay_cache)
-        notifier = await stack.enter_async_context(Notifier(st.acquire_listener, cache=cache))
-        deps = Deps(store=st, forwarder=fwd, metrics=metrics, notifier=notifier, cache=cache)
-        proxy_runner = ProxyRunner(create_proxy_handler(cfg, deps), shutdown_timeout=2,
-                                   client=cfg.client)
-        admin_runner = web.AppRunner(create_admin_app(cfg, deps), access_log=None)
+        app = await stack.enter_async_context(create_app(cfg, store=st, metrics=metrics))
+        deps, handler = app.proxied()
+        assert deps.notifier is not None
+        proxy_runner = ProxyRunner(handler, shutdown_timeout=2, client=cfg.client)
+        admin_runner = web.AppRunner(app.admin, access_log=None)
         for runner in (proxy_runner, admin_runner):
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             await web.TCPSite(runner, "127.0.0.1", 0).start()
-        await asyncio.wait_for(notifier.connected.wait(), 5)
+        await asyncio.wait_for(deps.notifier.connected.wait(), 5)
         return ProxyHandle(f"http://127.0.0.1:{proxy_runner.addresses[0][1]}",
                            f"http://127.0.0.1:{admin_runner.addresses[0][1]}", deps, cfg)
 

@@ -1,14 +1,18 @@
 """The store: what the flow needs from durable state, and the records it returns.
 
-The only implementation is `PostgresStore` (store/postgres.py); tests of the contract
-run against real PostgreSQL.
+`Store` is the protocol the flow and the admin API are typed against; the only
+implementation is `PostgresStore` (store/postgres.py), and tests of the contract run
+against real PostgreSQL. Every failure a store method raises is an `errors.StoreError`.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, Protocol
 from uuid import UUID
 
 
@@ -59,6 +63,11 @@ class Completion:
     body_omitted: bool
 
 
+def notify_channel_id(scope: str, key: str) -> str:
+    """The NOTIFY payload for a key: md5 as in SQL, so no raw key crosses the channel."""
+    return hashlib.md5(f"{scope}\x1f{key}".encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def encode_headers(pairs: tuple[tuple[str, str], ...]) -> bytes:
     """Headers as `name: value\\r\\n` lines: order and duplicates kept, any bytes safe."""
     return "".join(f"{k}: {v}\r\n" for k, v in pairs).encode("utf-8", "surrogateescape")
@@ -69,3 +78,38 @@ def decode_headers(blob: bytes | None) -> tuple[tuple[str, str], ...]:
         return ()
     text = blob.decode("utf-8", "surrogateescape")
     return tuple((k, v) for k, _, v in (line.partition(": ") for line in text.split("\r\n")[:-1]))
+
+
+class PoolSizes(Protocol):
+    """What the pool gauges read (proxy/metrics.py)."""
+
+    def get_size(self) -> int: ...
+    def get_idle_size(self) -> int: ...
+    def get_max_size(self) -> int: ...
+
+
+class Store(Protocol):
+    """What the flow (claim, complete, release, bodies) and the admin API need."""
+
+    @property
+    def pool(self) -> PoolSizes: ...
+    @property
+    def listen_url(self) -> str | None: ...  # None: no LISTEN (waiters poll, no cache)
+
+    async def claim(self, *, scope: str, key: str, fingerprint: bytes, token: UUID,
+                    lease: float, ttl: float) -> Claim: ...
+    async def complete(self, *, scope: str, key: str, token: UUID, done: Completion,
+                       notify: bool) -> bool: ...
+    async def release(self, *, scope: str, key: str, token: UUID, notify: bool) -> bool: ...
+    async def extend(self, *, scope: str, key: str, token: UUID, lease: float) -> bool: ...
+    async def write_chunk(self, *, scope: str, key: str, token: UUID, seq: int,
+                          data: bytes) -> None: ...
+    async def delete_chunks(self, *, scope: str, key: str, token: UUID) -> None: ...
+    def read_chunks(self, *, scope: str, key: str, token: UUID) -> AsyncIterator[bytes]: ...
+    async def clock_offset(self) -> float: ...
+    async def ready(self) -> bool: ...
+    async def show(self, *, scope: str, key: str) -> dict[str, Any] | None: ...
+    async def delete(self, *, scope: str, key: str) -> bool: ...
+    async def force_release(self, *, scope: str, key: str) -> bool: ...
+    async def in_flight(self, *, limit: int = 100) -> list[dict[str, Any]]: ...
+    async def acquire_listener(self) -> Any: ...

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -28,6 +27,7 @@ from proxy.store import (
     State,
     decode_headers,
     encode_headers,
+    notify_channel_id,
 )
 from proxy.store.batch import Batcher
 from proxy.store.migrate import SCHEMA_VERSION, current_version
@@ -71,11 +71,6 @@ _PURGE_ORPHANS = """
     SELECT count(*) FROM gone"""
 _READ_CHUNKS = ("SELECT data FROM idemproxy_chunks WHERE scope = $1 AND key = $2 "
                 "AND lock_token = $3 ORDER BY seq")
-
-
-def notify_channel_id(scope: str, key: str) -> str:
-    """The NOTIFY payload for a key: md5 as in SQL, so no raw key crosses the channel."""
-    return hashlib.md5(f"{scope}\x1f{key}".encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @contextlib.contextmanager

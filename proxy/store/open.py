@@ -1,0 +1,55 @@
+"""`open_store(cfg)`: the store a configuration names, opened for the life of a block.
+
+Its database URL, or (none given) an embedded PostgreSQL under `data_dir`. Used by
+`serve`, the supervisor and every CLI command, so they connect the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from proxy.config import Config, Pooler
+from proxy.errors import StoreUnavailable
+from proxy.store.postgres import PostgresStore
+
+log = logging.getLogger("idemproxy")
+
+
+@contextlib.asynccontextmanager
+async def open_store(cfg: Config, *, wait: float = 0.0,
+                     observe: Callable[[str, float], None] | None = None,
+                     observe_batch: Callable[[str, int], None] | None = None
+                     ) -> AsyncIterator[PostgresStore]:
+    """The store for `cfg`, retrying an unreachable database for up to `wait` seconds."""
+    from proxy.embedded import embedded_postgres  # only when no URL: it starts a server
+
+    with contextlib.ExitStack() as stack:
+        url = cfg.database.url or stack.enter_context(embedded_postgres(cfg.data_dir))
+        store = await _connect_retrying(lambda: PostgresStore.connect(
+            url, min_size=cfg.database.pool_min, max_size=cfg.database.pool_max,
+            timeout=cfg.database.timeout,
+            transaction_pooler=cfg.database.pooler is Pooler.TRANSACTION,
+            listen_url=cfg.database.listen_url or None,
+            observe=observe, observe_batch=observe_batch),
+            wait=wait)
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+async def _connect_retrying(connect: Callable[[], Awaitable[PostgresStore]], *,
+                            wait: float) -> PostgresStore:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            return await connect()
+        except StoreUnavailable as exc:
+            if loop.time() >= deadline:
+                raise
+            log.warning("database not reachable yet, retrying: %s", exc)
+            await asyncio.sleep(1)

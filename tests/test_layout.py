@@ -1,0 +1,102 @@
+"""The code's shape (README "How the code is laid out"): imports point one way, with no
+cycle between proxy's modules even through imports inside functions, and asyncpg is
+imported only under proxy/store/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "proxy"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _resolve(name: str) -> str | None:
+    """The proxy module an imported name lives in (a module, else its package)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def imports_of(module: str) -> set[str]:
+    """Every proxy module `module` imports, at the top, in a function or for typing."""
+    tree = ast.parse(MODULES[module].read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] == "proxy":
+                target = _resolve(name)
+                if target is not None and target != module:
+                    found.add(target)
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path (first module repeated at the end), or None."""
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done:
+            return None
+        for nxt in sorted(graph.get(node, ())):
+            cycle = visit(nxt, [*path, node])
+            if cycle:
+                return cycle
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        cycle = visit(start, [])
+        if cycle:
+            return cycle
+    return None
+
+
+def _graph() -> dict[str, set[str]]:
+    # A package's __init__ runs before its submodules: an edge from a submodule to its
+    # own package is that order, not a cycle to report.
+    return {m: {t for t in imports_of(m) if not m.startswith(t + ".")} for m in MODULES}
+
+
+def test_no_import_cycles_even_through_lazy_imports():
+    """No chain of imports (top-level, in functions, or under TYPE_CHECKING) between
+    proxy's modules leads back to where it started."""
+    assert find_cycle(_graph()) is None, " -> ".join(find_cycle(_graph()) or [])
+
+
+def test_cycle_finder_finds_a_cycle():
+    """The checker itself reports a cycle when there is one (a -> b -> a)."""
+    assert find_cycle({"a": {"b"}, "b": {"a"}, "c": set()}) == ["a", "b", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_flow_modules_do_not_import_the_postgres_store():
+    """The flow is typed against the Store protocol: only the wiring names Postgres."""
+    flow = ["proxy.idempotency", "proxy.execute", "proxy.replay", "proxy.recorder",
+            "proxy.relay", "proxy.context", "proxy.cache", "proxy.app", "proxy.decide"]
+    for module in flow:
+        if module in MODULES:
+            assert "proxy.store.postgres" not in imports_of(module), module
+
+
+def test_asyncpg_only_under_store():
+    """asyncpg has one owning package, proxy/store/."""
+    for module, path in MODULES.items():
+        if not module.startswith("proxy.store"):
+            assert "asyncpg" not in path.read_text(), module
