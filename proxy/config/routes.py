@@ -36,7 +36,7 @@ from proxy.config.values import (
     parse_size,
     str_,
 )
-from proxy.routing import PathPattern
+from proxy.paths import PathPattern
 
 ROUTE_FIELDS = {
     "name", "match", "key", "preset", "require_key", "tenant", "fingerprint", "ttl",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from proxy.routing import PathPattern
+from proxy.paths import PathPattern
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 KNOWN_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
