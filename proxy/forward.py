@@ -126,6 +126,7 @@ class Forwarder:
         self._path = base.raw_path.rstrip("/")
         self._prefix = str(base.origin()) + self._path  # once, not per call
         self._lean = lean_pool
+        self.head_timeout: float | None = None  # connect + upstream.timeout (open sets it)
         self.host = base.raw_authority  # what the upstream sees as Host
 
     @classmethod
@@ -156,7 +157,9 @@ class Forwarder:
                     url.host, url.port or 80, max_connections=cfg.max_connections,
                     connect_timeout=cfg.connect_timeout, read_timeout=cfg.timeout)
             try:
-                yield cls(session, url, pool)
+                forwarder = cls(session, url, pool)
+                forwarder.head_timeout = cfg.connect_timeout + cfg.timeout
+                yield forwarder
             finally:
                 if pool is not None:
                     await pool.close()
@@ -179,10 +182,15 @@ class Forwarder:
                 raise _translate(exc) from exc
             else:
                 return UpstreamResponse(r.status, r.reason, r.headers, r.content_length, r)
+        # aiohttp's sock_read restarts with every byte, so an upstream sending 1xx after
+        # 1xx would hold the request for ever: one deadline for the final head, as our own
+        # client keeps. Not for streamed uploads, whose sending may rightly take longer.
+        deadline = None if isinstance(body, AsyncIterable) else self.head_timeout
         try:
-            raw = await self._session.request(
-                method, URL(self._prefix + tail, encoded=True), headers=headers, data=body,
-                allow_redirects=False, compress=False)
+            async with asyncio.timeout(deadline):
+                raw = await self._session.request(
+                    method, URL(self._prefix + tail, encoded=True), headers=headers,
+                    data=body, allow_redirects=False, compress=False)
         except _FAILURES as exc:
             raise _translate(exc) from exc
         return UpstreamResponse(raw.status, raw.reason, raw.headers, raw.content_length,

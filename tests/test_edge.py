@@ -402,6 +402,21 @@ async def test_endless_interim_responses_end_in_the_upstream_timeout(make_proxy,
     assert retry.status == 409 and len(up.requests) == 1
 
 
+async def test_endless_interim_responses_to_head_end_in_the_upstream_timeout(
+        make_proxy, raw_upstream):
+    """The same on aiohttp's client (HEAD): 504, never a request held for ever."""
+    up = await raw_upstream(lambda head: [b"HTTP/1.1 100 Continue\r\n\r\n", b""] * 50)
+    p = await make_proxy(ROUTES, upstream_url=f"http://127.0.0.1:{up.port}",
+                         upstream_timeout="1s")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(p.url))
+    writer.write(b"HEAD /exec/interim HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:  # a HEAD answer has no body, whatever its Content-Length says
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 504 ") and len(up.requests) == 1
+
+
 async def test_an_upstream_that_ignores_expect_does_not_hang_a_streamed_upload(
         make_proxy, raw_upstream):
     """Expect is never forwarded, so an upstream that never sends 100 gets the body at
