@@ -15,8 +15,15 @@ from proxy.context import Deps, Guarded, finish, log
 from proxy.errors import ProblemError, StoreError, UpstreamError, UpstreamFailed
 from proxy.forward import UpstreamResponse
 from proxy.metrics import Outcome
-from proxy.recorder import INLINE, Recorder
-from proxy.relay import ClientSink, open_upstream, response_for, whole_response
+from proxy.recorder import Recorder
+from proxy.relay import (
+    ClientSink,
+    open_upstream,
+    pump,
+    response_for,
+    small_enough,
+    whole_response,
+)
 from proxy.replay import guard_headers
 from proxy.store import Claim, Completion, Record, State
 
@@ -133,8 +140,7 @@ async def _pass_on_and_release(request: web.BaseRequest, deps: Deps, g: Guarded,
     sink = ClientSink(request, response_for(up))
     await sink.start()
     try:
-        async for chunk in up.chunks():
-            await sink.write(chunk)
+        await pump(up.chunks(), sink)
     except UpstreamError:
         sink.abort()
         return sink.response
@@ -171,8 +177,7 @@ async def _stream_and_record(request: web.BaseRequest, deps: Deps, g: Guarded, c
                              up: UpstreamResponse) -> web.StreamResponse:
     """Stream to the client while recording; complete before the client sees the end."""
     route = g.route
-    length = up.content_length
-    if length is not None and length <= min(INLINE, route.max_stored_body):
+    if small_enough(request, up, limit=route.max_stored_body):
         return await _record_small(deps, g, claim, up)
     sink = ClientSink(request, response_for(up, extra=guard_headers(
         route, claim.record.expires_at)))
@@ -180,12 +185,8 @@ async def _stream_and_record(request: web.BaseRequest, deps: Deps, g: Guarded, c
     await sink.start()
     rec = Recorder(deps.store, scope=g.scope, key=g.key, token=g.token,
                    limit=route.max_stored_body)
-    held = b""  # the last chunk waits until the result is stored: a client that has
-    try:        # the whole answer must find the key completed when it retries at once
-        async for chunk in up.chunks():
-            await rec.add(chunk)
-            await sink.write(held)
-            held = chunk
+    try:
+        held = await pump(up.chunks(), sink, record=rec.add)
     except UpstreamError as exc:
         # The upstream acted but its answer is incomplete: the outcome is unknown.
         log.error("upstream failed mid-body: %s", exc)

@@ -26,9 +26,7 @@ from yarl import URL
 from proxy import upstream_client as lean
 from proxy.config import Upstream
 from proxy.errors import UpstreamError, UpstreamFailed, UpstreamTimeout, UpstreamUnreachable
-
-CHUNK = 256 * 1024
-
+from proxy.sizes import CHUNK
 
 # One verdict per upstream answer, whichever client carries it (RFC 9112 §5: servers
 # choose their limits; ours are the same for both): a header line of at most 64 KiB,

@@ -6,8 +6,6 @@ RFC 9110 §7.6.1: a proxy removes the hop-by-hop fields, including every field n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from multidict import CIMultiDict, CIMultiDictProxy
 
 HOP_BY_HOP = frozenset({
@@ -70,7 +68,3 @@ def to_store(headers: Headers, *, keep_set_cookie: bool) -> list[tuple[str, str]
             if k.lower() not in FRESH_ON_REPLAY
             and (keep_set_cookie or k.lower() != "set-cookie")]
 
-
-def for_client(pairs: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """Response headers for the client, built from stored or upstream pairs."""
-    return CIMultiDict(pairs)

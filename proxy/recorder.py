@@ -1,6 +1,6 @@
 """Record an upstream response into the store while it streams to the client.
 
-Bodies up to `INLINE` bytes are kept in memory and stored inline with the completion (one
+Bodies up to `SMALL_BODY` bytes are kept in memory and stored inline with the completion (one
 round trip). Larger bodies are written as `CHUNK`-sized rows as they arrive, so memory
 stays bounded whatever the size. Past `limit` (max_stored_body) recording stops: the key
 is completed with status and headers only, and the body is marked omitted.
@@ -12,12 +12,11 @@ import logging
 from uuid import UUID
 
 from proxy.errors import StoreError
+from proxy.sizes import CHUNK, SMALL_BODY
 from proxy.store import Completion, Store
 
 log = logging.getLogger("idemproxy.recorder")
 
-INLINE = 256 * 1024
-CHUNK = 256 * 1024
 
 
 class Recorder:
@@ -30,7 +29,6 @@ class Recorder:
         self.seq = 0  # chunk rows written
         self.size = 0
         self.omitted = False
-        self.store_failed = False
 
     async def add(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -40,7 +38,7 @@ class Recorder:
             await self._omit()
             return
         self._buf += chunk
-        while len(self._buf) > INLINE or (self.seq and len(self._buf) >= CHUNK):
+        while len(self._buf) > SMALL_BODY or (self.seq and len(self._buf) >= CHUNK):
             await self._flush(bytes(self._buf[:CHUNK]))
             del self._buf[:CHUNK]
             if self.omitted:
@@ -54,7 +52,6 @@ class Recorder:
         except StoreError as exc:
             log.error("storing a response body failed; it will be replayed as omitted: %s",
                       exc)
-            self.store_failed = True
             await self._omit()
 
     async def _omit(self) -> None:

@@ -7,7 +7,7 @@ anything about keys; it streams, and it notices when the client has gone.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -17,6 +17,7 @@ from proxy.errors import BodyTooLarge, UpstreamError
 from proxy.forward import Forwarder, UpstreamResponse
 from proxy.framing import continue_if_expected
 from proxy.limits import reserve
+from proxy.sizes import SMALL_BODY
 
 log = logging.getLogger("idemproxy.relay")
 
@@ -88,6 +89,7 @@ class ClientSink:
         self.request = request
         self.response = response
         self.gone = False
+        self.offered = 0  # bytes handed to write(), delivered or not
 
     async def start(self) -> None:
         try:
@@ -96,6 +98,7 @@ class ClientSink:
             self.gone = True
 
     async def write(self, chunk: bytes) -> None:
+        self.offered += len(chunk)
         if self.gone or not chunk:
             return
         try:
@@ -128,7 +131,37 @@ def response_for(up: UpstreamResponse, *, extra: dict[str, str] | None = None
     return resp
 
 
-SMALL_BODY = 256 * 1024
+def small_enough(request: web.BaseRequest, up: UpstreamResponse, *,
+                 limit: int = SMALL_BODY) -> bool:
+    """The one small-body test: a length known and at most `limit` (and SMALL_BODY), and
+    a body to read (a HEAD answer's Content-Length describes a body that never comes)."""
+    length = up.content_length
+    return length is not None and length <= min(limit, SMALL_BODY) and \
+        request.method != "HEAD"
+
+
+async def pump(chunks: AsyncIterator[bytes], sink: ClientSink, *,
+               record: Callable[[bytes], Awaitable[None]] | None = None) -> bytes:
+    """The one streaming loop (pass-through, released answers, recording, replays).
+
+    Without `record` it stops once the client has gone. With `record`, every chunk is
+    recorded first and the copy goes on after a hang-up (the answer is stored anyway);
+    the last chunk is held back and returned: the caller writes it once the result is
+    stored, since a client that has the whole answer must find the key completed when it
+    retries at once. Failures of `chunks` propagate (the caller knows what they mean).
+    """
+    held = b""
+    if record is None:
+        async for chunk in chunks:
+            await sink.write(chunk)
+            if sink.gone:
+                break
+        return held
+    async for chunk in chunks:
+        await record(chunk)
+        await sink.write(held)
+        held = chunk
+    return held
 
 
 def whole_response(up: UpstreamResponse, body: bytes, extra: dict[str, str] | None
@@ -152,16 +185,12 @@ async def pass_through(request: web.BaseRequest, forwarder: Forwarder, *,
     """
     up = await open_upstream(request, forwarder, body=body)
     try:
-        length = up.content_length
-        if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+        if small_enough(request, up):
             return whole_response(up, await up.read(), extra)
         sink = ClientSink(request, response_for(up, extra=extra))
         await sink.start()
         try:
-            async for chunk in up.chunks():
-                await sink.write(chunk)
-                if sink.gone:
-                    break
+            await pump(up.chunks(), sink)
         except UpstreamError as exc:
             log.warning("upstream failed mid-body on an unguarded request: %s", exc)
             sink.abort()

@@ -12,7 +12,7 @@ from aiohttp import web
 from proxy import cors
 from proxy.config import Route
 from proxy.errors import StoreError
-from proxy.relay import ClientSink
+from proxy.relay import ClientSink, pump
 from proxy.store import Record, Store
 
 log = logging.getLogger("idemproxy.replay")
@@ -56,19 +56,16 @@ async def replay(request: web.BaseRequest, record: Record, *, route: Route, scop
         return resp
     sink = ClientSink(request, resp)
     await sink.start()
-    written = 0
     try:
-        async for chunk in store.read_chunks(scope=scope, key=key, token=record.lock_token):
-            written += len(chunk)
-            await sink.write(chunk)
-            if sink.gone:
-                return resp
+        await pump(store.read_chunks(scope=scope, key=key, token=record.lock_token), sink)
+        if sink.gone:
+            return resp
     except StoreError as exc:  # headers are out: cut the connection, never a short body
         log.error("store failed during a streamed replay: %s", exc)
         sink.abort()
         return resp
-    if written != record.body_size:  # deleted under us: never pass off a short body
-        log.error("stored body changed during replay (%d of %d bytes)", written,
+    if sink.offered != record.body_size:  # deleted under us: never pass off a short body
+        log.error("stored body changed during replay (%d of %d bytes)", sink.offered,
                   record.body_size)
         sink.abort()
         return resp

@@ -29,6 +29,7 @@ from typing import cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.sizes import CHUNK
 from proxy.slots import Slots
 
 
@@ -48,7 +49,6 @@ class BadAnswer(SentFailure):
     """The upstream answered, but with a head the proxy cannot relay: it acted."""
 
 
-CHUNK = 256 * 1024
 HIGH_WATER = 1024 * 1024  # unread body bytes above which reading pauses...
 LOW_WATER = 256 * 1024  # ...and at or below which it resumes
 MAX_FIELD = 64 * 1024  # one header line (or the status line); aiohttp's client: the same

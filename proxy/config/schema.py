@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from proxy.paths import PathPattern
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-KNOWN_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class Concurrent(enum.Enum):

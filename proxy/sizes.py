@@ -1,0 +1,12 @@
+"""The byte sizes the flow shares (one place, so streaming, recording and storing agree).
+
+CHUNK: the unit bodies move in: read from the upstream, written to the store as one row,
+and read back from it. SMALL_BODY: a response of known length up to this is read whole
+and answered in one write (and, guarded, stored inline with its completion: one round
+trip); anything larger streams.
+"""
+
+from __future__ import annotations
+
+CHUNK = 256 * 1024
+SMALL_BODY = 256 * 1024
