@@ -39,12 +39,12 @@ from proxy.errors import (
     for_http_status,
     store_unavailable,
 )
-from proxy.forward import Forwarder
 from proxy.framing import check_framing, problem_response
 from proxy.limits import BodyBudget
 from proxy.metrics import Metrics
 from proxy.store import Store
 from proxy.store.notify import Notifier
+from proxy.upstreams import Upstreams
 
 log = logging.getLogger("idemproxy.app")
 
@@ -93,11 +93,12 @@ async def create_app(cfg: Config, *, store: Store, metrics: Metrics,
                     "and the replay cache is off")
     cache = ReplayCache(cfg.replay_cache) if listens else None
     async with contextlib.AsyncExitStack() as stack:
-        forwarder = await stack.enter_async_context(Forwarder.open(cfg.upstream))
+        upstreams = await stack.enter_async_context(Upstreams.open(cfg))
         notifier = (await stack.enter_async_context(
             Notifier(store.acquire_listener, cache=cache)) if listens else None)
-        deps = Deps(store=store, forwarder=forwarder, metrics=metrics, notifier=notifier,
-                    cache=cache, db_clock_offset=await store.clock_offset())
+        deps = Deps(store=store, forwarder=upstreams.default, metrics=metrics,
+                    notifier=notifier, cache=cache,
+                    db_clock_offset=await store.clock_offset(), upstreams=upstreams)
         yield App(create_admin_app(cfg, deps, state=state), state, deps,
                   create_proxy_handler(cfg, deps))
 

@@ -21,6 +21,7 @@ from proxy.forward import Forwarder
 from proxy.metrics import Metrics, Outcome
 from proxy.store import Store
 from proxy.store.notify import Notifier
+from proxy.upstreams import Upstreams
 
 log = logging.getLogger("idemproxy.request")
 request_log = logs.RequestLog(log)
@@ -43,6 +44,13 @@ class Deps(Services):
     notifier: Notifier | None = None
     db_clock_offset: float = 0.0  # database clock minus local clock, for key buckets
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    upstreams: Upstreams | None = None  # routes' own upstreams (None: all go to forwarder)
+
+    def forwarder_for(self, route: Route) -> Forwarder:
+        return self.forwarder if self.upstreams is None else self.upstreams.for_route(route)
+
+    def forwarder_for_path(self, path: str) -> Forwarder:
+        return self.forwarder if self.upstreams is None else self.upstreams.for_path(path)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run an owned background task (kept referenced; cancelled at shutdown)."""

@@ -27,6 +27,7 @@
         ├── InternalError           500 a bug: logged with its traceback, never shown
         ├── StoredAnswerUnreadable  500 a sealed record cannot be opened (never re-executed)
         ├── UpstreamUnreachable     502 connection refused: the request was never sent
+        ├── UpstreamTLSFailed       502 TLS handshake or certificate failed: never sent
         ├── UpstreamFailed          502 reset after sending: outcome unknown
         ├── ServiceUnavailable      503 the store is down and the route fails closed
         ├── ProxyBusy               503 request-body memory (client.max_body_memory) is full
@@ -224,6 +225,12 @@ class UpstreamUnreachable(ProblemError):
     status = 502
     slug = "upstream-unreachable"
     title = "Upstream unreachable"
+
+
+class UpstreamTLSFailed(ProblemError):
+    status = 502
+    slug = "upstream-tls-failed"
+    title = "TLS to the upstream failed"
 
 
 class UpstreamFailed(ProblemError):

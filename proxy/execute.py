@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from proxy import cors
+from proxy import cors, upstream_key
 from proxy import headers as hdrs
 from proxy.config import UnknownOutcome
 from proxy.context import Deps, Guarded, finish, log
@@ -71,7 +71,8 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
     try:
         start = time.perf_counter()
         try:
-            up = await open_upstream(request, deps.forwarder, body=g.body)
+            up = await open_upstream(request, deps.forwarder_for(g.route), body=g.body,
+                                     set_headers=_upstream_key(g))
         except UpstreamError as exc:
             sent = exc.sent
             return await _upstream_failed(deps, g, claim, exc)
@@ -92,6 +93,14 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
     finally:
         heartbeat.cancel()
         deps.metrics.in_flight.dec()
+
+
+def _upstream_key(g: Guarded) -> dict[str, str] | None:
+    """routes[].upstream_key: the same value on every attempt of this (scope, key)."""
+    name = g.route.upstream_key.header
+    if name is None:
+        return None
+    return {name: upstream_key.derive(g.scope, g.key, secret=None)}
 
 
 async def _release_quietly(deps: Deps, g: Guarded) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,9 +26,18 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import upstream_client as lean
+from proxy import upstream_tls
 from proxy.config import Upstream
-from proxy.errors import UpstreamError, UpstreamFailed, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    UpstreamError,
+    UpstreamFailed,
+    UpstreamTimeout,
+    UpstreamTLSFailed,
+    UpstreamUnreachable,
+)
 from proxy.sizes import CHUNK
+
+log = logging.getLogger("idemproxy.upstream")
 
 # One verdict per upstream answer, whichever client carries it (RFC 9112 §5: servers
 # choose their limits; ours are the same for both): a header line of at most 64 KiB,
@@ -48,6 +59,12 @@ def _translate(exc: BaseException) -> UpstreamError:
     if isinstance(exc, lean.NotSent):  # the cause names the upstream: not for clients
         return UpstreamError(UpstreamUnreachable(
             "Could not connect to the upstream; the request was not sent."), sent=False)
+    if isinstance(exc, aiohttp.ClientSSLError) or _reset_in_handshake(exc):
+        log.error("TLS to the upstream failed; the request was not sent",
+                  extra={"fields": {"reason": upstream_tls.failure_reason(exc)}})
+        return UpstreamError(UpstreamTLSFailed(
+            "The TLS handshake with the upstream failed (its certificate was not accepted, "
+            "or it did not accept ours); the request was not sent."), sent=False)
     if isinstance(exc, lean.ReadTimeout):
         return UpstreamError(UpstreamTimeout(
             "The upstream did not answer in time; the outcome is unknown."), sent=True)
@@ -63,6 +80,13 @@ def _translate(exc: BaseException) -> UpstreamError:
     return UpstreamError(UpstreamFailed(
         f"The upstream connection failed after the request was sent "
         f"({type(exc).__name__}); the outcome is unknown."), sent=True)
+
+
+def _reset_in_handshake(exc: BaseException) -> bool:
+    """A TLS connection reset while connecting: the upstream broke off the handshake
+    (TLS 1.2 servers do so when they refuse our client certificate)."""
+    return isinstance(exc, aiohttp.ClientConnectorError) and exc.ssl is not False and \
+        isinstance(exc.os_error, ConnectionResetError)
 
 
 class _Body(Protocol):
@@ -118,8 +142,13 @@ class Forwarder:
     """Sends requests to the one configured upstream; a client can never pick another."""
 
     def __init__(self, session: aiohttp.ClientSession, base: URL,
-                 lean_pool: lean.UpstreamPool | None = None) -> None:
+                 lean_pool: lean.UpstreamPool | None = None, *,
+                 tls: ssl.SSLContext | None = None, server_name: str | None = None,
+                 connect_timeout: float = 5.0) -> None:
         self._session = session
+        self.tls, self.server_name = tls, server_name  # for https (and upgrade tunnels)
+        self.connect_timeout = connect_timeout
+        self.base = base
         self._base = base
         self._path = base.raw_path.rstrip("/")
         self._prefix = str(base.origin()) + self._path  # once, not per call
@@ -129,9 +158,16 @@ class Forwarder:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, cfg: Upstream) -> AsyncIterator[Forwarder]:
+    async def open(cls, cfg: Upstream, *, where: str = "upstream"
+                   ) -> AsyncIterator[Forwarder]:
+        url = URL(cfg.url)
+        tls = None
+        if url.scheme == "https":
+            tls = upstream_tls.client_context(cfg.tls, where=where)
+            upstream_tls.warn_if_unverified(cfg.tls, url=cfg.url, where=where)
         connector = aiohttp.TCPConnector(limit=cfg.max_connections, keepalive_timeout=4,
-                                         enable_cleanup_closed=True)
+                                         enable_cleanup_closed=True,
+                                         ssl=tls if tls is not None else True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout,
                                         connect=cfg.connect_timeout, sock_read=cfg.timeout)
         # No cookie jar: the session is shared by every client, so a jar would send one
@@ -148,14 +184,15 @@ class Forwarder:
             if not hasattr(session, "_retry_connection"):
                 raise RuntimeError("aiohttp changed: cannot turn off connection retries")
             session._retry_connection = False
-            url = URL(cfg.url)
             pool = None
             if url.scheme == "http" and url.host is not None:
                 pool = lean.UpstreamPool(
                     url.host, url.port or 80, max_connections=cfg.max_connections,
                     connect_timeout=cfg.connect_timeout, read_timeout=cfg.timeout)
             try:
-                forwarder = cls(session, url, pool)
+                forwarder = cls(session, url, pool, tls=tls,
+                                server_name=cfg.tls.server_name or None,
+                                connect_timeout=cfg.connect_timeout)
                 forwarder.head_timeout = cfg.connect_timeout + cfg.timeout
                 yield forwarder
             finally:
@@ -188,7 +225,8 @@ class Forwarder:
             async with asyncio.timeout(deadline):
                 raw = await self._session.request(
                     method, URL(self._prefix + tail, encoded=True), headers=headers,
-                    data=body, allow_redirects=False, compress=False)
+                    data=body, allow_redirects=False, compress=False,
+                    server_hostname=self.server_name)
         except _FAILURES as exc:
             raise _translate(exc) from exc
         return UpstreamResponse(raw.status, raw.reason, raw.headers, raw.content_length,

@@ -17,7 +17,7 @@ import time
 from aiohttp import web
 
 from proxy import keys
-from proxy.config import Concurrent, StoreUnavailablePolicy, UnknownOutcome
+from proxy.config import Concurrent, Route, StoreUnavailablePolicy, UnknownOutcome
 from proxy.context import Deps, Guarded, finish, log
 from proxy.errors import (
     KeyInFlight,
@@ -48,7 +48,7 @@ async def handle(request: web.BaseRequest, m: Match, deps: Deps) -> web.StreamRe
         raise
     if g is None:
         finish(deps, None, route, Outcome.PASS_THROUGH, 0)
-        return await _unguarded(request, deps, body)
+        return await _unguarded(request, deps, body, route=route)
     cache = deps.cache
     seen = 0
     if cache is not None and cache.live:
@@ -95,13 +95,16 @@ async def _identify(request: web.BaseRequest, m: Match, deps: Deps
 async def pass_through_unrouted(request: web.BaseRequest, deps: Deps) -> web.StreamResponse:
     """No route (or a safe method): stream through untouched."""
     deps.metrics.count("-", Outcome.PASS_THROUGH)
-    return await _unguarded(request, deps, None)
+    return await _unguarded(request, deps, None, route=None)
 
 
 async def _unguarded(request: web.BaseRequest, deps: Deps, body: bytes | None,
-                     extra: dict[str, str] | None = None) -> web.StreamResponse:
+                     extra: dict[str, str] | None = None, *,
+                     route: Route | None) -> web.StreamResponse:
+    fwd = deps.forwarder_for(route) if route is not None else \
+        deps.forwarder_for_path(request.path)
     try:
-        return await pass_through(request, deps.forwarder, body=body, extra=extra)
+        return await pass_through(request, fwd, body=body, extra=extra)
     except UpstreamError as exc:
         raise exc.problem from exc
 
@@ -111,7 +114,8 @@ async def _store_down(request: web.BaseRequest, deps: Deps, g: Guarded,
     log.error("store call failed before forwarding: %s", exc)
     if g.route.store_unavailable is StoreUnavailablePolicy.PASS_THROUGH:
         finish(deps, g, g.route, Outcome.STORE_ERROR, 0)
-        return await _unguarded(request, deps, g.body, {UNGUARDED_HEADER: "unguarded"})
+        return await _unguarded(request, deps, g.body, {UNGUARDED_HEADER: "unguarded"},
+                                route=g.route)
     finish(deps, g, g.route, Outcome.STORE_ERROR, 503)
     raise store_unavailable() from exc
 

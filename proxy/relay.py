@@ -7,7 +7,7 @@ anything about keys; it streams, and it notices when the client has gone.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -65,9 +65,14 @@ def upstream_request_headers(request: web.BaseRequest, forwarder: Forwarder) -> 
 
 
 async def open_upstream(request: web.BaseRequest, forwarder: Forwarder, *,
-                        body: bytes | None) -> UpstreamResponse:
-    """Send the request upstream once: `body` if the flow read it, else streamed through."""
+                        body: bytes | None,
+                        set_headers: Mapping[str, str] | None = None) -> UpstreamResponse:
+    """Send the request upstream once: `body` if the flow read it, else streamed through.
+    `set_headers` replace any the client sent under those names."""
     headers = upstream_request_headers(request, forwarder)
+    if set_headers:
+        for name, value in set_headers.items():
+            headers[name] = value
     data: bytes | AsyncIterator[bytes] | None = body
     if body is None and request.body_exists:
         data = _stream_body(request)

@@ -3,7 +3,8 @@
 Paths: /exec/* (count and answer; ?status=, ?delay=), /gate/* (hold until released),
 /big?size=N (stream N bytes), /reset/* (execute, then drop the connection unanswered),
 /stall/* (execute, then never answer), /headers (multi-value and Set-Cookie headers),
-/echo (echo request headers and body), /cors/* (a CORS answer; ?expose=), anything else: 200 JSON.
+/echo (echo request headers and body), /cors/* (a CORS answer; ?expose=),
+/flaky/* (503 the first time per path, then 201), anything else: 200 JSON.
 """
 
 from __future__ import annotations
@@ -107,6 +108,11 @@ class TestUpstream:
             resp.headers["Access-Control-Expose-Headers"] = request.query["expose"]
         return resp
 
+    async def flaky(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        n = self.count(request.path)
+        return web.json_response({"n": n}, status=503 if n == 1 else 201)
+
     async def echo(self, request: web.Request) -> web.StreamResponse:
         e = await self._record(request)
         return web.json_response({"method": e.method, "path": e.path, "query": e.query,
@@ -127,6 +133,7 @@ class TestUpstream:
         r.add_route("*", "/headers", self.headers)
         r.add_route("*", "/echo{tail:.*}", self.echo)
         r.add_route("*", "/cors/{tail:.*}", self.cors)
+        r.add_route("*", "/flaky/{tail:.*}", self.flaky)
         r.add_route("*", "/{tail:.*}", self.other)
         return app
 

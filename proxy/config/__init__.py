@@ -22,11 +22,13 @@ from proxy.config.schema import (
     TrailingSlash,
     UnknownOutcome,
     Upstream,
+    UpstreamKey,
+    UpstreamTLS,
 )
 
 __all__ = [
     "SAFE_METHODS", "Admin", "Client", "Concurrent", "Config", "Database", "Encryption",
     "Fingerprint", "KeySource", "Listen", "Logging", "MissingCredential", "Pooler", "Route",
     "StoreUnavailablePolicy", "Tenant", "TenantMode", "TrailingSlash", "UnknownOutcome",
-    "Upstream", "load", "loads",
+    "Upstream", "UpstreamKey", "UpstreamTLS", "load", "loads",
 ]

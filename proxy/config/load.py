@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from proxy.config import upstreams
 from proxy.config.checks import check_config, config_warnings
 from proxy.config.routes import parse_routes
 from proxy.config.schema import (
@@ -25,7 +26,6 @@ from proxy.config.schema import (
     Encryption,
     Logging,
     Pooler,
-    Upstream,
 )
 from proxy.config.values import (
     Reader,
@@ -82,8 +82,13 @@ def loads(text: str, *, env: Mapping[str, str], source: str = "<string>") -> Con
     top = r.section(raw, "", {"listen", "admin", "upstream", "database", "defaults", "routes",
                               "data_dir", "workers", "shutdown_grace", "sweep_interval",
                               "replay_cache", "logging", "encryption",
-                              "allow_python_parser", "client"})
+                              "allow_python_parser", "client", "upstreams"})
     cfg = _parse_top(r, top, env, source)
+    cfg = dataclasses.replace(cfg, upstreams=upstreams.resolve(
+        r, cfg.routes, upstreams.parse_upstreams(r, top.get("upstreams")), cfg.upstream))
+    if not problems:
+        upstreams.check_tls(r, {"upstream": cfg.upstream, **{
+            f"upstreams.{n}": u for n, u in cfg.upstreams.items() if "://" not in n}})
     if not problems:
         problems += _check_keys(cfg.encryption.keys_env, env)
         check_config(r, cfg)
@@ -105,8 +110,6 @@ def _yaml_error(source: str, exc: yaml.YAMLError) -> str:
 def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: str) -> Config:
     d = Config()
     adm = r.section(top.get("admin"), "admin", {"listen", "token_env"})
-    up = r.section(top.get("upstream"), "upstream",
-                   {"url", "connect_timeout", "timeout", "max_connections"})
     db = r.section(top.get("database"), "database", {"url", "pool_min", "pool_max", "timeout",
                                                     "pooler", "listen_url"})
     lg = r.section(top.get("logging"), "logging", {"format", "level"})
@@ -114,7 +117,6 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
     cl = r.section(top.get("client"), "client", {"header_timeout", "body_timeout",
                                                  "keepalive_timeout", "max_connections",
                                                  "max_body_memory"})
-    upstream_url = r.get(up, "url", "upstream.url", _upstream_url, d.upstream.url)
     db_url = env.get("IDEMPROXY_DATABASE_URL") or r.get(db, "url", "database.url", str_, "")
     listen_url = (env.get("IDEMPROXY_DATABASE_LISTEN_URL")
                   or r.get(db, "listen_url", "database.listen_url", str_, ""))
@@ -127,13 +129,7 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
         admin=Admin(
             listen=r.get(adm, "listen", "admin.listen", parse_listen, d.admin.listen),
             token_env=r.get(adm, "token_env", "admin.token_env", str_, d.admin.token_env)),
-        upstream=Upstream(
-            url=upstream_url,
-            connect_timeout=r.get(up, "connect_timeout", "upstream.connect_timeout",
-                                  parse_duration, d.upstream.connect_timeout),
-            timeout=r.get(up, "timeout", "upstream.timeout", parse_duration, d.upstream.timeout),
-            max_connections=r.get(up, "max_connections", "upstream.max_connections",
-                                  int_in(1, 100000), d.upstream.max_connections)),
+        upstream=upstreams.parse_upstream(r, top.get("upstream"), "upstream"),
         client=_parse_client(r, cl),
         database=Database(
             url=db_url,
@@ -204,9 +200,3 @@ def _check_keys(env_name: str, env: Mapping[str, str]) -> list[str]:
         return exc.problems
     return []
 
-
-def _upstream_url(value: object) -> str:
-    text = str_(value).rstrip("/")
-    if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", text):
-        raise ValueError(f"{value!r} is not an http:// or https:// URL")
-    return text

@@ -25,7 +25,9 @@ from proxy.config.schema import (
     TenantMode,
     TrailingSlash,
     UnknownOutcome,
+    UpstreamKey,
 )
+from proxy.config.upstreams import upstream_ref
 from proxy.config.values import (
     Reader,
     bool_,
@@ -42,7 +44,7 @@ ROUTE_FIELDS = {
     "name", "match", "key", "preset", "require_key", "tenant", "fingerprint", "ttl",
     "lock_timeout", "concurrent", "wait_timeout", "release_statuses", "unknown_outcome",
     "max_request_body", "max_stored_body", "store_unavailable", "replay_set_cookie",
-    "replay_header", "expires_header", "mismatch_status",
+    "replay_header", "expires_header", "mismatch_status", "upstream", "upstream_key",
 }
 DEFAULT_FIELDS = ROUTE_FIELDS - {"name", "match", "preset"}
 KEY_FIELDS = {"header", "path", "body", "bucket", "raw"}
@@ -73,6 +75,12 @@ _RESERVED_RESPONSE_HEADERS = frozenset({
     "connection", "content-encoding", "content-length", "content-type", "date",
     "keep-alive", "location", "server", "set-cookie", "te", "trailer",
     "transfer-encoding", "upgrade", "idempotency-body",
+})
+# Request headers an upstream_key may not replace: framing, routing and credentials.
+_RESERVED_REQUEST_HEADERS = frozenset({
+    "authorization", "connection", "content-length", "content-type", "cookie", "host",
+    "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "expect",
+    "proxy-authorization", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
 })
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token (methods)
 
@@ -186,7 +194,7 @@ def _policies(r: Reader, layers: _Layers) -> dict[str, Any]:
         "unknown_outcome": enum_(UnknownOutcome), "max_request_body": parse_size,
         "max_stored_body": parse_size, "store_unavailable": enum_(StoreUnavailablePolicy),
         "replay_set_cookie": bool_, "replay_header": _response_header,
-        "mismatch_status": _mismatch_status,
+        "mismatch_status": _mismatch_status, "upstream": upstream_ref,
     }
     dflt = Route(name="", methods=frozenset(), path=PathPattern.compile("/"))
     out = {f: r.get(d, f, at(f), parse, getattr(dflt, f)) for f, parse in parsers.items()}
@@ -194,7 +202,15 @@ def _policies(r: Reader, layers: _Layers) -> dict[str, Any]:
     out["expires_header"] = None if expires is None or expires is False else \
         r.get(d, "expires_header", at("expires_header"), _response_header,
               dflt.expires_header)
+    out["upstream_key"] = _parse_upstream_key(r, d.get("upstream_key"), at("upstream_key"))
     return out
+
+
+def _parse_upstream_key(r: Reader, raw: object, path: str) -> UpstreamKey:
+    d = r.section(raw, path, {"header"})
+    if raw is not None and "header" not in d:
+        r.report(f"{path}.header: missing (the header the upstream dedupes on)")
+    return UpstreamKey(header=r.get(d, "header", f"{path}.header", parse_header_name, None))
 
 
 def _check_route(r: Reader, route: Route, layers: _Layers) -> None:
@@ -208,6 +224,11 @@ def _check_route(r: Reader, route: Route, layers: _Layers) -> None:
         r.report(f"{layers.at('lock_timeout')}: {format_duration(route.lock_timeout)} is "
                  f"longer than ttl ({format_duration(route.ttl)}): a claim's lease must end "
                  "within its key's window")
+    up_key = route.upstream_key.header
+    if up_key is not None and (up_key.lower() in _RESERVED_REQUEST_HEADERS or
+                               up_key.lower() == route.tenant.header.lower()):
+        r.report(f"{layers.at('upstream_key')}.header: {up_key!r} is a header the proxy "
+                 "or the tenant needs; name the upstream's idempotency header")
     if route.expires_header is not None and \
             route.expires_header.lower() == route.replay_header.lower():
         r.report(f"{layers.at('expires_header')}: {route.expires_header!r} is also the "

@@ -93,6 +93,13 @@ class Fingerprint:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamKey:
+    """A stable key sent upstream on every attempt of one (tenant, key) (upstream_key.py)."""
+
+    header: str | None = None  # default none; e.g. Idempotency-Key for a Stripe-style API
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     methods: frozenset[str]
@@ -117,6 +124,8 @@ class Route:
     replay_header: str = "Idempotent-Replayed"  # default Idempotent-Replayed: true on replays
     expires_header: str | None = "Idempotency-Expires"  # default; null turns it off
     mismatch_status: int = 422  # default 422; 409 or 400 for clients that read 422 otherwise
+    upstream: str = ""  # default: the top-level upstream; else a URL or an `upstreams` name
+    upstream_key: UpstreamKey = UpstreamKey()  # default: no key sent to the upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +148,23 @@ class Admin:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    """TLS to an https:// upstream (proxy/upstream_tls.py)."""
+
+    ca_file: str = ""  # default none: the system's trust store
+    cert_file: str = ""  # default none: no client certificate (mTLS when set)
+    key_file: str = ""  # default none: the key is in cert_file
+    server_name: str = ""  # default: the URL's host, as SNI and in the certificate check
+    verify: bool = True  # false: the certificate is not checked (a loud start-up warning)
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     url: str = "http://127.0.0.1:9000"
     connect_timeout: float = 5.0
     timeout: float = 30.0  # whole upstream exchange, response body included
     max_connections: int = 100
+    tls: UpstreamTLS = UpstreamTLS()
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +207,8 @@ class Config:
     admin: Admin = Admin()
     upstream: Upstream = Upstream()
     client: Client = Client()
+    # named upstreams for routes[].upstream (a route's URL is here too, under the URL)
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
     database: Database = Database()
     routes: tuple[Route, ...] = ()
     data_dir: str = "./.idemproxy"
