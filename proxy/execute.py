@@ -8,10 +8,10 @@ import time
 
 from aiohttp import web
 
-from proxy import cors, upstream_key
+from proxy import cors, decide, upstream_key
 from proxy import headers as hdrs
-from proxy.config import UnknownOutcome
 from proxy.context import Deps, Guarded, finish, log
+from proxy.decide import OnAnswer, OnFailure
 from proxy.errors import ProblemError, StoreError, UpstreamError, UpstreamFailed
 from proxy.forward import UpstreamResponse
 from proxy.metrics import Outcome
@@ -79,7 +79,8 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
         sent = True
         deps.metrics.observe_upstream(g.route.name, time.perf_counter() - start)
         try:
-            if up.status in g.route.release_statuses:
+            if decide.on_answer(up.status, release_statuses=g.route.release_statuses
+                                ) is OnAnswer.RELEASE:
                 return await _pass_on_and_release(request, deps, g, up)
             return await _stream_and_record(request, deps, g, claim, up)
         finally:
@@ -115,12 +116,19 @@ async def _upstream_failed(deps: Deps, g: Guarded, claim: Claim,
     problem = exc.problem
     problem.headers.update(guard_headers(g.route, claim.record.expires_at))
     finish(deps, g, g.route, Outcome.UPSTREAM_ERROR, problem.status)
-    if not exc.sent:
-        await _release_quietly(deps, g)
-    elif exc.answered or g.route.unknown_outcome is UnknownOutcome.FAIL:
-        # answered: the upstream acted; its unrelayable answer is the outcome, stored
-        await _complete(deps, g, _failure(problem))
+    await _after_failure(deps, g, problem, sent=exc.sent, answered=exc.answered)
     raise problem from exc
+
+
+async def _after_failure(deps: Deps, g: Guarded, problem: ProblemError, *,
+                         sent: bool, answered: bool = False) -> None:
+    """Carry out decide.on_upstream_failure: release, keep the claim, or store the error."""
+    verdict = decide.on_upstream_failure(sent=sent, answered=answered,
+                                         unknown_outcome=g.route.unknown_outcome)
+    if verdict is OnFailure.RELEASE:
+        await _release_quietly(deps, g)
+    elif verdict is OnFailure.STORE_FAILURE:
+        await _complete(deps, g, _failure(problem))
 
 
 async def fail_dead_claim(deps: Deps, g: Guarded, claim: Claim) -> web.StreamResponse:
@@ -166,8 +174,7 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
     except UpstreamError as exc:  # nothing reached the client yet: answer the problem
         exc.problem.headers.update(guard_headers(route, claim.record.expires_at))
         finish(deps, g, route, Outcome.UPSTREAM_ERROR, exc.problem.status)
-        if route.unknown_outcome is UnknownOutcome.FAIL:
-            await _complete(deps, g, _failure(exc.problem))
+        await _after_failure(deps, g, exc.problem, sent=True)
         raise exc.problem from exc
     stored = tuple(hdrs.to_store(up.headers, keep_set_cookie=route.replay_set_cookie))
     seen = deps.cache.version if deps.cache is not None else 0
@@ -202,8 +209,7 @@ async def _stream_and_record(request: web.BaseRequest, deps: Deps, g: Guarded, c
         finish(deps, g, route, Outcome.UPSTREAM_ERROR, up.status)
         sink.abort()
         await rec.discard()
-        if route.unknown_outcome is UnknownOutcome.FAIL:
-            await _complete(deps, g, _failure(exc.problem))
+        await _after_failure(deps, g, exc.problem, sent=True)
         return sink.response
     stored = hdrs.to_store(up.headers, keep_set_cookie=route.replay_set_cookie)
     done = await rec.finish(status=up.status, headers=tuple(stored))

@@ -16,9 +16,10 @@ import time
 
 from aiohttp import web
 
-from proxy import keys
-from proxy.config import Concurrent, Route, StoreUnavailablePolicy, UnknownOutcome
+from proxy import decide, keys
+from proxy.config import Route
 from proxy.context import Deps, Guarded, finish, log
+from proxy.decide import OnClaim, OnStoreDown
 from proxy.errors import (
     KeyInFlight,
     KeyReused,
@@ -112,7 +113,7 @@ async def _unguarded(request: web.BaseRequest, deps: Deps, body: bytes | None,
 async def _store_down(request: web.BaseRequest, deps: Deps, g: Guarded,
                       exc: StoreError) -> web.StreamResponse:
     log.error("store call failed before forwarding: %s", exc)
-    if g.route.store_unavailable is StoreUnavailablePolicy.PASS_THROUGH:
+    if decide.on_store_down(g.route.store_unavailable) is OnStoreDown.PASS_THROUGH:
         finish(deps, g, g.route, Outcome.STORE_ERROR, 0)
         return await _unguarded(request, deps, g.body, {UNGUARDED_HEADER: "unguarded"},
                                 route=g.route)
@@ -120,29 +121,39 @@ async def _store_down(request: web.BaseRequest, deps: Deps, g: Guarded,
     raise store_unavailable() from exc
 
 
+def _on_claim(g: Guarded, claim: Claim, *, may_wait: bool = True) -> OnClaim:
+    route, rec = g.route, claim.record
+    return decide.on_claim(claim.outcome, state=rec.state,
+                           same_fingerprint=rec.fingerprint == g.fingerprint,
+                           concurrent=route.concurrent,
+                           unknown_outcome=route.unknown_outcome, may_wait=may_wait)
+
+
 async def _answer(request: web.BaseRequest, deps: Deps, g: Guarded,
                   claim: Claim) -> web.StreamResponse:
+    """Carry out what decide.on_claim says this claim's result means."""
     route, rec = g.route, claim.record
-    if claim.outcome is not ClaimOutcome.EXISTING:
-        if claim.outcome is ClaimOutcome.TAKEN_OVER:
-            deps.metrics.takeovers.labels(route.name).inc()
-            log.warning("claim taken over after its lease ended",
-                        extra={"fields": {"route": route.name, "key_hash": g.key_hash}})
-            if route.unknown_outcome is UnknownOutcome.FAIL:
-                return await fail_dead_claim(deps, g, claim)
+    verdict = _on_claim(g, claim)
+    if claim.outcome is ClaimOutcome.TAKEN_OVER:
+        deps.metrics.takeovers.labels(route.name).inc()
+        log.warning("claim taken over after its lease ended",
+                    extra={"fields": {"route": route.name, "key_hash": g.key_hash}})
+    if verdict is OnClaim.FORWARD:
         return await execute(request, deps, g, claim)
-    if rec.fingerprint != g.fingerprint:
+    if verdict is OnClaim.FAIL_DEAD_CLAIM:
+        return await fail_dead_claim(deps, g, claim)
+    if verdict is OnClaim.MISMATCH:
         finish(deps, g, route, Outcome.MISMATCH, route.mismatch_status)
         raise KeyReused("This idempotency key was already used for a different request "
                         "(method, path, query or body differ). Use a new key.",
                         status=route.mismatch_status,
                         headers=guard_headers(route, rec.expires_at))
-    if rec.state is State.COMPLETED:
+    if verdict is OnClaim.REPLAY:
         resp = await replay(request, rec, route=route, scope=g.scope, key=g.key,
                             store=deps.store)
         finish(deps, g, route, Outcome.REPLAYED, rec.status or 0)
         return resp
-    if route.concurrent is Concurrent.WAIT:
+    if verdict is OnClaim.WAIT:
         return await _wait(request, deps, g, rec)
     finish(deps, g, route, Outcome.CONFLICT, 409)
     raise KeyInFlight("A request with this idempotency key is still being processed. "
@@ -167,9 +178,9 @@ async def _wait(request: web.BaseRequest, deps: Deps, g: Guarded,
             except StoreError as exc:
                 return await _store_down(request, deps, g, exc)
             rec = claim.record
-            if claim.outcome is not ClaimOutcome.EXISTING or rec.state is not State.IN_FLIGHT:
+            if _on_claim(g, claim) is not OnClaim.WAIT:
                 break
-        else:
+        else:  # decide.on_claim(..., may_wait=False): still in flight, so 409
             finish(deps, g, g.route, Outcome.CONFLICT, 409)
             raise KeyInFlight(f"The first request with this key did not complete within "
                               f"{g.route.wait_timeout:g}s.", headers={

@@ -13,6 +13,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import headers as hdrs
+from proxy.decide import body_fits
 from proxy.errors import BodyTooLarge, UpstreamError
 from proxy.forward import Forwarder, UpstreamResponse
 from proxy.framing import continue_if_expected
@@ -24,13 +25,14 @@ log = logging.getLogger("idemproxy.relay")
 
 async def read_body(request: web.BaseRequest, *, limit: int) -> bytes:
     """The whole request body, refused with 413 as soon as it passes `limit` (chunked too)."""
-    if request.content_length is not None and request.content_length > limit:
+    if request.content_length is not None and not body_fits(request.content_length,
+                                                            limit=limit):
         raise BodyTooLarge(f"The request body is {request.content_length} bytes; this route "
                            f"accepts at most {limit}.")
     content = request.content
     if content.is_eof():  # all of it came with the headers (most small bodies): no await
         body = content.read_nowait()
-        if len(body) > limit:
+        if not body_fits(len(body), limit=limit):
             raise _over(limit)
         return body
     declared = request.content_length or 0
@@ -39,7 +41,7 @@ async def read_body(request: web.BaseRequest, *, limit: int) -> bytes:
     buf = bytearray()
     async for chunk in content.iter_any():
         buf += chunk
-        if len(buf) > limit:
+        if not body_fits(len(buf), limit=limit):
             raise _over(limit)
         if len(buf) > declared:
             reserve(request, len(buf) - declared)

@@ -1,0 +1,103 @@
+"""The policy of a guarded request, as pure functions: plain data in, a decision out.
+
+Design §2's table, the rows that depend on the key's state, the route's policies and the
+upstream's outcome. The I/O layer (idempotency.py, execute.py) asks here and carries the
+decision out; nothing in this module awaits, reads a socket or touches the store, and
+tests/test_decide.py checks every row without either.
+
+    claim ─ on_claim ─┬─ FORWARD ──── upstream ─┬─ answered ─ on_answer ─┬─ RECORD
+                      ├─ FAIL_DEAD_CLAIM        │                        └─ RELEASE
+                      ├─ REPLAY                 └─ failed ─ on_upstream_failure ─┬─ RELEASE
+                      ├─ MISMATCH                                                ├─ KEEP
+                      ├─ CONFLICT                                                └─ STORE_FAILURE
+                      └─ WAIT (then claim again)
+    store failed before forwarding ─ on_store_down ─┬─ REFUSE (503)
+                                                     └─ PASS_THROUGH (unguarded)
+"""
+
+from __future__ import annotations
+
+import enum
+
+from proxy.config import Concurrent, StoreUnavailablePolicy, UnknownOutcome
+from proxy.store import ClaimOutcome, State
+
+
+class OnClaim(enum.Enum):
+    """What a claim's result means for this request."""
+
+    FORWARD = "forward"  # this request owns the key: send it upstream once
+    FAIL_DEAD_CLAIM = "fail_dead_claim"  # took over a dead claim; unknown_outcome: fail
+    REPLAY = "replay"  # completed, same request: the stored answer
+    MISMATCH = "mismatch"  # same key, another request: 422 (mismatch_status)
+    CONFLICT = "conflict"  # still in flight: 409 + Retry-After
+    WAIT = "wait"  # still in flight, concurrent: wait: hold and claim again
+
+
+def on_claim(outcome: ClaimOutcome, *, state: State, same_fingerprint: bool,
+             concurrent: Concurrent, unknown_outcome: UnknownOutcome,
+             may_wait: bool = True) -> OnClaim:
+    """`may_wait`: False once a waiting retry's wait_timeout has run out (then 409)."""
+    if outcome is ClaimOutcome.NEW:
+        return OnClaim.FORWARD
+    if outcome is ClaimOutcome.TAKEN_OVER:
+        # The dead claim's request may have reached the upstream: with `fail`, that
+        # unknown outcome is the answer for the rest of the window, never a second try.
+        if unknown_outcome is UnknownOutcome.FAIL:
+            return OnClaim.FAIL_DEAD_CLAIM
+        return OnClaim.FORWARD
+    if not same_fingerprint:
+        return OnClaim.MISMATCH
+    if state is State.COMPLETED:
+        return OnClaim.REPLAY
+    if concurrent is Concurrent.WAIT and may_wait:
+        return OnClaim.WAIT
+    return OnClaim.CONFLICT
+
+
+class OnAnswer(enum.Enum):
+    """What an upstream answer (a status line arrived) means for the key."""
+
+    RECORD = "record"  # stream it back while recording; complete the key with it
+    RELEASE = "release"  # pass it on unstored and release the key (release_statuses)
+
+
+def on_answer(status: int, *, release_statuses: frozenset[int]) -> OnAnswer:
+    return OnAnswer.RELEASE if status in release_statuses else OnAnswer.RECORD
+
+
+class OnFailure(enum.Enum):
+    """What a failed upstream exchange (no whole answer) means for the key."""
+
+    RELEASE = "release"  # never sent: no effect happened, a retry forwards again
+    KEEP = "keep"  # may have acted: the claim stays until its lease ends
+    STORE_FAILURE = "store_failure"  # may have acted, unknown_outcome: fail: store the error
+
+
+def on_upstream_failure(*, sent: bool, unknown_outcome: UnknownOutcome,
+                        answered: bool = False) -> OnFailure:
+    """`answered`: the upstream did answer, with a response the proxy cannot relay: it
+    acted, and that failure is the one verdict for the key (design §9), stored."""
+    if not sent:
+        return OnFailure.RELEASE
+    if answered or unknown_outcome is UnknownOutcome.FAIL:
+        return OnFailure.STORE_FAILURE
+    return OnFailure.KEEP
+
+
+class OnStoreDown(enum.Enum):
+    """A guarded request whose claim failed in the store (nothing was forwarded)."""
+
+    REFUSE = "refuse"  # 503 + Retry-After: fail closed (the default)
+    PASS_THROUGH = "pass_through"  # store_unavailable: pass_through: forward unguarded
+
+
+def on_store_down(policy: StoreUnavailablePolicy) -> OnStoreDown:
+    if policy is StoreUnavailablePolicy.PASS_THROUGH:
+        return OnStoreDown.PASS_THROUGH
+    return OnStoreDown.REFUSE
+
+
+def body_fits(size: int, *, limit: int) -> bool:
+    """A request body of `size` bytes is accepted (over max_request_body: 413)."""
+    return size <= limit
