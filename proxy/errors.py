@@ -16,6 +16,7 @@
         ├── KeyMissing              400 route has require_key and no key was found
         ├── KeyMalformed            400 empty, too long, non-printable, several key headers
         ├── CredentialMissing       400 no tenant header on a route scoped by it
+        ├── UpgradeRefused          400 a protocol upgrade (WebSocket) on a guarded route
         ├── AdminUnauthorized       401 admin beyond loopback without its bearer token
         ├── NotFound                404 no such admin path or key
         ├── MethodNotAllowed        405 admin path without that method
@@ -154,6 +155,12 @@ class MethodNotAllowed(ProblemError):
     status = 405
     slug = "method-not-allowed"
     title = "Method Not Allowed"
+
+
+class UpgradeRefused(ProblemError):
+    status = 400
+    slug = "upgrade-refused"
+    title = "Protocol upgrade on a guarded route"
 
 
 class CredentialMissing(ProblemError):

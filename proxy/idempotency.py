@@ -16,7 +16,7 @@ import time
 
 from aiohttp import web
 
-from proxy import decide, keys
+from proxy import decide, keys, websocket
 from proxy.config import Route
 from proxy.context import Deps, Guarded, finish, log
 from proxy.decide import OnClaim, OnStoreDown
@@ -25,6 +25,7 @@ from proxy.errors import (
     KeyReused,
     ProblemError,
     StoreError,
+    UpgradeRefused,
     UpstreamError,
     store_unavailable,
 )
@@ -43,6 +44,11 @@ UNGUARDED_HEADER = "Idempotency-Status"
 async def handle(request: web.BaseRequest, m: Match, deps: Deps) -> web.StreamResponse:
     route = m.route
     try:
+        if websocket.wants_upgrade(request):  # a tunnel cannot be recorded or replayed
+            raise UpgradeRefused(
+                f"{request.method} {route.path.text} is guarded by route {route.name!r}: a "
+                "protocol upgrade (Upgrade: ...) cannot be made idempotent. Send it without "
+                "Upgrade, or on a path and method no route guards.")
         g, body = await _identify(request, m, deps)
     except ProblemError as exc:
         finish(deps, None, route, Outcome.REJECTED, exc.status)
@@ -94,8 +100,11 @@ async def _identify(request: web.BaseRequest, m: Match, deps: Deps
 
 
 async def pass_through_unrouted(request: web.BaseRequest, deps: Deps) -> web.StreamResponse:
-    """No route (or a safe method): stream through untouched."""
+    """No route (or a safe method): stream through untouched; an upgrade (WebSocket)
+    becomes a tunnel to the upstream."""
     deps.metrics.count("-", Outcome.PASS_THROUGH)
+    if websocket.wants_upgrade(request):
+        return await websocket.tunnel(request, deps.forwarder_for_path(request.path))
     return await _unguarded(request, deps, None, route=None)
 
 

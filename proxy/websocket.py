@@ -1,0 +1,272 @@
+"""Protocol upgrades (WebSocket, and any other `Upgrade:`) on unguarded requests.
+
+RFC 9110 §7.8: `Upgrade` and `Connection` are hop-by-hop, so the ordinary proxy path
+drops them and the upstream answers as if no upgrade was asked for. For a request no
+route guards (a GET to a sidecar's app, say), the proxy instead opens a connection of its
+own to the upstream, sends the request with `Connection: Upgrade` and the client's
+`Upgrade` value, and:
+
+- the upstream answers `101 Switching Protocols`: the 101 goes to the client, and from
+  then on bytes are copied both ways unchanged (the frames, their masking and the
+  WebSocket close handshake are the two ends' business) until either side closes; then
+  the other is closed too;
+- it answers anything else: that answer goes to the client as a normal response.
+
+Guarded requests never upgrade: a route's method with `Upgrade` is refused before this
+module is reached (`errors.UpgradeRefused`), since a tunnel cannot be recorded or replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from typing import Any
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy import headers as hdrs
+from proxy import upstream_tls
+from proxy.errors import (
+    UpstreamFailed,
+    UpstreamTimeout,
+    UpstreamTLSFailed,
+    UpstreamUnreachable,
+)
+from proxy.forward import Forwarder
+from proxy.relay import upstream_request_headers
+
+log = logging.getLogger("idemproxy.upgrade")
+
+CHUNK = 64 * 1024
+MAX_HEAD = 64 * 1024  # the upstream's response head
+MAX_REFUSAL_BODY = 1024 * 1024  # the body of a non-101 answer, relayed whole
+HIGH_WATER = 256 * 1024  # client bytes queued for the upstream above which reading pauses
+
+
+def wants_upgrade(request: web.BaseRequest) -> bool:
+    """The client asks to switch protocols (`Upgrade` named in `Connection`)."""
+    if "Upgrade" not in request.headers:
+        return False
+    tokens = {t.strip().lower() for v in request.headers.getall("Connection", ())
+              for t in v.split(",")}
+    return "upgrade" in tokens
+
+
+async def tunnel(request: web.BaseRequest, forwarder: Forwarder) -> web.StreamResponse:
+    """Forward an upgrade request; on 101, copy bytes both ways until either side ends."""
+    reader, writer = await _connect(forwarder)
+    try:
+        writer.write(_request_head(request, forwarder))
+        head = _Head()
+        tail = await _read_head(reader, head, timeout=forwarder.head_timeout)
+        if head.status != 101:
+            return await _refusal(reader, head, tail)
+        resp = web.StreamResponse(status=101, reason=head.reason or "Switching Protocols")
+        for k, v in hdrs.end_to_end(head.headers):
+            resp.headers.add(k, v)
+        resp.headers["Connection"] = "Upgrade"
+        resp.headers["Upgrade"] = head.headers.get("Upgrade", request.headers["Upgrade"])
+        await resp.prepare(request)
+        await _pipe(request, resp, reader, writer, tail)
+        return resp
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+async def _connect(fwd: Forwarder) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection of its own (a tunnel never goes back to a pool); nothing sent yet."""
+    url = fwd.base
+    host, port = url.host or "", url.port or (443 if fwd.tls else 80)
+    try:
+        async with asyncio.timeout(fwd.connect_timeout):
+            return await asyncio.open_connection(
+                host, port, ssl=fwd.tls,
+                server_hostname=(fwd.server_name or host) if fwd.tls else None,
+                limit=CHUNK)
+    except ssl.SSLError as exc:
+        log.error("TLS to the upstream failed; the request was not sent",
+                  extra={"fields": {"reason": upstream_tls.failure_reason(exc)}})
+        raise UpstreamTLSFailed("The TLS handshake with the upstream failed; the request "
+                                "was not sent.") from exc
+    except TimeoutError as exc:
+        raise UpstreamUnreachable("Connecting to the upstream timed out; the request was "
+                                  "not sent.") from exc
+    except OSError as exc:
+        raise UpstreamUnreachable("Could not connect to the upstream; the request was not "
+                                  "sent.") from exc
+
+
+def _request_head(request: web.BaseRequest, fwd: Forwarder) -> bytes:
+    headers = upstream_request_headers(request, fwd)  # hop-by-hop dropped, Host rewritten
+    headers["Connection"] = "Upgrade"
+    headers["Upgrade"] = request.headers["Upgrade"]
+    url = request.rel_url
+    target = fwd.base.raw_path.rstrip("/") + url.raw_path + \
+        (f"?{url.raw_query_string}" if url.raw_query_string else "")
+    lines = [f"{request.method} {target} HTTP/1.1\r\n"]
+    lines += [f"{k}: {v}\r\n" for k, v in headers.items()]
+    lines.append("\r\n")
+    # aiohttp's parser let no CR, LF or NUL through in the client's fields.
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+class _Head:
+    """httptools callbacks collecting the upstream's response (head, and a small body)."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = ""
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.done_head = self.complete = False
+        self.body = bytearray()
+        self.parser: Any = httptools.HttpResponseParser(self)
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.done_head:
+            self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if 100 <= self.status < 200 and self.status != 101:  # interim: the next head
+            self.headers, self.reason = CIMultiDict(), ""
+            return
+        self.done_head = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+        if len(self.body) > MAX_REFUSAL_BODY:
+            raise ValueError("refusal body too large")
+
+    def on_message_complete(self) -> None:
+        if self.done_head:
+            self.complete = True
+
+
+async def _read_head(reader: asyncio.StreamReader, head: _Head, *,
+                     timeout: float | None) -> bytes:
+    """Feed the parser until the final head; returns bytes already past a 101's head."""
+    seen = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while not head.done_head:
+                data = await reader.read(CHUNK)
+                if not data:
+                    raise UpstreamFailed("The upstream closed the connection before "
+                                         "answering the upgrade; the outcome is unknown.")
+                seen += len(data)
+                if seen > MAX_HEAD + MAX_REFUSAL_BODY:
+                    raise UpstreamFailed("The upstream's answer to the upgrade is too "
+                                         "large.")
+                try:
+                    head.parser.feed_data(data)
+                except httptools.HttpParserUpgrade as exc:  # the 101: the rest is the tunnel
+                    return data[exc.args[0]:] if exc.args else b""
+                except (httptools.HttpParserError, ValueError) as exc:
+                    raise UpstreamFailed("The upstream's answer to the upgrade is "
+                                         "malformed.") from exc
+    except TimeoutError as exc:
+        raise UpstreamTimeout("The upstream did not answer the upgrade in time.") from exc
+    return b""
+
+
+async def _refusal(reader: asyncio.StreamReader, head: _Head, tail: bytes
+                   ) -> web.Response:
+    """A non-101 answer: relayed as a normal response (the client learns it was refused)."""
+    with contextlib.suppress(TimeoutError, httptools.HttpParserError, ValueError):
+        async with asyncio.timeout(5):
+            while not head.complete and len(head.body) <= MAX_REFUSAL_BODY:
+                data = await reader.read(CHUNK)
+                if not data:
+                    with contextlib.suppress(httptools.HttpParserError):
+                        head.parser.feed_eof()
+                    break
+                head.parser.feed_data(data)
+    resp = web.Response(status=head.status, reason=head.reason or None,
+                        body=bytes(head.body))
+    for k, v in hdrs.end_to_end(head.headers):
+        if k.lower() != "content-length":
+            resp.headers.add(k, v)
+    resp.force_close()
+    return resp
+
+
+class _ToUpstream:
+    """Stands in for aiohttp's payload parser once the client's connection is upgraded:
+    every byte the client sends goes to the upstream as it arrives."""
+
+    def __init__(self, writer: asyncio.StreamWriter, client: asyncio.Transport) -> None:
+        self._writer, self._client = writer, client
+        self.closed = asyncio.get_running_loop().create_future()
+        self._paused = False
+        self._resumer: asyncio.Task[None] | None = None
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if not self._writer.is_closing():
+            self._writer.write(data)
+            buffered = self._writer.transport.get_write_buffer_size()
+            if buffered > HIGH_WATER and not self._paused:
+                self._paused = True
+                self._client.pause_reading()  # the upstream reads slower than we get
+                self._resumer = asyncio.get_running_loop().create_task(self._resume())
+        return False, b""
+
+    async def _resume(self) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await self._writer.drain()
+        self._paused = False
+        if not self._client.is_closing():
+            self._client.resume_reading()
+
+    def feed_eof(self) -> None:
+        """The client closed (or its connection was lost)."""
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def _pipe(request: web.BaseRequest, resp: web.StreamResponse,
+                reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                tail: bytes) -> None:
+    """Copy both ways until one side closes; then end the other side."""
+    protocol, client = request.protocol, request.transport
+    assert protocol is not None and client is not None
+    protocol.keep_alive(False)  # the connection is no longer HTTP
+    to_up = _ToUpstream(writer, client)
+    protocol.set_parser(to_up)  # type: ignore[arg-type]  # feeds what it buffered, too
+    downstream = asyncio.get_running_loop().create_task(_copy_down(reader, resp, tail))
+    try:
+        await asyncio.wait({downstream, to_up.closed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not downstream.done():  # the client went first: the upstream gets our EOF
+            with contextlib.suppress(OSError, RuntimeError, ssl.SSLError):
+                if writer.can_write_eof():
+                    writer.write_eof()
+            try:
+                async with asyncio.timeout(5):  # its own close, e.g. the WS close frame
+                    await downstream
+            except TimeoutError:
+                downstream.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await downstream
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await resp.write_eof()
+    client.close()
+
+
+async def _copy_down(reader: asyncio.StreamReader, resp: web.StreamResponse,
+                     tail: bytes) -> None:
+    try:
+        if tail:
+            await resp.write(tail)
+        while data := await reader.read(CHUNK):
+            await resp.write(data)
+    except (ConnectionError, RuntimeError, OSError, ssl.SSLError) as exc:
+        log.info("upgraded connection ended: %s", type(exc).__name__)
