@@ -29,6 +29,7 @@ from proxy import upstream_client as lean
 from proxy import upstream_tls
 from proxy.config import Upstream
 from proxy.errors import (
+    BodyTimeout,
     UpstreamError,
     UpstreamFailed,
     UpstreamTimeout,
@@ -52,6 +53,8 @@ _FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError, lean.NotSent,
 
 
 def _translate(exc: BaseException) -> UpstreamError:
+    if (stalled := _client_stalled(exc)) is not None:  # the client's fault: its 408
+        return UpstreamError(stalled, sent=True)
     if isinstance(exc, (lean.BadAnswer, aiohttp.ClientResponseError)):
         return UpstreamError(UpstreamFailed(
             "The upstream answered with a response the proxy cannot relay (malformed or "
@@ -87,6 +90,16 @@ def _reset_in_handshake(exc: BaseException) -> bool:
     (TLS 1.2 servers do so when they refuse our client certificate)."""
     return isinstance(exc, aiohttp.ClientConnectorError) and exc.ssl is not False and \
         isinstance(exc.os_error, ConnectionResetError)
+
+
+def _client_stalled(exc: BaseException) -> BodyTimeout | None:
+    """The client.body_timeout that broke a streamed upload, if that is what this was."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None or isinstance(seen, BodyTimeout):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class _Body(Protocol):

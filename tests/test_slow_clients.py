@@ -162,3 +162,15 @@ async def test_slowloris_is_bounded_while_normal_traffic_is_served(make_proxy, u
     refused = sum(o.startswith(b"HTTP/1.1 503 ") for o in outcomes)
     timed_out = sum(o.startswith(b"HTTP/1.1 408 ") for o in outcomes)
     assert refused >= 90 and refused + timed_out == 200  # the silent 100 get nothing
+
+
+async def test_a_stalled_streamed_upload_is_cut_off(make_proxy, upstream):
+    """An unguarded upload streamed upstream that stops: 408 after body_timeout (the
+    client's stall, not an upstream failure) and closed, never held open."""
+    p = await make_proxy(ROUTES, extra=LIMITS)
+    reader, writer = await open_conn(port_of(p.url))
+    writer.write(b"POST /exec/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" +
+                 b"a" * 400)
+    data = await closed_by_proxy(reader)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 408 ") and b"body-timeout" in data, data[:200]
