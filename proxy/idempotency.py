@@ -44,7 +44,7 @@ UNGUARDED_HEADER = "Idempotency-Status"
 async def handle(request: web.BaseRequest, m: Match, deps: Deps) -> web.StreamResponse:
     route = m.route
     try:
-        if websocket.wants_upgrade(request):  # a tunnel cannot be recorded or replayed
+        if websocket.asks_upgrade(request):  # a tunnel cannot be recorded or replayed
             raise UpgradeRefused(
                 f"{request.method} {route.path.text} is guarded by route {route.name!r}: a "
                 "protocol upgrade (Upgrade: ...) cannot be made idempotent. Send it without "
@@ -103,7 +103,7 @@ async def pass_through_unrouted(request: web.BaseRequest, deps: Deps) -> web.Str
     """No route (or a safe method): stream through untouched; an upgrade (WebSocket)
     becomes a tunnel to the upstream."""
     deps.metrics.count("-", Outcome.PASS_THROUGH)
-    if websocket.wants_upgrade(request):
+    if websocket.wants_tunnel(request):
         return await websocket.tunnel(request, deps.forwarder_for_path(request.path))
     return await _unguarded(request, deps, None, route=None)
 

@@ -47,13 +47,20 @@ MAX_REFUSAL_BODY = 1024 * 1024  # the body of a non-101 answer, relayed whole
 HIGH_WATER = 256 * 1024  # client bytes queued for the upstream above which reading pauses
 
 
-def wants_upgrade(request: web.BaseRequest) -> bool:
+def asks_upgrade(request: web.BaseRequest) -> bool:
     """The client asks to switch protocols (`Upgrade` named in `Connection`)."""
     if "Upgrade" not in request.headers:
         return False
     tokens = {t.strip().lower() for v in request.headers.getall("Connection", ())
               for t in v.split(",")}
     return "upgrade" in tokens
+
+
+def wants_tunnel(request: web.BaseRequest) -> bool:
+    """An upgrade request to tunnel. One with a body (h2c's POST upgrade, say) is not: it
+    passes through as an ordinary request, `Upgrade` dropped as the hop-by-hop field it
+    is, which RFC 9110 §7.8 lets a server (and so a proxy) do."""
+    return asks_upgrade(request) and not request.body_exists
 
 
 async def tunnel(request: web.BaseRequest, forwarder: Forwarder) -> web.StreamResponse:

@@ -204,6 +204,11 @@ BAD = {
     "a bad concurrent policy": "defaults:\n  concurrent: queue\n",
     "a bad admin address": "admin:\n  listen: somewhere\n",
     "an ftp upstream": "upstream:\n  url: ftp://example\n",
+    "an unknown tls field": "upstream:\n  url: https://x\n  tls: {cafile: /etc/ca.pem}\n",
+    "upstream_key without header": "routes:\n  - name: a\n    match: {path: /a}\n"
+                                   "    upstream_key: {}\n",
+    "a named upstream without a url mapping": "upstreams:\n  mail: https://x\n",
+    "a bad mismatch_status": "defaults:\n  mismatch_status: 418\n",
 }
 
 

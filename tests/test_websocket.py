@@ -173,3 +173,15 @@ async def test_a_websocket_to_an_https_upstream_uses_its_tls_settings(make_proxy
                 "/upstream-tls-failed")
     finally:
         await runner.cleanup()
+
+
+async def test_an_unrouted_upgrade_with_a_body_passes_through_as_plain_http(
+        make_proxy, upstream, client):
+    """Upgrade plus a body (h2c style) is not tunnelled: Upgrade is dropped, the request
+    passes through with its body."""
+    p = await make_proxy(ROUTES)
+    async with client.post(p.url + "/echo", data=b"payload", headers={
+            "Connection": "Upgrade", "Upgrade": "h2c"}) as resp:
+        assert resp.status == 200
+        doc = await resp.json()
+    assert doc["body"] == "payload" and "Upgrade" not in doc["headers"]
