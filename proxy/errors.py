@@ -20,6 +20,7 @@
         ├── AdminUnauthorized       401 admin beyond loopback without its bearer token
         ├── NotFound                404 no such admin path or key
         ├── MethodNotAllowed        405 admin path without that method
+        ├── HeaderTimeout           408 the request head did not arrive in time
         ├── BodyTimeout             408 the client stopped sending its request body
         ├── KeyInFlight             409 the first request with this key is still running
         ├── BodyTooLarge            413 request body over max_request_body
@@ -167,6 +168,12 @@ class CredentialMissing(ProblemError):
     status = 400
     slug = "credential-missing"
     title = "Credential required for the idempotency scope"
+
+
+class HeaderTimeout(ProblemError):
+    status = 408
+    slug = "header-timeout"
+    title = "Request header timed out"
 
 
 class BodyTimeout(ProblemError):

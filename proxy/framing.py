@@ -17,7 +17,6 @@ connection checks the deadlines; nothing is re-armed per byte.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,10 +26,10 @@ from aiohttp import web, web_protocol, web_server
 
 from proxy.config import Client
 from proxy.errors import (
-    ERROR_BASE,
     PROBLEM_JSON,
     BadRequest,
     BodyTimeout,
+    HeaderTimeout,
     InternalError,
     ProblemError,
 )
@@ -82,8 +81,9 @@ _TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/prob
 
 
 def _problem_408(detail: str) -> bytes:
-    doc = json.dumps({"type": ERROR_BASE + "header-timeout", "title": "Request header "
-                      "timed out", "status": 408, "detail": detail}).encode()
+    """Written straight to the transport (no request object exists yet), so this is the
+    one problem that does not go through problem_response; its body still does."""
+    doc = HeaderTimeout(detail).body()
     return _TIMEOUT_408 % (len(doc), doc)
 
 
