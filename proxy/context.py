@@ -49,8 +49,9 @@ class Deps(Services):
     def forwarder_for(self, route: Route) -> Forwarder:
         return self.forwarder if self.upstreams is None else self.upstreams.for_route(route)
 
-    def forwarder_for_path(self, path: str) -> Forwarder:
-        return self.forwarder if self.upstreams is None else self.upstreams.for_path(path)
+    def forwarder_for_path(self, raw_path: str) -> Forwarder:
+        return self.forwarder if self.upstreams is None else \
+            self.upstreams.for_path(raw_path)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run an owned background task (kept referenced; cancelled at shutdown)."""

@@ -104,7 +104,7 @@ async def pass_through_unrouted(request: web.BaseRequest, deps: Deps) -> web.Str
     becomes a tunnel to the upstream."""
     deps.metrics.count("-", Outcome.PASS_THROUGH)
     if websocket.wants_tunnel(request):
-        return await websocket.tunnel(request, deps.forwarder_for_path(request.path))
+        return await websocket.tunnel(request, deps.forwarder_for_path(request.rel_url.raw_path))
     return await _unguarded(request, deps, None, route=None)
 
 
@@ -112,7 +112,7 @@ async def _unguarded(request: web.BaseRequest, deps: Deps, body: bytes | None,
                      extra: dict[str, str] | None = None, *,
                      route: Route | None) -> web.StreamResponse:
     fwd = deps.forwarder_for(route) if route is not None else \
-        deps.forwarder_for_path(request.path)
+        deps.forwarder_for_path(request.rel_url.raw_path)
     try:
         return await pass_through(request, fwd, body=body, extra=extra)
     except UpstreamError as exc:

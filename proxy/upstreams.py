@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from proxy.config import Config, Route
 from proxy.forward import Forwarder
-from proxy.paths import PathPattern
+from proxy.paths import PathPattern, normalize_path, split_params
 
 
 class Upstreams:
@@ -32,8 +32,13 @@ class Upstreams:
     def for_route(self, route: Route) -> Forwarder:
         return self._named[route.upstream] if route.upstream else self.default
 
-    def for_path(self, path: str) -> Forwarder:
-        """For a request no route guards: the first route whose path matches decides."""
+    def for_path(self, raw_path: str) -> Forwarder:
+        """For a request no route guards: the first route whose pattern matches the
+        normalised path decides (the same normal form guarded requests match on, so
+        `/mail/../v1/x` goes where `/v1/x` would)."""
+        if not self._paths:
+            return self.default
+        path = split_params(normalize_path(raw_path))[0]
         for pattern, fwd in self._paths:
             if pattern.regex.match(path):
                 return fwd

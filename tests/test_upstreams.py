@@ -52,8 +52,11 @@ async def test_two_upstreams_behind_one_proxy(make_proxy, upstream, second, clie
     assert (await post(client, p.url + "/exec/pay", key=new_key()))[0] == 201
     async with client.get(p.url + "/elsewhere") as resp:
         assert resp.status == 200
+    async with client.get(p.url + "//mail/%6Fut") as resp:  # normalised: /mail/out
+        assert resp.status == 200
     assert [(e.method, e.path) for e in second.executions] == [
-        ("POST", "/api/mail/send"), ("GET", "/api/mail/outbox"), ("POST", "/direct/x")]
+        ("POST", "/api/mail/send"), ("GET", "/api/mail/outbox"), ("POST", "/direct/x"),
+        ("GET", "/api//mail/out")]  # chosen on the normal form, sent as the client wrote it
     assert [(e.method, e.path) for e in upstream.executions] == [
         ("POST", "/exec/pay"), ("GET", "/elsewhere")]
     assert second.executions[0].headers["Host"] == second.url.removeprefix("http://")
