@@ -22,6 +22,9 @@ from loadtest.procs import Procs, free_port, wait_http
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 BIG_TABLE_PLAN = ("noop post", "proxy first", "proxy replay", "proxy replay db")
+# --pooler: the same proxy on a direct connection and through PgBouncer, side by side
+POOLER_PLAN = ("noop post", "proxy first", "pooler first", "proxy replay", "pooler replay",
+               "proxy replay db", "pooler replay db")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,7 @@ class Options:
     profile: bool = False
     big_table: int = 0  # rows to add for the big-table comparison (0: skip)
     workers: int = 1  # idemproxy workers, and as many do-nothing proxy processes
+    pooler: bool = False  # also the proxy through PgBouncer in transaction mode
 
 
 
@@ -51,6 +55,7 @@ class Bench:
     pids: dict[str, int] = field(default_factory=dict)
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     paced_rate: float = 0.0
+    bouncer: Any = None  # tests.pgservers.PgBouncer, with --pooler
 
     # --- processes ---
 
@@ -73,6 +78,26 @@ class Bench:
         self._start_proxy(up, "proxy")
         # the same proxy with its replay cache off: every replay is a database round trip
         self._start_proxy(up, "proxy-db", replay_cache="0")
+        if self.opts.pooler:
+            self._start_pooler(up)
+
+    def _start_pooler(self, upstream_port: int) -> None:
+        """PgBouncer (transaction mode, as many server connections as one proxy's pool)
+        and the same two proxies through it; LISTEN on the direct URL."""
+        sys.path.insert(0, str(ROOT))
+        from tests.pgservers import pgbouncer_for
+
+        self.bouncer = pgbouncer_for(self.db_url, pool_size=self.opts.pool)
+        db = ("{pooler: transaction, listen_url: '" + self.db_url.replace("'", "''")
+              + "'}")
+        self._start_proxy(upstream_port, "pooler", database=db,
+                          db_url=self.bouncer.url)
+        self._start_proxy(upstream_port, "pooler-db", replay_cache="0", database=db,
+                          db_url=self.bouncer.url)
+
+    def stop_pooler(self) -> None:
+        if self.bouncer is not None:
+            self.bouncer.stop()
 
     def _start(self, name: str, argv: list[str], url: str, probe: str, *,
                env: dict[str, str] | None = None) -> None:
@@ -85,13 +110,14 @@ class Bench:
         self.urls[name], self.pids[name] = url, proc.pid
 
     def _start_proxy(self, upstream_port: int, name: str, *,
-                     replay_cache: str | None = None) -> None:
+                     replay_cache: str | None = None, database: str | None = None,
+                     db_url: str | None = None) -> None:
         port, admin = free_port(), free_port()
         cfg = self.tmp / f"{name}.yaml"
         cfg.write_text(proxy_yaml(port=port, admin_port=admin, upstream_port=upstream_port,
                                   data_dir=self.tmp / "data", workers=self.opts.workers,
-                                  replay_cache=replay_cache))
-        env = dict(os.environ, IDEMPROXY_DATABASE_URL=self.db_url)
+                                  replay_cache=replay_cache, database=database))
+        env = dict(os.environ, IDEMPROXY_DATABASE_URL=db_url or self.db_url)
         self._start(name, [sys.executable, "-m", "proxy", "serve", "--config", str(cfg)],
                     f"http://127.0.0.1:{admin}", "/readyz", env=env)
         self.urls[name + " admin"] = self.urls[name]
@@ -115,6 +141,10 @@ class Bench:
             ("noop post", w("noop", "first")), ("proxy first", w("proxy", "first")),
             ("proxy replay", w("proxy", "replay", c, keys)),
             ("proxy replay db", w("proxy-db", "replay", c, keys)),
+            *([("pooler first", w("pooler", "first")),
+               ("pooler replay", w("pooler", "replay", c, keys)),
+               ("pooler replay db", w("pooler-db", "replay", c, keys))]
+              if "pooler" in u else []),
             ("proxy hot", w("proxy", "hot", o.hot_connections)),
             ("nginx post", w("nginx", "first")), ("upstream post", w("upstream", "first")),
             ("pgbench first", self._pgbench("first")),

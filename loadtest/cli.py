@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import clients, report, tools
-from loadtest.bench import BIG_TABLE_PLAN, RESULTS, ROOT, Bench, Options
+from loadtest.bench import BIG_TABLE_PLAN, POOLER_PLAN, RESULTS, ROOT, Bench, Options
 from loadtest.procs import Procs, owned
 
 
@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> Options:
                    "table (default 10 million; several minutes)")
     p.add_argument("--workers", default="1", help="idemproxy `workers:` (a number or "
                    "auto), and as many do-nothing proxy processes (default 1)")
+    p.add_argument("--pooler", action="store_true", help="instead of the full plan: first "
+                   "requests and replays through PgBouncer (transaction mode) next to the "
+                   "same proxy on a direct connection")
     a = p.parse_args(argv)
     quick = a.quick
     return Options(
@@ -47,7 +50,8 @@ def parse_args(argv: list[str] | None) -> Options:
         warmup=1.0 if quick else 2.0, connections=a.connections,
         hot_connections=a.hot_connections, keys=200 if quick else 2000,
         bigbody=not a.no_bigbody, profile=a.profile, big_table=a.big_table,
-        workers=(os.cpu_count() or 1) if a.workers == "auto" else int(a.workers))
+        workers=(os.cpu_count() or 1) if a.workers == "auto" else int(a.workers),
+        pooler=a.pooler)
 
 
 def machine() -> dict[str, Any]:
@@ -66,6 +70,13 @@ def machine() -> dict[str, Any]:
 
 def run(opts: Options, *, tmp: Path, procs: Procs, db_url: str) -> dict[str, Any]:
     bench = Bench(opts, tmp, procs, db_url)
+    try:
+        return _run(opts, bench)
+    finally:
+        bench.stop_pooler()
+
+
+def _run(opts: Options, bench: Bench) -> dict[str, Any]:
     bench.start_all()
     print(f"started: {', '.join(f'{k} {v}' for k, v in bench.urls.items())}", flush=True)
     doc: dict[str, Any] = {}
@@ -74,6 +85,12 @@ def run(opts: Options, *, tmp: Path, procs: Procs, db_url: str) -> dict[str, Any
         plan = dict(bench.plan())
         bench.rounds([(k, plan[k]) for k in BIG_TABLE_PLAN])
         bench.big_table()
+        doc["runs"] = bench.runs
+        return doc
+    if opts.pooler:  # its own question: through PgBouncer against direct
+        bench.prefill()
+        plan = dict(bench.plan())
+        bench.rounds([(k, plan[k]) for k in POOLER_PLAN])
         doc["runs"] = bench.runs
         return doc
     if opts.bigbody:  # first, on a fresh process: earlier load would hide the growth

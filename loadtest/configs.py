@@ -9,7 +9,8 @@ BODY = '{"amount":2000,"currency":"eur","customer":"cus_loadtest","description":
 
 
 def proxy_yaml(*, port: int, admin_port: int, upstream_port: int, data_dir: Path,
-               workers: int | str = 1, replay_cache: str | None = None) -> str:
+               workers: int | str = 1, replay_cache: str | None = None,
+               database: str | None = None) -> str:
     """The proxy under test: one guarded route per scenario, defaults everywhere else.
 
     The database URL comes from IDEMPROXY_DATABASE_URL in the proxy's environment.
@@ -27,6 +28,8 @@ def proxy_yaml(*, port: int, admin_port: int, upstream_port: int, data_dir: Path
     lines.append(f"workers: {workers}")
     if replay_cache is not None:
         lines.append(f"replay_cache: {replay_cache}")
+    if database is not None:  # a flow mapping: `database:` settings but the URL
+        lines.append(f"database: {database}")
     lines += [
         "routes:",
         "  - name: charges",

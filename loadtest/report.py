@@ -19,6 +19,7 @@ Runs = Mapping[str, Sequence[Mapping[str, Any]]]
 ORDER = (
     "upstream get", "upstream post", "nginx get", "nginx post", "noop get", "noop post",
     "proxy get", "proxy first", "proxy replay", "proxy replay db", "proxy hot",
+    "pooler first", "pooler replay", "pooler replay db",
     "pgbench first", "pgbench first batched",
     "pgbench replay", "noop post paced", "proxy replay paced",
 )
@@ -29,6 +30,9 @@ LABELS = {
     "proxy get": "idemproxy pass-through (GET)", "proxy first": "idemproxy first requests",
     "proxy replay": "idemproxy replays", "proxy hot": "idemproxy hot key",
     "proxy replay db": "idemproxy replays, replay_cache: 0 (from the database)",
+    "pooler first": "idemproxy first requests, through PgBouncer (transaction)",
+    "pooler replay": "idemproxy replays, through PgBouncer (transaction)",
+    "pooler replay db": "idemproxy replays, replay_cache: 0, through PgBouncer (transaction)",
     "pgbench first": "pgbench claim+complete (p50: mean)",
     "pgbench first batched": "pgbench claim+complete in batches of 8 (pairs/s; p50: mean "
                              "per batch)",
@@ -113,6 +117,11 @@ def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
                                           else t.met(value))
         out.append({"target": t.name, "value": None if value is None else round(value, 3),
                     "bound": t.describe(), "met": met})
+    for name in ("first", "replay", "replay db"):
+        ratio = pooler_ratio(by_name, name)
+        if ratio is not None:
+            out.append({"target": f"{LABELS['pooler ' + name]} vs direct",
+                        "value": round(ratio, 3), "bound": ">= 0.85×", "met": ratio >= 0.85})
     for name in ("proxy first", "proxy replay", "proxy replay db"):
         slow = big_table_slowdown(by_name, name)
         if slow is not None:
@@ -120,6 +129,15 @@ def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
                                   "more keys",
                         "value": round(slow * 100, 1), "bound": "< 20 %", "met": slow < 0.2})
     return out
+
+
+def pooler_ratio(by_name: Mapping[str, Row], name: str) -> float | None:
+    """Through PgBouncer against direct: the ratio of their ratios to the noop (each
+    paired round by round with the noop run next to it)."""
+    direct, pooled = by_name.get("proxy " + name), by_name.get("pooler " + name)
+    if not (direct and pooled and direct.ratio and pooled.ratio):
+        return None
+    return pooled.ratio.median / direct.ratio.median
 
 
 def big_table_slowdown(by_name: Mapping[str, Row], name: str) -> float | None:
