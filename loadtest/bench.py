@@ -83,7 +83,8 @@ class Bench:
 
     def _start_pooler(self, upstream_port: int) -> None:
         """PgBouncer (transaction mode, as many server connections as one proxy's pool)
-        and the same two proxies through it; LISTEN on the direct URL."""
+        and the same two proxies through it, on its Unix socket as the direct proxies
+        are on Postgres'; LISTEN on the direct URL."""
         sys.path.insert(0, str(ROOT))
         from tests.pgservers import pgbouncer_for
 
@@ -91,9 +92,9 @@ class Bench:
         db = ("{pooler: transaction, listen_url: '" + self.db_url.replace("'", "''")
               + "'}")
         self._start_proxy(upstream_port, "pooler", database=db,
-                          db_url=self.bouncer.url)
+                          db_url=self.bouncer.socket_url)
         self._start_proxy(upstream_port, "pooler-db", replay_cache="0", database=db,
-                          db_url=self.bouncer.url)
+                          db_url=self.bouncer.socket_url)
 
     def stop_pooler(self) -> None:
         if self.bouncer is not None:

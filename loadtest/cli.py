@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = run(opts, tmp=tmp, procs=procs, db_url=db_url)
     table = report.rows(doc["runs"])
     checks = report.verdicts(table, rss_growth_mib=doc.get("bigbody", {}).get(
-        "rss_growth_mib"), big_table_rows=opts.big_table)
+        "rss_growth_mib"), big_table_rows=opts.big_table, runs=doc["runs"])
     text = report.render(table, checks)
     doc = {"machine": machine(), "options": vars_of(opts), "started": started,
            "elapsed_s": round(time.time() - started, 1),

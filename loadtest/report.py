@@ -102,7 +102,7 @@ def _summary(values: list[float]) -> Summary | None:
 
 
 def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
-             big_table_rows: int = 0) -> list[dict[str, Any]]:
+             big_table_rows: int = 0, runs: Runs | None = None) -> list[dict[str, Any]]:
     """Each target of design §8: the measured value, the bound, met or not (None: not run)."""
     by_name = {r.name: r for r in table}
     out: list[dict[str, Any]] = []
@@ -118,7 +118,7 @@ def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
         out.append({"target": t.name, "value": None if value is None else round(value, 3),
                     "bound": t.describe(), "met": met})
     for name in ("first", "replay", "replay db"):
-        ratio = pooler_ratio(by_name, name)
+        ratio = pooler_ratio(runs or {}, name)
         if ratio is not None:
             out.append({"target": f"{LABELS['pooler ' + name]} vs direct",
                         "value": round(ratio, 3), "bound": ">= 0.85×", "met": ratio >= 0.85})
@@ -131,13 +131,15 @@ def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
     return out
 
 
-def pooler_ratio(by_name: Mapping[str, Row], name: str) -> float | None:
-    """Through PgBouncer against direct: the ratio of their ratios to the noop (each
-    paired round by round with the noop run next to it)."""
-    direct, pooled = by_name.get("proxy " + name), by_name.get("pooler " + name)
-    if not (direct and pooled and direct.ratio and pooled.ratio):
+def pooler_ratio(runs: Runs, name: str) -> float | None:
+    """Through PgBouncer against direct: the median of round-by-round ratios of the two
+    runs, which sit next to each other in every round."""
+    direct, pooled = runs.get("proxy " + name), runs.get("pooler " + name)
+    if not (direct and pooled):
         return None
-    return pooled.ratio.median / direct.ratio.median
+    n = min(len(direct), len(pooled))
+    ratios = paired_ratios([r["rps"] for r in pooled[:n]], [d["rps"] for d in direct[:n]])
+    return summarize(ratios).median if ratios else None
 
 
 def big_table_slowdown(by_name: Mapping[str, Row], name: str) -> float | None:

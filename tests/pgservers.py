@@ -73,7 +73,7 @@ postgres = host={server_host} port={server_port} dbname=postgres user=postgres
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = {self.port}
-unix_socket_dir =
+unix_socket_dir = {self.dir}
 auth_type = any
 pool_mode = {pool_mode}
 default_pool_size = {pool_size}
@@ -82,7 +82,6 @@ reserve_pool_size = 0
 max_client_conn = 2000
 ignore_startup_parameters = extra_float_digits
 server_reset_query =
-server_check_delay = 0
 logfile = {self.log}
 pidfile = {self.dir / 'pgbouncer.pid'}
 """)
@@ -98,6 +97,8 @@ pidfile = {self.dir / 'pgbouncer.pid'}
             self.stop()
             raise
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        # the same PgBouncer on its Unix socket (like the embedded server's direct URL)
+        self.socket_url = f"postgresql://postgres@/postgres?host={self.dir}&port={self.port}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
