@@ -25,7 +25,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
-from proxy import idempotency, routing
+from proxy import idempotency, logs, routing
 from proxy.cache import ReplayCache
 from proxy.config import SAFE_METHODS, Config
 from proxy.context import Deps, Services
@@ -104,8 +104,9 @@ async def create_app(cfg: Config, *, store: Store, metrics: Metrics,
 
 
 def _refused(request: web.BaseRequest, exc: ProblemError) -> web.Response:
-    log.info("request refused", extra={"fields": {
-        "method": request.method, "status": exc.status, "type": exc.slug}})
+    if not logs.request_logged():  # one line per request: a guarded one has had it
+        log.info("request refused", extra={"fields": {
+            "method": request.method, "status": exc.status, "type": exc.slug}})
     return problem_response(exc)
 
 
@@ -133,6 +134,7 @@ def create_proxy_handler(cfg: Config, deps: Deps) -> ProxyHandler:
     budget = BodyBudget(cfg.client.max_body_memory)
 
     async def proxy_handler(request: web.BaseRequest) -> web.StreamResponse:
+        logs.begin_request()
         ticket = budget.ticket(request)
         try:
             check_framing(request)

@@ -9,6 +9,7 @@ stderr handler would see the record.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 import logging
@@ -40,7 +41,8 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
         tail = " ".join(f"{k}={v}" for k, v in fields.items())
-        line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} " \
+        line = f"{self.formatTime(record, '%H:%M:%S')}.{int(record.msecs):03d} " \
+               f"{record.levelname:<7} " \
                f"{record.getMessage()}{' ' + tail if tail else ''}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -91,6 +93,24 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._last = now
 
 
+# Set once a request's "guarded request" line is written: the proxied port's refusal
+# handler then writes no second line for it. aiohttp runs each request in a task of its
+# own (a copy of the connection's context); the handler also clears it when a request
+# starts, so a value set elsewhere in the process can never hide a refusal.
+_REQUEST_LOGGED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "idemproxy_request_logged", default=False)
+
+
+def begin_request() -> None:
+    """A request starts: it has no log line yet."""
+    _REQUEST_LOGGED.set(False)
+
+
+def request_logged() -> bool:
+    """Whether this request has had its one log line already."""
+    return _REQUEST_LOGGED.get()
+
+
 class RequestLog:
     """The one INFO line per guarded request, cheap.
 
@@ -117,6 +137,7 @@ class RequestLog:
 
     def __call__(self, *, route: str, outcome: str, status: int, key_hash: str,
                  tenant: str, duration_ms: float) -> None:
+        _REQUEST_LOGGED.set(True)
         handler = self._direct_handler()
         if handler is None:
             self.logger.info(self.MSG, extra={"fields": {

@@ -29,6 +29,7 @@ from typing import cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.errors import describe
 from proxy.sizes import CHUNK
 from proxy.slots import Slots
 
@@ -363,7 +364,7 @@ class UpstreamPool:
         except BaseException as exc:
             self._release(conn, reuse=False)
             if isinstance(exc, Exception) and not isinstance(exc, SentFailure):
-                raise SentFailure(f"{type(exc).__name__}: {exc}") from exc
+                raise SentFailure(describe(exc)) from exc
             raise
         return LeanResponse(conn)
 
@@ -414,7 +415,7 @@ class UpstreamPool:
                 raise NotSent(f"connecting to the upstream timed out "
                               f"({self.connect_timeout:g}s)") from None
             if isinstance(exc, OSError):
-                raise NotSent(f"cannot connect to the upstream: {exc}") from exc
+                raise NotSent(f"cannot connect to the upstream: {describe(exc)}") from exc
             raise
         if self._closed or not conn.usable():  # closed, or the server spoke first
             conn.shut()

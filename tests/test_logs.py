@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import re
 import subprocess
 import sys
 import uuid
@@ -339,3 +340,32 @@ def test_finish_writes_the_request_line_to_stderr():
     assert doc["key_hash"] == hashlib.sha256(
         f"charges:{'ab' * 16}\x1forder-1".encode()).hexdigest()[:16]
     assert doc["tenant"] == "ab" * 16 and doc["status"] == 201
+
+
+async def test_a_refused_guarded_request_logs_one_line(make_proxy, client, captured):
+    """A 422 or 409 logs its one "guarded request" line and no second "request refused";
+    a refusal with no guarded line (400, no key) still logs one, on the same connection."""
+    p = await make_proxy(ROUTES)
+    key = uuid.uuid4().hex
+    assert await send(client, "POST", p.url + "/exec/one", key=key) == 201
+    captured.records.clear()
+    assert await send(client, "POST", p.url + "/exec/one", key=key, body=BODY + b" ") == 422
+    assert await send(client, "POST", p.url + "/gate/nokey", key=None) == 400
+    msgs = [(r.getMessage(), getattr(r, "fields", {}).get("status")) for r in captured.records
+            if r.name.startswith("idemproxy") and r.levelno >= logging.INFO]
+    assert msgs == [("guarded request", 422), ("request refused", 400)], msgs
+
+
+def test_text_format_timestamps_have_milliseconds():
+    """Text lines carry HH:MM:SS.mmm, so lines within one second keep their order."""
+    record = logging.LogRecord("idemproxy", logging.INFO, __file__, 1, "m", (), None)
+    record.created, record.msecs = 1_700_000_000.25, 250.0
+    line = logs.TextFormatter().format(record)
+    assert re.match(r"^\d\d:\d\d:\d\d\.250 INFO", line), line
+
+
+def test_a_store_error_without_a_message_is_still_named():
+    """A bare TimeoutError from the database becomes "TimeoutError", never "TimeoutError: "."""
+    from proxy.store.pool import unavailable
+    assert str(unavailable(TimeoutError())) == "TimeoutError"
+    assert str(unavailable(OSError("refused"))) == "OSError: refused"

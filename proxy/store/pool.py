@@ -27,7 +27,7 @@ from typing import Any
 
 import asyncpg
 
-from proxy.errors import StoreError, StoreFailed, StoreUnavailable
+from proxy.errors import StoreError, StoreFailed, StoreUnavailable, describe
 from proxy.slots import Slots
 from proxy.store.unnamed import UnnamedStatementConnection
 
@@ -49,7 +49,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 def unavailable(exc: BaseException) -> StoreUnavailable:
     """The StoreUnavailable a connection failure becomes (its cause attached)."""
-    err = StoreUnavailable(f"{type(exc).__name__}: {exc}")
+    err = StoreUnavailable(describe(exc))
     err.__cause__ = exc
     return err
 
