@@ -4,7 +4,10 @@
 #   docker run -p 8080:8080 -e IDEMPROXY_DATABASE_URL=postgresql://user:pass@db/idemproxy \
 #     -e IDEMPROXY_UPSTREAM=http://api:9000 idemproxy
 # Mount your own config at /etc/idemproxy/config.yaml (the default is config/example.yaml).
-# Without IDEMPROXY_DATABASE_URL it starts an embedded PostgreSQL under /var/lib/idemproxy.
+# Without IDEMPROXY_DATABASE_URL it refuses to start: a private embedded PostgreSQL per
+# container would give every replica its own database (idempotency lost across them) and
+# go with the container. For a single container that wants one anyway, opt in with
+# -e IDEMPROXY_EMBEDDED_DATABASE=1 (and a volume at /var/lib/idemproxy).
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -28,7 +31,8 @@ ENV PATH="/opt/idemproxy/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     IDEMPROXY_CONFIG=/etc/idemproxy/config.yaml \
-    IDEMPROXY_DATA_DIR=/var/lib/idemproxy
+    IDEMPROXY_DATA_DIR=/var/lib/idemproxy \
+    IDEMPROXY_EMBEDDED_DATABASE=0
 WORKDIR /var/lib/idemproxy
 USER 10001:10001
 # 8080: the proxied port (listen). 9090: admin (health, metrics, key operations); it

@@ -357,3 +357,11 @@ def test_the_dashboard_filters_only_on_exported_labels():
         for group in re.findall(r"by \(([^)]*)\)", e):
             labels |= {g.strip() for g in group.split(",")}
     assert labels <= {"route", "outcome", "op", "le", "version"}
+
+
+def test_the_image_needs_a_database_url_or_an_explicit_embedded_opt_in():
+    """The image sets IDEMPROXY_EMBEDDED_DATABASE=0 (serve then refuses to start without
+    a URL, see test_cli), and compose gives the proxy its shared Postgres."""
+    env = shlex.split(" ".join(instr("ENV")))
+    assert "IDEMPROXY_EMBEDDED_DATABASE=0" in env
+    assert compose()["services"]["proxy"]["environment"]["IDEMPROXY_DATABASE_URL"]
