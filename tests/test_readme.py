@@ -126,11 +126,15 @@ def run_demo(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
                                 start_new_session=True)
 
 
+def text_of(log: Path) -> str:
+    return log.read_text(errors="replace")
+
+
 async def wait_ready(admin: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 90
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
+            assert proc.poll() is None, text_of(log)
             try:
                 async with s.get(admin + "/readyz") as r:
                     if r.status == 200:
@@ -138,7 +142,7 @@ async def wait_ready(admin: str, proc: subprocess.Popen[bytes], log: Path) -> No
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.2)
-    raise AssertionError("make run's proxy never became ready:\n" + log.read_text())
+    raise AssertionError("make run's proxy never became ready:\n" + text_of(log))
 
 
 async def test_every_readme_curl_line_answers_as_documented(tmp_path, empty_db):
@@ -172,7 +176,7 @@ async def test_every_readme_curl_line_answers_as_documented(tmp_path, empty_db):
         second_log = tmp_path / "second.log"
         second = run_demo(env, second_log)
         assert await asyncio.to_thread(second.wait, 60) == 1
-        out = second_log.read_text()
+        out = text_of(second_log)
         assert "already running" in out and "Traceback" not in out, out
         assert "started embedded PostgreSQL" not in out and "Try, in" not in out, out
     finally:
