@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -26,7 +28,9 @@ async def test_serve_without_database_url_uses_embedded_postgres(tmp_path: Path,
     """Zero set-up: the log says embedded, data lands in data_dir, replays work."""
     port, admin = free_port(), free_port()
     cfg = tmp_path / "c.yaml"
-    data_dir = tmp_path / "state"
+    # Postgres runs as its own user: its data stays out of pytest's tmp dirs, whose root a
+    # concurrent session re-closes to 0700 (initdb then fails with "Permission denied").
+    data_dir = Path(tempfile.mkdtemp(prefix="idemproxy-embedded-")) / "state"
     cfg.write_text(f"listen: 127.0.0.1:{port}\nadmin: {{listen: '127.0.0.1:{admin}'}}\n"
                    f"upstream: {{url: '{upstream.url}'}}\nworkers: 1\ndata_dir: {data_dir}\n"
                    "logging: {format: json}\n"
@@ -50,3 +54,4 @@ async def test_serve_without_database_url_uses_embedded_postgres(tmp_path: Path,
         assert await asyncio.to_thread(proc.wait, 30) == 0
     finally:
         p.stop()
+        shutil.rmtree(data_dir.parent, ignore_errors=True)

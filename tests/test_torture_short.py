@@ -145,13 +145,18 @@ async def test_takeover_under_unknown_outcome_fail_does_not_execute_again(tmp_pa
     """A proxy dies after forwarding on an `unknown_outcome: fail` route: after the lease,
     another proxy takes the claim over but must not forward the request a second time."""
     import asyncio
+    import shutil
     import signal
+    import tempfile
 
     import aiohttp
 
     from tests.torture.cluster import Cluster
 
-    cluster = Cluster(tmp_path)
+    # Postgres runs as its own user: its data stays out of pytest's tmp dirs, whose root a
+    # concurrent session re-closes to 0700 (initdb then fails with "Permission denied").
+    work = Path(tempfile.mkdtemp(prefix="idemproxy-takeover-"))
+    cluster = Cluster(work)
     try:
         await cluster.start(n_proxies=2, lease="2s", seed=3, skew=None, workers_first=1,
                             upstream_args=["--slow", "0", "--reset", "0", "--release", "0"])
@@ -178,6 +183,7 @@ async def test_takeover_under_unknown_outcome_fail_does_not_execute_again(tmp_pa
         assert len(executions) == 1, f"executed {len(executions)} times; retry got {status}"
     finally:
         await cluster.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 async def test_a_failed_torture_run_cleans_up_and_keeps_its_logs(tmp_path, monkeypatch):
