@@ -4,7 +4,6 @@ and how its end is counted and logged."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import os
@@ -89,8 +88,10 @@ class Guarded:
     route: Route
     scope: str
     key: str
-    fingerprint: bytes
+    fingerprint: bytes  # as stored: keyed under the primary key (proxy/sealing.py)
     body: bytes
+    key_hash: str = ""  # the key's name in log lines (a keyed hash)
+    digest: bytes = b""  # the request's plain SHA-256, to key it as an older record did
     token: uuid.UUID = field(default_factory=new_token)
     started: float = field(default_factory=time.perf_counter)
 
@@ -98,11 +99,6 @@ class Guarded:
     def notify(self) -> bool:
         """Only routes that hold retries (concurrent: wait) have waiters to wake."""
         return self.route.concurrent is Concurrent.WAIT
-
-    @property
-    def key_hash(self) -> str:
-        return hashlib.sha256(f"{self.scope}\x1f{self.key}".encode(
-            "utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def finish(deps: Deps, g: Guarded | None, route: Route, outcome: Outcome, status: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
 
 from aiohttp import web
 
@@ -24,6 +25,7 @@ from proxy.errors import (
     KeyInFlight,
     KeyReused,
     ProblemError,
+    StoredAnswerUnreadable,
     StoreError,
     UpgradeRefused,
     UpstreamError,
@@ -62,11 +64,11 @@ async def handle(request: web.BaseRequest, m: Match, deps: Deps) -> web.StreamRe
         rec = cache.get(g.scope, g.key, db_now=time.time() + deps.db_clock_offset)
         if rec is not None:  # a completed record: what the claim would return
             deps.metrics.cache_hits.inc()
+            _match_fingerprint(deps, g, rec)
             return await _answer(request, deps, g, Claim(ClaimOutcome.EXISTING, rec))
         seen = cache.version
     try:
-        claim = await deps.store.claim(scope=g.scope, key=g.key, fingerprint=g.fingerprint,
-                                       token=g.token, lease=route.lock_timeout, ttl=route.ttl)
+        claim = await _claim(deps, g)
     except StoreError as exc:
         return await _store_down(request, deps, g, exc)
     if (cache is not None and claim.outcome is ClaimOutcome.EXISTING
@@ -89,14 +91,57 @@ async def _identify(request: web.BaseRequest, m: Match, deps: Deps
     if key is None:
         return None, body
     # Before the body is read: a refusal goes out before any 100 Continue (RFC 9110 §10.1.1).
-    scope = keys.scope_of(route, keys.tenant_of(route, request.headers))
+    sealer = deps.store.sealer
+    scope = keys.scope_of(route, keys.tenant_of(route, request.headers,
+                                                keyed=sealer.tenant_hash))
     if body is None:
         body = await read_body(request, limit=route.max_request_body)
-    fp = keys.fingerprint(route, method=request.method, path=request.rel_url.raw_path,
-                          query=request.rel_url.raw_query_string, body=body,
-                          headers=request.headers,
-                          content_type=request.headers.get("Content-Type", ""))
-    return Guarded(route, scope, key, fp, body), body
+    digest = keys.fingerprint(route, method=request.method, path=request.rel_url.raw_path,
+                              query=request.rel_url.raw_query_string, body=body,
+                              headers=request.headers,
+                              content_type=request.headers.get("Content-Type", ""))
+    return Guarded(route, scope, key, sealer.fingerprint(digest), body,
+                   key_hash=sealer.key_hash(scope, key), digest=digest), body
+
+
+async def _claim(deps: Deps, g: Guarded) -> Claim:
+    """Claim the key, or read the record that holds it.
+
+    A record that cannot be opened is an error answered as such (StoredAnswerUnreadable,
+    500), never a miss. A record fingerprinted under an older key is compared under that
+    key (_match_fingerprint); when it is this request's claim, still in flight, the claim
+    runs again with that fingerprint so a dead claim can be taken over."""
+    try:
+        claim = await _claim_once(deps, g)
+    except StoredAnswerUnreadable as exc:
+        finish(deps, g, g.route, Outcome.STORE_ERROR, exc.status)
+        raise
+    if claim.outcome is ClaimOutcome.EXISTING:
+        before = g.fingerprint
+        _match_fingerprint(deps, g, claim.record)
+        if g.fingerprint != before and claim.record.state is State.IN_FLIGHT:
+            return await _claim(deps, g)
+    return claim
+
+
+def _claim_once(deps: Deps, g: Guarded) -> Awaitable[Claim]:
+    return deps.store.claim(scope=g.scope, key=g.key, fingerprint=g.fingerprint,
+                            token=g.token, lease=g.route.lock_timeout, ttl=g.route.ttl)
+
+
+def _match_fingerprint(deps: Deps, g: Guarded, rec: Record) -> None:
+    """A record fingerprinted before a key rotation is compared under its own key: when
+    it holds this request, g takes its fingerprint. One whose key is gone cannot be
+    compared: an error, never a re-execution or a false mismatch."""
+    if rec.fingerprint == g.fingerprint:
+        return
+    sealer = deps.store.sealer
+    alt = sealer.fingerprint_as(rec.fingerprint, g.digest)
+    if alt is None:
+        finish(deps, g, g.route, Outcome.STORE_ERROR, 500)
+        raise sealer.fingerprint_unreadable(rec.fingerprint, scope=g.scope)
+    if alt == rec.fingerprint:
+        g.fingerprint = alt
 
 
 async def pass_through_unrouted(request: web.BaseRequest, deps: Deps) -> web.StreamResponse:
@@ -181,9 +226,7 @@ async def _wait(request: web.BaseRequest, deps: Deps, g: Guarded,
             await _sleep_until_notified(deps, g, min(poll, left))
             poll = min(poll * 2, 1.0)
             try:
-                claim = await deps.store.claim(scope=g.scope, key=g.key,
-                                               fingerprint=g.fingerprint, token=g.token,
-                                               lease=g.route.lock_timeout, ttl=g.route.ttl)
+                claim = await _claim(deps, g)
             except StoreError as exc:
                 return await _store_down(request, deps, g, exc)
             rec = claim.record

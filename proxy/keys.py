@@ -14,7 +14,7 @@ Every key is 1-255 printable ASCII characters, whatever its source.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from multidict import MultiMapping
 
@@ -206,8 +206,10 @@ def header_values(headers: Mapping[str, str], name: str) -> list[str]:
     return [] if value is None else [value]
 
 
-def tenant_of(route: Route, headers: Mapping[str, str]) -> str:
-    """A hash naming the tenant; raw credentials are never stored or logged.
+def tenant_of(route: Route, headers: Mapping[str, str], *,
+              keyed: Callable[[bytes], str]) -> str:
+    """A hash naming the tenant; raw credentials are never stored or logged. `keyed` is
+    the installation's keyed hash (Sealer.tenant_hash, proxy/sealing.py).
 
     No credential (no header, or only whitespace) is no tenant: refused with a 400 that
     names the header, unless the route lets anonymous requests share one scope
@@ -226,7 +228,7 @@ def tenant_of(route: Route, headers: Mapping[str, str]) -> str:
         raise CredentialMissing(
             f"Route {route.name!r} scopes idempotency keys by the {tenant.header} header, "
             f"and this request has none; send {tenant.header}.")
-    return tenant_hash("\n".join(values))
+    return tenant_hash("\n".join(values), keyed=keyed)
 
 
 def normalize_credential(value: str, *, scheme: bool) -> str:
@@ -241,10 +243,11 @@ def normalize_credential(value: str, *, scheme: bool) -> str:
     return " ".join(words)
 
 
-def tenant_hash(credential: str) -> str:
-    """The tenant half of a scope: the one place a credential is hashed (a keyed hash by
-    an installation secret goes here)."""
-    return hashlib.sha256(credential.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+def tenant_hash(credential: str, *, keyed: Callable[[bytes], str]) -> str:
+    """The tenant half of a scope: the one place a (normalised) credential is hashed,
+    with an HMAC under the installation's secret: a plain SHA-256 would let anyone who
+    reads a log line test guessed credentials offline (`printf 'Bearer x' | sha256sum`)."""
+    return keyed(credential.encode("utf-8", "surrogateescape"))
 
 
 def scope_of(route: Route, tenant: str) -> str:

@@ -13,6 +13,7 @@ processes when `workers: N` runs prometheus_client's multiprocess mode (no pid l
     idemproxy_claims_taken_over_total{route}     claims taken over after their lease ended
     idemproxy_records_lost_total{route}          answers given but never stored
     idemproxy_sweeper_deleted_total              expired records the sweeper deleted
+    idemproxy_records_unreadable_total{key_id}   sealed pieces that could not be opened
     idemproxy_db_pool_size / _idle / _max        the database pool, refreshed on scrape
     idemproxy_build_info{version}                always 1
 """
@@ -113,6 +114,10 @@ class Metrics:
         self.cache_entries = Gauge(
             "idemproxy_replay_cache_entries", "Completed responses the replay caches hold.",
             multiprocess_mode="livesum", registry=registry)
+        self.unreadable = Counter(
+            "idemproxy_records_unreadable", "Stored pieces that could not be opened (key "
+            "not configured, or altered); each answered with an error, never re-executed.",
+            ["key_id"], registry=registry)
         self.swept = Counter(
             "idemproxy_sweeper_deleted", "Expired records deleted by the sweeper.",
             registry=registry)
@@ -141,6 +146,9 @@ class Metrics:
                 self.requests.labels(name, outcome.value)
             self.takeovers.labels(name)
             self.records_lost.labels(name)
+
+    def count_unreadable(self, key_id: str) -> None:
+        self.unreadable.labels(key_id).inc()
 
     def count(self, route: str, outcome: Outcome) -> None:
         self._requests[route, outcome.value].inc()

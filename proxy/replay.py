@@ -11,7 +11,7 @@ from aiohttp import web
 
 from proxy import cors
 from proxy.config import Route
-from proxy.errors import StoreError
+from proxy.errors import StoredAnswerUnreadable, StoreError
 from proxy.relay import ClientSink, pump
 from proxy.store import Record, Store
 
@@ -57,10 +57,12 @@ async def replay(request: web.BaseRequest, record: Record, *, route: Route, scop
     sink = ClientSink(request, resp)
     await sink.start()
     try:
-        await pump(store.read_chunks(scope=scope, key=key, token=record.lock_token), sink)
+        await pump(store.read_chunks(scope=scope, key=key, token=record.lock_token,
+                                     sealed=record.sealed), sink)
         if sink.gone:
             return resp
-    except StoreError as exc:  # headers are out: cut the connection, never a short body
+    except (StoreError, StoredAnswerUnreadable) as exc:
+        # headers are out: cut the connection, never a short or altered body
         log.error("store failed during a streamed replay: %s", exc)
         sink.abort()
         return resp

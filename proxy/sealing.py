@@ -18,7 +18,7 @@ writer with the same key (re-encryption rewrites them together).
 Keyed hashes (HMAC-SHA-256), so a dump or a log line gives nothing to test guesses on:
 
 - the tenant hash in scopes, logs and the admin API, under a secret of the installation
-  (generated once by migration 0005, kept in the database): stable across restarts,
+  (generated once by migration 0006, kept in the database): stable across restarts,
   replicas and key rotation, with or without encryption keys;
 - fingerprints, with keys set, under a key derived from the primary key, stored as
   `0x01 | len(key id) | key id | mac`, so a record's fingerprint still matches after
@@ -180,6 +180,7 @@ class Sealer:
         """The plaintext of a sealed piece; raises StoredAnswerUnreadable if its key is not
         configured or it was altered."""
         kid = sealed_by(blob) or "?"
+        kid = kid if KEY_ID.match(kid) else "?"  # a metric label and a log field
         k = self._by_id.get(kid)
         if k is None:
             raise self._unreadable(kid, scope, "its key is not configured")
@@ -190,6 +191,11 @@ class Sealer:
         except (InvalidTag, ValueError):
             raise self._unreadable(kid, scope, "it fails authentication (altered, or "
                                    "moved from another record)") from None
+
+    def fingerprint_unreadable(self, stored: bytes, *, scope: str) -> StoredAnswerUnreadable:
+        """The error for a record whose fingerprint's key is no longer configured."""
+        return self._unreadable(fingerprint_key_id(stored) or "?", scope,
+                                "its fingerprint's key is not configured")
 
     def _unreadable(self, kid: str, scope: str, why: str) -> StoredAnswerUnreadable:
         self.on_unreadable(kid)

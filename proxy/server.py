@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -26,6 +27,7 @@ from proxy.context import Deps
 from proxy.errors import StoreError
 from proxy.framing import ProxyRunner
 from proxy.metrics import Metrics
+from proxy.sealing import keys_from_env
 from proxy.store.open import open_store
 from proxy.store.postgres import PostgresStore
 from proxy.store.sweeper import run_sweeper
@@ -63,8 +65,27 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
             applied = await store.migrate()
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
+        await open_sealer(cfg, store, on_unreadable=metrics.count_unreadable, quiet=worker)
         async with create_app(cfg, store=store, metrics=metrics) as app:
             return await _run_listeners(cfg, app, store, worker=worker)
+
+
+async def open_sealer(cfg: Config, store: PostgresStore, *,
+                      on_unreadable: Callable[[str], None] | None = None,
+                      quiet: bool = False) -> None:
+    """Keys from `encryption.keys_env` and the installation secret, into the store; says
+    in the log whether stored answers are encrypted (`quiet`: a worker, the supervisor
+    says it)."""
+    sealer = await store.load_sealer(keys=keys_from_env(cfg.encryption.keys_env),
+                                     on_unreadable=on_unreadable)
+    if quiet:
+        return
+    if sealer.primary is None:
+        log.warning("stored answers are not encrypted at rest: $%s is not set",
+                    cfg.encryption.keys_env)
+    else:
+        log.info("stored answers are sealed (AES-256-GCM)", extra={"fields": {
+            "primary_key": sealer.primary.id, "keys": [k.id for k in sealer.keys]}})
 
 
 async def _run_listeners(cfg: Config, app: App, store: PostgresStore, *,

@@ -36,6 +36,7 @@ from proxy.app import create_app
 from proxy.config import Config
 from proxy.errors import RuntimeFailure
 from proxy.metrics import Metrics
+from proxy.server import open_sealer
 from proxy.store.open import open_store
 from proxy.store.postgres import PostgresStore
 from proxy.store.sweeper import run_sweeper
@@ -144,6 +145,7 @@ async def supervise(cfg: Config) -> int:
         applied = await store.migrate()
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
+        await open_sealer(cfg, store)
         workers = Workers(cfg, db_url=store.url)
         workers.start()
         try:

@@ -30,6 +30,7 @@ from proxy.config import Config, loads
 from proxy.context import Deps
 from proxy.framing import ProxyRunner
 from proxy.metrics import Metrics
+from proxy.sealing import parse_keys
 from proxy.store.migrate import migrate
 from proxy.store.postgres import PostgresStore
 from tests.upstream import TestUpstream
@@ -80,6 +81,7 @@ async def db(pg_url: str) -> str:
 @pytest.fixture
 async def store(db: str) -> AsyncIterator[PostgresStore]:
     s = await PostgresStore.connect(db, min_size=1, max_size=20, timeout=5)
+    await s.load_sealer(keys=())
     yield s
     await s.close()
 
@@ -136,8 +138,8 @@ async def make_proxy(db: str, upstream: TestUpstream
     stack = contextlib.AsyncExitStack()
 
     async def start(routes: str = DEFAULT_ROUTES, *, extra: str = "",
-                    upstream_url: str | None = None, upstream_timeout: str = "5s"
-                    ) -> ProxyHandle:
+                    upstream_url: str | None = None, upstream_timeout: str = "5s",
+                    encryption_keys: str = "") -> ProxyHandle:
         cfg = config_for(upstream_url or upstream.url, routes, extra=extra,
                          upstream_timeout=upstream_timeout)
         registry = CollectorRegistry()
@@ -146,6 +148,8 @@ async def make_proxy(db: str, upstream: TestUpstream
                                          observe=metrics.observe_store,
                                          observe_batch=metrics.observe_batch)
         stack.push_async_callback(st.close)
+        await st.load_sealer(keys=parse_keys(encryption_keys, source="test"),
+                             on_unreadable=metrics.count_unreadable)
         app = await stack.enter_async_context(create_app(cfg, store=st, metrics=metrics))
         deps, handler = app.proxied()
         assert deps.notifier is not None

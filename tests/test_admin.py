@@ -22,7 +22,8 @@ BEYOND_LOOPBACK = f"admin:\n  listen: 0.0.0.0:9090\n  token_env: {TOKEN_ENV}"
 
 def scope_for(p: ProxyHandle, route: str, headers: dict[str, str] | None = None) -> str:
     r = next(r for r in p.config.routes if r.name == route)
-    return keys.scope_of(r, keys.tenant_of(r, headers or CLIENT_AUTH))
+    return keys.scope_of(r, keys.tenant_of(r, headers or CLIENT_AUTH,
+                                           keyed=p.deps.store.sealer.tenant_hash))
 
 
 async def call(client: aiohttp.ClientSession, method: str, url: str, *,

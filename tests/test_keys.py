@@ -14,6 +14,9 @@ from proxy import keys
 from proxy.config import Fingerprint, KeySource, Route, Tenant, TenantMode
 from proxy.errors import KeyMalformed, KeyMissing
 from proxy.routing import PathPattern
+from proxy.sealing import Sealer
+
+TENANT_HASH = Sealer(keys=(), installation_secret=b"t" * 32).tenant_hash
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
@@ -300,14 +303,16 @@ def test_unusable_raw_keys_are_400(body: str, why: str) -> None:
 def test_tenant_is_a_hash_never_the_credential() -> None:
     """The tenant is a hash of Authorization (or a named header), or '-' for none."""
     route = body_route("/x")
-    t = keys.tenant_of(route, CIMultiDict({"Authorization": "Bearer sk_live_secret"}))
+    t = keys.tenant_of(route, CIMultiDict({"Authorization": "Bearer sk_live_secret"}),
+                       keyed=TENANT_HASH)
     assert "sk_live" not in t and len(t) == 32
-    assert t != keys.tenant_of(route, CIMultiDict({"Authorization": "Bearer other"}))
+    assert t != keys.tenant_of(route, CIMultiDict({"Authorization": "Bearer other"}),
+                             keyed=TENANT_HASH)
     by_header = replace(route, tenant=Tenant(mode=TenantMode.HEADER, header="X-Api-Key"))
-    assert keys.tenant_of(by_header, CIMultiDict({"x-api-key": "k1"})) != \
-        keys.tenant_of(by_header, CIMultiDict({"X-Api-Key": "k2"}))
+    assert keys.tenant_of(by_header, CIMultiDict({"x-api-key": "k1"}), keyed=TENANT_HASH) != \
+        keys.tenant_of(by_header, CIMultiDict({"X-Api-Key": "k2"}), keyed=TENANT_HASH)
     none = replace(route, tenant=Tenant(mode=TenantMode.NONE, header=""))
-    assert keys.tenant_of(none, CIMultiDict({"Authorization": "a"})) == "-"
+    assert keys.tenant_of(none, CIMultiDict({"Authorization": "a"}), keyed=TENANT_HASH) == "-"
     assert keys.scope_of(none, "-") == "r:-"
 
 

@@ -17,7 +17,9 @@ from multidict import CIMultiDict
 from proxy import keys
 from proxy.config import Config, Route, loads
 from proxy.errors import ConfigError, KeyMalformed, KeyMissing
+from proxy.sealing import Sealer
 
+TENANT_HASH = Sealer(keys=(), installation_secret=b"t" * 32).tenant_hash
 SETTINGS = settings(max_examples=150, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
@@ -209,8 +211,10 @@ def test_tenants_are_separate_scopes_and_never_hold_credentials(a, b):
     """Different credentials are different scopes; a scope shows no credential."""
     norm_a, norm_b = (keys.normalize_credential(v, scheme=True) for v in (a, b))
     assume(norm_a and norm_b)  # none at all is refused (test_keys)
-    sa = keys.scope_of(ROUTE, keys.tenant_of(ROUTE, CIMultiDict({"Authorization": a})))
-    sb = keys.scope_of(ROUTE, keys.tenant_of(ROUTE, CIMultiDict({"Authorization": b})))
+    sa = keys.scope_of(ROUTE, keys.tenant_of(ROUTE, CIMultiDict({"Authorization": a}),
+                                             keyed=TENANT_HASH))
+    sb = keys.scope_of(ROUTE, keys.tenant_of(ROUTE, CIMultiDict({"Authorization": b}),
+                                             keyed=TENANT_HASH))
     assert (sa == sb) == (norm_a == norm_b)
     tenant = sa.split(":", 1)[1]
     assert re.fullmatch(r"[0-9a-f]{32}", tenant)

@@ -15,6 +15,8 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
+from proxy.sealing import Sealer
+
 
 class State(enum.IntEnum):
     """A key's state: a claim still running, or a stored response."""
@@ -43,6 +45,7 @@ class Record:
     body_chunks: int = 0
     body_size: int = 0
     body_omitted: bool = False
+    sealed: bool = False  # stored sealed (proxy/sealing.py): its chunks are opened on read
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +108,10 @@ class Store(Protocol):
     async def write_chunk(self, *, scope: str, key: str, token: UUID, seq: int,
                           data: bytes) -> None: ...
     async def delete_chunks(self, *, scope: str, key: str, token: UUID) -> None: ...
-    def read_chunks(self, *, scope: str, key: str, token: UUID) -> AsyncIterator[bytes]: ...
+    def read_chunks(self, *, scope: str, key: str, token: UUID,
+                    sealed: bool = False) -> AsyncIterator[bytes]: ...
+    @property
+    def sealer(self) -> Sealer: ...  # seals pieces, keys hashes (proxy/sealing.py)
     async def clock_offset(self) -> float: ...
     async def ready(self) -> bool: ...
     async def show(self, *, scope: str, key: str) -> dict[str, Any] | None: ...

@@ -19,6 +19,7 @@ from uuid import UUID
 import asyncpg
 
 from proxy.errors import StoreError, StoreUnavailable
+from proxy.sealing import BODY, CHUNK, HEADERS, DataKey, Sealer, sealed_by
 from proxy.store import (
     Claim,
     ClaimOutcome,
@@ -69,8 +70,8 @@ _PURGE_ORPHANS = """
              LIMIT $1))
         RETURNING 1)
     SELECT count(*) FROM gone"""
-_READ_CHUNKS = ("SELECT data FROM idemproxy_chunks WHERE scope = $1 AND key = $2 "
-                "AND lock_token = $3 ORDER BY seq")
+_READ_CHUNKS_SEQ = ("SELECT seq, data FROM idemproxy_chunks WHERE scope = $1 AND key = $2 "
+                    "AND lock_token = $3 ORDER BY seq")
 
 
 @contextlib.contextmanager
@@ -99,6 +100,7 @@ class PostgresStore:
         self.listen_url = listen_url
         self.timeout = timeout
         self._observe = observe or (lambda op, seconds: None)
+        self._sealer: Sealer | None = None  # load_sealer(): after migrations, before traffic
         # Under load, claims (and quiet completions) that arrive while one of their kind
         # is running share the next statement and its commit (store/batch.py).
         self._claims: Batcher[_ClaimArgs, Any] = Batcher(
@@ -170,12 +172,20 @@ class PostgresStore:
         """Claim the key for `token`, or return the row that holds it. One round trip,
         shared with the other claims queued behind a running one (store/batch.py)."""
         row = await self._claims.run((scope, key, fingerprint, token, lease, ttl))
+        headers, body, sealed = row["headers"], row["body"], False
+        if headers is not None and sealed_by(headers) is not None:
+            # Opened here, before any decision: a record that cannot be opened raises
+            # StoredAnswerUnreadable and is never treated as missing (proxy/sealing.py).
+            sealed, where = True, {"scope": scope, "key": key, "token": row["lock_token"]}
+            headers = self.sealer.open(headers, kind=HEADERS, **where)
+            if body is not None:
+                body = self.sealer.open(body, kind=BODY, **where)
         return Claim(ClaimOutcome(row["outcome"]), Record(
             state=State(row["state"]), fingerprint=bytes(row["fingerprint"]),
             lock_token=row["lock_token"], expires_at=row["expires_at"],
-            status=row["status"], headers=decode_headers(row["headers"]), body=row["body"],
+            status=row["status"], headers=decode_headers(headers), body=body,
             body_chunks=row["body_chunks"], body_size=row["body_size"],
-            body_omitted=row["body_omitted"]))
+            body_omitted=row["body_omitted"], sealed=sealed))
 
     async def complete(self, *, scope: str, key: str, token: UUID, done: Completion,
                        notify: bool) -> bool:
@@ -183,9 +193,15 @@ class PostgresStore:
 
         `notify` wakes waiters on every replica (NOTIFY serialises commits cluster-wide,
         so only routes that can have waiters ask for it)."""
-        args: _CompleteArgs = (scope, key, token, done.status, encode_headers(done.headers),
-                               done.body, done.body_chunks, done.body_size,
-                               done.body_omitted)
+        headers, body = encode_headers(done.headers), done.body
+        sealer = self._sealer
+        # Headers are sealed always, even none: they mark the record as sealed.
+        if sealer is not None and sealer.encrypting:
+            headers = sealer.seal(headers, kind=HEADERS, scope=scope, key=key, token=token)
+            if body is not None:
+                body = sealer.seal(body, kind=BODY, scope=scope, key=key, token=token)
+        args: _CompleteArgs = (scope, key, token, done.status, headers, body,
+                               done.body_chunks, done.body_size, done.body_omitted)
         if notify:
             ok: bool = await self._call("complete", "fetchval", _COMPLETE, *args, True)
             return ok
@@ -202,17 +218,42 @@ class PostgresStore:
 
     async def write_chunk(self, *, scope: str, key: str, token: UUID, seq: int,
                           data: bytes) -> None:
+        if self._sealer is not None:
+            data = self._sealer.seal(data, kind=CHUNK, scope=scope, key=key, token=token,
+                                     seq=seq)
         await self._call("chunk", "execute", _CHUNK, scope, key, token, seq, data)
 
     async def delete_chunks(self, *, scope: str, key: str, token: UUID) -> None:
         await self._call("chunk", "execute", "DELETE FROM idemproxy_chunks WHERE scope = $1 "
                          "AND key = $2 AND lock_token = $3", scope, key, token)
 
-    async def read_chunks(self, *, scope: str, key: str, token: UUID) -> AsyncIterator[bytes]:
-        """Stream a body's chunks in order from a cursor: bounded memory for any size."""
+    async def read_chunks(self, *, scope: str, key: str, token: UUID,
+                          sealed: bool = False) -> AsyncIterator[bytes]:
+        """Stream a body's chunks in order from a cursor: bounded memory for any size.
+        A sealed record's chunks are opened as they come (StoredAnswerUnreadable)."""
         async with self.connection() as conn, conn.transaction(readonly=True):
-            async for row in conn.cursor(_READ_CHUNKS, scope, key, token, prefetch=2):
-                yield row["data"]
+            async for row in conn.cursor(_READ_CHUNKS_SEQ, scope, key, token, prefetch=2):
+                data = row["data"]
+                if sealed:
+                    data = self.sealer.open(data, kind=CHUNK, scope=scope, key=key,
+                                            token=token, seq=row["seq"])
+                yield data
+
+    @property
+    def sealer(self) -> Sealer:
+        """Seals and opens stored pieces; keys the tenant, fingerprint and log hashes."""
+        if self._sealer is None:
+            raise RuntimeError("PostgresStore.load_sealer() was not called")
+        return self._sealer
+
+    async def load_sealer(self, *, keys: tuple[DataKey, ...],
+                          on_unreadable: Callable[[str], None] | None = None) -> Sealer:
+        """Build the sealer from `keys` and the installation secret (migration 0006)."""
+        secret = await self._call("admin", "fetchval",
+                                  "SELECT secret FROM idemproxy_installation")
+        self._sealer = Sealer(keys=keys, installation_secret=bytes(secret),
+                              on_unreadable=on_unreadable)
+        return self._sealer
 
     async def migrate(self) -> list[str]:
         """Apply missing migrations (under a transaction-scoped advisory lock, so through
