@@ -52,7 +52,7 @@ _FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError, lean.NotSent,
              lean.SentFailure)
 
 
-def _translate(exc: BaseException) -> UpstreamError:
+def _translate(exc: BaseException, *, tls: bool = False) -> UpstreamError:
     if (stalled := _client_stalled(exc)) is not None:  # the client's fault: its 408
         return UpstreamError(stalled, sent=True)
     if isinstance(exc, (lean.BadAnswer, aiohttp.ClientResponseError)):
@@ -62,7 +62,7 @@ def _translate(exc: BaseException) -> UpstreamError:
     if isinstance(exc, lean.NotSent):  # the cause names the upstream: not for clients
         return UpstreamError(UpstreamUnreachable(
             "Could not connect to the upstream; the request was not sent."), sent=False)
-    if isinstance(exc, aiohttp.ClientSSLError) or _reset_in_handshake(exc):
+    if isinstance(exc, aiohttp.ClientSSLError) or (tls and _reset_in_handshake(exc)):
         log.error("TLS to the upstream failed; the request was not sent",
                   extra={"fields": {"reason": upstream_tls.failure_reason(exc)}})
         return UpstreamError(UpstreamTLSFailed(
@@ -86,9 +86,10 @@ def _translate(exc: BaseException) -> UpstreamError:
 
 
 def _reset_in_handshake(exc: BaseException) -> bool:
-    """A TLS connection reset while connecting: the upstream broke off the handshake
-    (TLS 1.2 servers do so when they refuse our client certificate)."""
-    return isinstance(exc, aiohttp.ClientConnectorError) and exc.ssl is not False and \
+    """On an https upstream, a reset while connecting: the TCP connection was up, so the
+    upstream broke off the TLS handshake (TLS 1.2 servers do so when they refuse our
+    client certificate)."""
+    return isinstance(exc, aiohttp.ClientConnectorError) and \
         isinstance(exc.os_error, ConnectionResetError)
 
 
@@ -241,7 +242,7 @@ class Forwarder:
                     data=body, allow_redirects=False, compress=False,
                     server_hostname=self.server_name)
         except _FAILURES as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc, tls=self.tls is not None) from exc
         return UpstreamResponse(raw.status, raw.reason, raw.headers, raw.content_length,
                                 _AiohttpBody(raw))
 

@@ -96,7 +96,10 @@ async def _connect(fwd: Forwarder) -> tuple[asyncio.StreamReader, asyncio.Stream
                 host, port, ssl=fwd.tls,
                 server_hostname=(fwd.server_name or host) if fwd.tls else None,
                 limit=CHUNK)
-    except ssl.SSLError as exc:
+    except (ssl.SSLError, ConnectionResetError) as exc:
+        if not fwd.tls:  # a plain connection reset while connecting: unreachable
+            raise UpstreamUnreachable("Could not connect to the upstream; the request was "
+                                      "not sent.") from exc
         log.error("TLS to the upstream failed; the request was not sent",
                   extra={"fields": {"reason": upstream_tls.failure_reason(exc)}})
         raise UpstreamTLSFailed("The TLS handshake with the upstream failed; the request "
