@@ -72,7 +72,7 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
         start = time.perf_counter()
         try:
             up = await open_upstream(request, deps.forwarder_for(g.route), body=g.body,
-                                     set_headers=_upstream_key(g))
+                                     set_headers=_upstream_key(deps, g))
         except UpstreamError as exc:
             sent = exc.sent
             return await _upstream_failed(deps, g, claim, exc)
@@ -96,12 +96,14 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
         deps.metrics.in_flight.dec()
 
 
-def _upstream_key(g: Guarded) -> dict[str, str] | None:
-    """routes[].upstream_key: the same value on every attempt of this (scope, key)."""
+def _upstream_key(deps: Deps, g: Guarded) -> dict[str, str] | None:
+    """routes[].upstream_key: the same value on every attempt of this (scope, key), keyed
+    by the installation secret (every replica's store shares it)."""
     name = g.route.upstream_key.header
     if name is None:
         return None
-    return {name: upstream_key.derive(g.scope, g.key, secret=None)}
+    secret = deps.store.sealer.upstream_key_secret
+    return {name: upstream_key.derive(g.scope, g.key, secret=secret)}
 
 
 async def _release_quietly(deps: Deps, g: Guarded) -> None:

@@ -154,6 +154,9 @@ class Sealer:
         self._by_id = {k.id: k for k in keys}
         self.primary: DataKey | None = keys[0] if keys else None
         self._tenant_key = _derive(installation_secret, "tenant")
+        # routes[].upstream_key (proxy/upstream_key.py): under the installation secret,
+        # not a data key, so it stays the same across key rotation mid-flight.
+        self.upstream_key_secret = _derive(installation_secret, "upstream-key")
         self._log_key = self.primary.log_key if self.primary else _derive(
             installation_secret, "log")
         self.on_unreadable = on_unreadable or (lambda key_id: None)

@@ -8,11 +8,13 @@ tenant, so two tenants' `order-1` send different values; the tenant part of the 
 already a hash of the credential, so the value reveals no credential.
 
     value = hex(HMAC-SHA-256(secret, "idemproxy/upstream-key" 0x1f scope 0x1f key))
-    value = hex(SHA-256("idemproxy/upstream-key" 0x1f scope 0x1f key))   without a secret
 
-64 hex characters: within every provider's limit we know of (Adyen's is 64). With the
-installation secret of the data-at-rest work the value cannot be recomputed from a
-guessed client key; without it, it is a plain, documented hash.
+where `secret` is derived from the installation secret (proxy/sealing.py, kept in the
+database, shared by every replica, independent of the encryption keys, so a key rotation
+never changes the value mid-flight). `derive(..., secret=None)` is the plain SHA-256 of
+the same message, for tools without a database. 64 hex characters: within every
+provider's limit we know of (Adyen's is 64); the value cannot be recomputed from a
+guessed client key without the secret.
 """
 
 from __future__ import annotations

@@ -117,6 +117,20 @@ async def test_upstream_key_for_a_body_key_and_none_without_the_setting(make_pro
     assert plain_exec.headers["Idempotency-Key"] == key
 
 
+def test_the_upstream_key_secret_follows_the_installation_secret_not_the_data_keys():
+    """Two installations send different values for the same (scope, key); rotating the
+    encryption keys of one does not change its value."""
+    from proxy.sealing import Sealer, parse_keys
+
+    k1 = parse_keys("k1:" + "A" * 43 + "=", source="t")
+    k2 = parse_keys("k2:" + "B" * 43 + "=", source="t")
+    a = Sealer(keys=k1, installation_secret=b"a" * 32)
+    rotated = Sealer(keys=k2 + k1, installation_secret=b"a" * 32)
+    other = Sealer(keys=k1, installation_secret=b"b" * 32)
+    assert a.upstream_key_secret == rotated.upstream_key_secret
+    assert a.upstream_key_secret != other.upstream_key_secret
+
+
 def test_derive_is_keyed_when_a_secret_exists():
     """With a secret the value changes with it; without, it is the documented SHA-256."""
     import hashlib
