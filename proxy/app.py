@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -181,6 +182,7 @@ def create_admin_app(cfg: Config, deps: Services, *, state: dict[str, bool] | No
     app.router.add_delete("/admin/keys", _key_delete)
     app.router.add_post("/admin/keys/release", _key_release)
     app.router.add_get("/admin/in-flight", _in_flight)
+    app.router.add_delete("/admin/tenants/{tenant}", _tenant_erase)
     return app
 
 
@@ -267,6 +269,23 @@ async def _key_show(request: web.Request) -> web.Response:
     if rec is None:
         raise NotFound("No record for this key in this scope.")
     return web.json_response(rec)
+
+
+async def _tenant_erase(request: web.Request) -> web.Response:
+    """DELETE /admin/tenants/{hash}: erase every record of one tenant (the hash in its
+    scopes, as `idemproxy tenant-hash` prints); every replay cache drops them."""
+    from proxy.store.atrest import erase_tenant
+
+    tenant = request.match_info["tenant"]
+    if not re.fullmatch(r"[0-9a-f]{32}", tenant):
+        raise BadRequest("The tenant is the 32-hex-digit hash in its scopes "
+                         "(`idemproxy tenant-hash CREDENTIAL` prints it).")
+    deps = request.app[DEPS]
+    n = await _admin_call(erase_tenant(deps.store, tenant))
+    if deps.cache is not None:  # at once here; other processes hear the NOTIFY
+        deps.cache.clear()
+    log.warning("admin erased a tenant", extra={"fields": {"tenant": tenant, "deleted": n}})
+    return web.json_response({"deleted": n})
 
 
 async def _key_delete(request: web.Request) -> web.Response:

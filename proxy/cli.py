@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,12 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    from proxy import keyops
+
+    if args.verb == "generate":
+        return keyops.generate(args)
+    if args.verb in keyops.VERBS:
+        return _with_sealer(args, lambda cfg, store: keyops.run(args, cfg, store))
     if args.verb != "list" and not (args.scope and args.key):
         raise UsageError(f"idemproxy keys {args.verb}: needs SCOPE and KEY (`idemproxy "
                          "keys list` shows both)")
@@ -198,6 +204,32 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 miss = "no in-flight claim for that key in that scope"
             print(f"{args.verb}d" if done else miss, file=sys.stdout if done else sys.stderr)
             return 0 if done else 1
+    return _run(go())
+
+
+def cmd_tenant_hash(args: argparse.Namespace) -> int:
+    from proxy import keyops
+
+    async def show(cfg: Config, store: Any) -> int:
+        print(keyops.tenant_hash_of(cfg, store.sealer, args.value, header=args.header))
+        return 0
+    return _with_sealer(args, show)
+
+
+def _with_sealer(args: argparse.Namespace,
+                 fn: Callable[[Config, Any], Awaitable[int]]) -> int:
+    """Run `fn` on the migrated store with its sealer (keys and installation secret)."""
+    from proxy.server import open_sealer
+
+    cfg = _config(args)
+    require_database(cfg, create=False)
+
+    async def go() -> int:
+        async with open_store(cfg) as store:
+            await _require_schema(store)
+            await open_sealer(cfg, store, quiet=True)
+            code: int = await fn(cfg, store)
+            return code
     return _run(go())
 
 
@@ -258,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         "keys", help="list stored keys, or inspect or fix one",
         description="list: stored keys and in-flight claims, newest first, each with the "
         "scope (ROUTE:TENANT) that show, delete and release take."))
-    keys.add_argument("verb", choices=["show", "delete", "release", "list"])
+    keys.add_argument("verb", choices=["show", "delete", "release", "list", "generate",
+                                       "usage", "reencrypt", "purge"])
     keys.add_argument("scope", nargs="?", default="", help="ROUTE:TENANT, as `list` shows")
     keys.add_argument("key", nargs="?", default="")
     keys.add_argument("--limit", type=_limit, default=100,
@@ -270,7 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="list: only keys created within AGE (e.g. 15m, 24h)")
     keys.add_argument("--older-than", type=_age, metavar="AGE",
                       help="list: only keys created more than AGE ago")
+    keys.add_argument("--batch", type=_limit, default=100,
+                      help="reencrypt: records per transaction (default 100)")
+    keys.add_argument("--tenant-of", metavar="CREDENTIAL",
+                      help="purge: every record of the tenant this credential maps to")
+    keys.add_argument("--tenant", metavar="HASH", help="purge: every record of this tenant")
+    keys.add_argument("--header", default="Authorization",
+                      help="purge --tenant-of: the header the credential is sent in")
     keys.set_defaults(fn=cmd_keys)
+    th = with_config(sub.add_parser(
+        "tenant-hash", help="the tenant hash a credential or tenant header maps to"))
+    th.add_argument("value", help="e.g. 'Bearer sk_live_...' (its header: --header)")
+    th.add_argument("--header", default="Authorization")
+    th.set_defaults(fn=cmd_tenant_hash)
     return p
 
 

@@ -1,0 +1,127 @@
+"""Operations on data at rest (issue #15): which keys records use, re-encryption under
+the primary key, and erasure of one tenant's records.
+
+Re-encryption works in small batches, each its own short transaction over rows it locks
+with SKIP LOCKED, so traffic is never blocked: replays read without locks, and a row
+being re-sealed is skipped by nothing but another re-encryption. A record is re-sealed
+whole (headers, inline body, every chunk) in one transaction, so it is never half under
+one key and half under another. Fingerprints cannot be re-keyed (the request is gone):
+a key stays in use until the records fingerprinted under it expire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.sealing import BODY, CHUNK, HEADERS, SEALED, Sealer, sealed_by
+from proxy.store.notify import FORGET_CHANNEL
+
+# The key id in a sealed piece (0x00 0x01 | len | id | ...) or a keyed fingerprint
+# (0x01 | len | id | mac); NULL for plaintext / plain SHA-256. CASE keeps the order.
+_SEALED_BY = """CASE WHEN headers IS NULL OR substring(headers FROM 1 FOR 2) <> '\\x0001'::bytea
+    OR length(headers) < 3 THEN NULL
+    ELSE convert_from(substring(headers FROM 4 FOR get_byte(headers, 2)), 'UTF8') END"""
+_FP_BY = """CASE WHEN length(fingerprint) IN (0, 1, 2, 32) THEN NULL
+    WHEN get_byte(fingerprint, 0) <> 1 THEN NULL
+    ELSE convert_from(substring(fingerprint FROM 3 FOR get_byte(fingerprint, 1)), 'UTF8')
+    END"""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUse:
+    key_id: str | None  # None: plaintext records / plain fingerprints
+    sealed: int  # completed records whose headers and body it sealed
+    fingerprints: int  # records (completed or in flight) fingerprinted under it
+
+
+async def key_usage(store: Any) -> list[KeyUse]:
+    """How many records each key (or none) sealed and fingerprinted."""
+    async with store.connection() as conn:
+        rows = await conn.fetch(f"""
+            WITH s AS (SELECT coalesce({_SEALED_BY}, '') AS id, count(*) AS n
+                         FROM idemproxy_keys WHERE state = 2 GROUP BY 1),
+                 f AS (SELECT coalesce({_FP_BY}, '') AS id, count(*) AS n
+                         FROM idemproxy_keys GROUP BY 1)
+            SELECT coalesce(s.id, f.id) AS id, coalesce(s.n, 0) AS sealed,
+                   coalesce(f.n, 0) AS fps
+              FROM s FULL JOIN f ON s.id = f.id ORDER BY 1""")
+    return [KeyUse(r["id"] or None, r["sealed"], r["fps"]) for r in rows]
+
+
+async def reencrypt_batch(store: Any, *, after: tuple[str, str],
+                          batch: int = 100) -> tuple[int, tuple[str, str] | None]:
+    """Re-seal up to `batch` completed records after `after` (in key order) that the
+    primary key did not seal (plaintext ones included); (re-sealed, where to go on), the
+    second None when the table is done."""
+    sealer = store.sealer
+    if sealer.primary is None:
+        raise ValueError("no encryption keys are configured")
+    prefix = SEALED + bytes((len(sealer.primary.id),)) + sealer.primary.id.encode()
+    async with store.connection() as conn, conn.transaction():
+        rows = await conn.fetch("""
+            SELECT scope, key, lock_token, headers, body, body_chunks,
+                   substring(headers FROM 1 FOR $4) IS DISTINCT FROM $3 AS stale
+              FROM idemproxy_keys
+             WHERE (scope, key) > ($1, $2) AND state = 2 AND headers IS NOT NULL
+             ORDER BY scope, key LIMIT $5 FOR UPDATE SKIP LOCKED""",
+                                after[0], after[1], prefix, len(prefix), batch)
+        done = 0
+        for row in rows:
+            if row["stale"]:
+                await _reseal(conn, sealer, row)
+                done += 1
+    return done, ((rows[-1]["scope"], rows[-1]["key"]) if len(rows) == batch else None)
+
+
+async def _reseal(conn: Any, sealer: Sealer, row: Any) -> None:
+    where = {"scope": row["scope"], "key": row["key"], "token": row["lock_token"]}
+    was_sealed = sealed_by(row["headers"]) is not None
+
+    def again(blob: bytes, kind: bytes, seq: int = 0) -> bytes:
+        plain = sealer.open(blob, kind=kind, seq=seq, **where) if was_sealed else blob
+        return sealer.seal(plain, kind=kind, seq=seq, **where)
+
+    body = row["body"]
+    await conn.execute(
+        "UPDATE idemproxy_keys SET headers = $4, body = $5 WHERE scope = $1 AND key = $2 "
+        "AND lock_token = $3", row["scope"], row["key"], row["lock_token"],
+        again(row["headers"], HEADERS), None if body is None else again(body, BODY))
+    for seq in range(row["body_chunks"]):  # one chunk in memory at a time
+        data = await conn.fetchval(
+            "SELECT data FROM idemproxy_chunks WHERE scope = $1 AND key = $2 "
+            "AND lock_token = $3 AND seq = $4", row["scope"], row["key"],
+            row["lock_token"], seq)
+        if data is not None:
+            await conn.execute(
+                "UPDATE idemproxy_chunks SET data = $5 WHERE scope = $1 AND key = $2 "
+                "AND lock_token = $3 AND seq = $4", row["scope"], row["key"],
+                row["lock_token"], seq, again(data, CHUNK, seq))
+
+
+async def erase_tenant(store: Any, tenant: str, *, batch: int = 1000) -> int:
+    """Delete every record (and body) of one tenant, in batches; each deleted key is
+    NOTIFYed so every process drops it from its replay cache. The number of records."""
+    total = 0
+    while True:
+        async with store.connection() as conn, conn.transaction():
+            n: int = await conn.fetchval("""
+                WITH gone AS (
+                    DELETE FROM idemproxy_keys WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM idemproxy_keys WHERE split_part(scope, ':', 2) = $1
+                         LIMIT $2 FOR UPDATE))
+                    RETURNING scope, key),
+                  chunks AS (
+                    DELETE FROM idemproxy_chunks c USING gone
+                     WHERE c.scope = gone.scope AND c.key = gone.key),
+                  told AS (
+                    SELECT pg_notify($3, md5(scope || chr(31) || key)) FROM gone)
+                SELECT (SELECT count(*) FROM gone) + 0 * (SELECT count(*) FROM told)""",
+                                        tenant, batch, FORGET_CHANNEL)
+        total += n
+        if n < batch:
+            break
+    async with store.connection() as conn:  # chunks no record points at any more
+        await conn.execute("DELETE FROM idemproxy_chunks WHERE split_part(scope, ':', 2) = $1",
+                           tenant)
+    return total
