@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.errors import StoredAnswerUnreadable
 from proxy.sealing import BODY, CHUNK, HEADERS, SEALED, Sealer, sealed_by
 from proxy.store.notify import FORGET_CHANNEL
 
@@ -53,7 +54,8 @@ async def reencrypt_batch(store: Any, *, after: tuple[str, str],
                           batch: int = 100) -> tuple[int, tuple[str, str] | None]:
     """Re-seal up to `batch` completed records after `after` (in key order) that the
     primary key did not seal (plaintext ones included); (re-sealed, where to go on), the
-    second None when the table is done."""
+    second None when the table is done. A record that cannot be opened is skipped (and
+    logged with its key id); `keys usage` still shows its key in use."""
     sealer = store.sealer
     if sealer.primary is None:
         raise ValueError("no encryption keys are configured")
@@ -68,9 +70,14 @@ async def reencrypt_batch(store: Any, *, after: tuple[str, str],
                                 after[0], after[1], prefix, len(prefix), batch)
         done = 0
         for row in rows:
-            if row["stale"]:
-                await _reseal(conn, sealer, row)
+            if not row["stale"]:
+                continue
+            try:  # a savepoint per record: one that cannot be opened is left as it is
+                async with conn.transaction():
+                    await _reseal(conn, sealer, row)
                 done += 1
+            except StoredAnswerUnreadable:
+                pass  # logged and counted by the sealer, with its key id
     return done, ((rows[-1]["scope"], rows[-1]["key"]) if len(rows) == batch else None)
 
 
