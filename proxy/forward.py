@@ -213,6 +213,10 @@ class Forwarder:
                 if pool is not None:
                     await pool.close()
 
+    def sends_whole(self, method: str) -> bool:
+        """Whether a whole body for `method` goes through our own client (plain HTTP)."""
+        return self._lean is not None and method not in _AIOHTTP_ONLY
+
     async def send(self, *, method: str, raw_path: str, raw_query: str,
                    headers: CIMultiDict[str],
                    body: bytes | AsyncIterable[bytes] | None) -> UpstreamResponse:

@@ -53,6 +53,12 @@ class Ticket:
 _TICKET = web.RequestKey("body_ticket", Ticket)
 
 
+def fits(request: web.BaseRequest, size: int) -> bool:
+    """Whether `reserve(request, size)` would succeed now (True outside the handler)."""
+    ticket = request.get(_TICKET)
+    return ticket is None or ticket.budget.used + size <= ticket.budget.limit
+
+
 def reserve(request: web.BaseRequest, size: int) -> None:
     """Take `size` bytes for this request's body (no-op outside the proxied handler)."""
     ticket = request.get(_TICKET)

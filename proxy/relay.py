@@ -17,8 +17,8 @@ from proxy.decide import body_fits
 from proxy.errors import BodyTooLarge, UpstreamError
 from proxy.forward import Forwarder, UpstreamResponse
 from proxy.framing import continue_if_expected
-from proxy.limits import reserve
-from proxy.sizes import SMALL_BODY
+from proxy.limits import fits, reserve
+from proxy.sizes import SMALL_BODY, SMALL_UPLOAD
 
 log = logging.getLogger("idemproxy.relay")
 
@@ -60,6 +60,17 @@ async def _stream_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def _small_upload(request: web.BaseRequest, forwarder: Forwarder) -> bool:
+    """Read this unguarded body whole, for our own client? Only a declared length up to
+    SMALL_UPLOAD, on a plain-HTTP upstream, and only if it has all arrived or
+    client.max_body_memory has room for it (read_body reserves it): else it streams,
+    which holds next to nothing."""
+    length = request.content_length
+    return length is not None and length <= SMALL_UPLOAD and \
+        forwarder.sends_whole(request.method) and \
+        (request.content.is_eof() or fits(request, length))
+
+
 def upstream_request_headers(request: web.BaseRequest, forwarder: Forwarder) -> CIMultiDict[str]:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     return hdrs.for_upstream(request.headers, client_ip=peer[0] if peer else None,
@@ -69,14 +80,17 @@ def upstream_request_headers(request: web.BaseRequest, forwarder: Forwarder) -> 
 async def open_upstream(request: web.BaseRequest, forwarder: Forwarder, *,
                         body: bytes | None,
                         set_headers: Mapping[str, str] | None = None) -> UpstreamResponse:
-    """Send the request upstream once: `body` if the flow read it, else streamed through.
-    `set_headers` replace any the client sent under those names."""
+    """Send the request upstream once: `body` if the flow read it, a small one read whole
+    (`_small_upload`), else streamed through. `set_headers` replace any the client sent
+    under those names."""
     headers = upstream_request_headers(request, forwarder)
     if set_headers:
         for name, value in set_headers.items():
             headers[name] = value
     data: bytes | AsyncIterator[bytes] | None = body
-    if body is None and request.body_exists:
+    if body is None and request.body_exists and _small_upload(request, forwarder):
+        data = await read_body(request, limit=SMALL_UPLOAD)
+    elif body is None and request.body_exists:
         data = _stream_body(request)
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)

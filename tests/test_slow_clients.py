@@ -169,8 +169,8 @@ async def test_a_stalled_streamed_upload_is_cut_off(make_proxy, upstream):
     client's stall, not an upstream failure) and closed, never held open."""
     p = await make_proxy(ROUTES, extra=LIMITS)
     reader, writer = await open_conn(port_of(p.url))
-    writer.write(b"POST /exec/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" +
-                 b"a" * 400)
+    writer.write(b"POST /exec/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+                 + b"a" * 400)  # over SMALL_UPLOAD: streamed, not read whole first
     data = await closed_by_proxy(reader)
     writer.close()
     assert data.startswith(b"HTTP/1.1 408 ") and b"body-timeout" in data, data[:200]
