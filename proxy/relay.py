@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 
 from proxy import headers as hdrs
 from proxy.decide import body_fits
-from proxy.errors import BodyTooLarge, UpstreamError
+from proxy.errors import BadRequest, BodyTooLarge, UpstreamError
 from proxy.forward import Forwarder, UpstreamResponse
 from proxy.framing import continue_if_expected
 from proxy.limits import fits, reserve
@@ -39,13 +39,17 @@ async def read_body(request: web.BaseRequest, *, limit: int) -> bytes:
     reserve(request, declared)  # client.max_body_memory, before a byte is buffered
     await continue_if_expected(request)
     buf = bytearray()
-    async for chunk in content.iter_any():
-        buf += chunk
-        if not body_fits(len(buf), limit=limit):
-            raise _over(limit)
-        if len(buf) > declared:
-            reserve(request, len(buf) - declared)
-            declared = len(buf)
+    try:
+        async for chunk in content.iter_any():
+            buf += chunk
+            if not body_fits(len(buf), limit=limit):
+                raise _over(limit)
+            if len(buf) > declared:
+                reserve(request, len(buf) - declared)
+                declared = len(buf)
+    except ConnectionError as exc:  # the client hung up mid-body: nobody left to answer
+        raise BadRequest("The connection closed before the request body ended.",
+                         close=True) from exc
     return bytes(buf)
 
 

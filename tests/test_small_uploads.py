@@ -7,6 +7,7 @@ connection it arrived on: the two clients keep separate pools."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -163,6 +164,26 @@ async def test_a_stalled_small_upload_gets_408_and_is_never_sent(make_proxy, con
     writer.close()
     assert data.startswith(b"HTTP/1.1 408 ") and b"body-timeout" in data
     assert conn_upstream.heads == []
+
+
+async def test_a_client_gone_mid_body_is_no_internal_error(make_proxy, conn_upstream,
+                                                           caplog):
+    """A client that hangs up halfway through a small body: nothing is sent upstream and
+    nothing is logged as an internal error (no traceback)."""
+    caplog.set_level(logging.INFO)
+    port = await proxy_for(make_proxy, conn_upstream)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"a" * 400)
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    for _ in range(50):  # until the proxy has seen the hang-up and logged its refusal
+        if any(r.getMessage() == "request refused" for r in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    assert conn_upstream.heads == []
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any(r.getMessage() == "request refused" for r in caplog.records)
 
 
 async def test_a_small_upload_streams_when_body_memory_is_full(make_proxy, conn_upstream):
