@@ -54,7 +54,8 @@ class Bench:
     urls: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    paced_rate: float = 0.0
+    paced_rate: float = 0.0  # POSTs
+    paced_rate_get: float = 0.0
     bouncer: Any = None  # tests.pgservers.PgBouncer, with --pooler
 
     # --- processes ---
@@ -140,6 +141,7 @@ class Bench:
             ("noop get", w("noop", "get")), ("proxy get", w("proxy", "get")),
             ("nginx get", w("nginx", "get")), ("upstream get", w("upstream", "get")),
             ("noop post", w("noop", "first")), ("proxy first", w("proxy", "first")),
+            ("proxy pass post", w("proxy", "pass_post")),
             ("proxy replay", w("proxy", "replay", c, keys)),
             ("proxy replay db", w("proxy-db", "replay", c, keys)),
             *([("pooler first", w("pooler", "first")),
@@ -179,22 +181,32 @@ class Bench:
                       f"{result['rps']:>9,.0f} req/s  p99 {result.get('p99_ms', 0):6.2f} ms"
                       f"{_bad(result)}", flush=True)
 
-    def paced_plan(self) -> list[tuple[str, Any]]:
-        """Both sides offered the same load: a share of the noop's median POST rate."""
-        noop = sorted(r["rps"] for r in self.runs["noop post"])
-        rate = max(50.0, self.opts.pace * noop[len(noop) // 2])
-        c = self.opts.connections
-        delay = f"{1000.0 * c / rate:.2f}"
-        self.paced_rate = rate
-        u, keys = self.urls, str(self.opts.keys)
+    def paced_rate_of(self, baseline: str) -> float:
+        """The offered load of the paced runs: a share of the noop's median rate."""
+        noop = sorted(r["rps"] for r in self.runs[baseline])
+        return max(50.0, self.opts.pace * noop[len(noop) // 2])
 
-        def w(target: str, scenario: str) -> Any:
+    def paced_plan(self) -> list[tuple[str, Any]]:
+        """Both sides offered the same load: a share of the noop's median rate for that
+        shape of request (POSTs: first requests, replays, pass-through; GETs)."""
+        c = self.opts.connections
+        u, keys = self.urls, str(self.opts.keys)
+        self.paced_rate = self.paced_rate_of("noop post")
+        self.paced_rate_get = self.paced_rate_of("noop get")
+
+        def w(target: str, scenario: str, rate: float) -> Any:
+            delay = f"{1000.0 * c / rate:.2f}"
             return lambda secs: wrk.run(url=u[target], scenario=scenario, workdir=self.tmp,
                                         seconds=secs, connections=c,
                                         args=(uuid.uuid4().hex[:12], keys, delay)).as_dict()
 
-        return [("noop post paced", w("noop", "first_paced")),
-                ("proxy replay paced", w("proxy", "replay_paced"))]
+        post, get = self.paced_rate, self.paced_rate_get
+        return [("noop post paced", w("noop", "first_paced", post)),
+                ("proxy replay paced", w("proxy", "replay_paced", post)),
+                ("proxy first paced", w("proxy", "first_paced", post)),
+                ("proxy pass post paced", w("proxy", "pass_post_paced", post)),
+                ("noop get paced", w("noop", "get_paced", get)),
+                ("proxy get paced", w("proxy", "get_paced", get))]
 
     def prefill(self) -> None:
         t = time.perf_counter()

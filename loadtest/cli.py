@@ -99,6 +99,7 @@ def _run(opts: Options, bench: Bench) -> dict[str, Any]:
     bench.rounds(bench.plan())
     bench.rounds(bench.paced_plan())
     doc["paced_rate"] = round(bench.paced_rate, 1)
+    doc["paced_rate_get"] = round(bench.paced_rate_get, 1)
     doc["outcomes"] = clients.outcomes(bench.urls["proxy admin"])
     if opts.profile:
         doc["profile"] = bench.profiles()

@@ -3,7 +3,8 @@
 `runs` maps a measurement ("proxy replay", "noop post", …) to one dict per round with at
 least `rps`, and `p50_ms`/`p99_ms` for wrk runs. Ratios are the median of round-by-round
 ratios against the do-nothing proxy's same-shaped request ("noop get" for GETs, "noop
-post" for POSTs, "noop post paced" for the paced run).
+post" for POSTs, "noop get paced" / "noop post paced" for the paced runs, which offer
+both sides the same load: half the noop's saturation rate for that shape).
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ Runs = Mapping[str, Sequence[Mapping[str, Any]]]
 
 ORDER = (
     "upstream get", "upstream post", "nginx get", "nginx post", "noop get", "noop post",
-    "proxy get", "proxy first", "proxy replay", "proxy replay db", "proxy hot",
+    "proxy get", "proxy pass post", "proxy first", "proxy replay", "proxy replay db",
+    "proxy hot",
     "pooler first", "pooler replay", "pooler replay db",
     "pgbench first", "pgbench first batched",
-    "pgbench replay", "noop post paced", "proxy replay paced",
+    "pgbench replay", "noop post paced", "proxy replay paced", "proxy first paced",
+    "proxy pass post paced", "noop get paced", "proxy get paced",
 )
 LABELS = {
     "upstream get": "upstream direct, GET", "upstream post": "upstream direct, POST",
     "nginx get": "nginx proxy_pass, GET", "nginx post": "nginx proxy_pass, POST",
     "noop get": "do-nothing aiohttp proxy, GET", "noop post": "do-nothing aiohttp proxy, POST",
-    "proxy get": "idemproxy pass-through (GET)", "proxy first": "idemproxy first requests",
+    "proxy get": "idemproxy pass-through (GET)",
+    "proxy pass post": "idemproxy pass-through (POST, unrouted)",
+    "proxy first": "idemproxy first requests",
     "proxy replay": "idemproxy replays", "proxy hot": "idemproxy hot key",
     "proxy replay db": "idemproxy replays, replay_cache: 0 (from the database)",
     "pooler first": "idemproxy first requests, through PgBouncer (transaction)",
@@ -38,6 +43,10 @@ LABELS = {
                              "per batch)",
     "pgbench replay": "pgbench claim, replay (p50: mean)",
     "noop post paced": "do-nothing POST, paced", "proxy replay paced": "idemproxy replays, paced",
+    "proxy first paced": "idemproxy first requests, paced",
+    "proxy pass post paced": "idemproxy pass-through (POST), paced",
+    "noop get paced": "do-nothing GET, paced", "proxy get paced": "idemproxy pass-through "
+                                                                 "(GET), paced",
 }
 
 
@@ -51,7 +60,7 @@ def baseline_of(name: str) -> str:
     if name.endswith(" bigtable"):
         return baseline_of(name.removesuffix(" bigtable")) + " bigtable"
     if name.endswith("paced"):
-        return "noop post paced"
+        return "noop get paced" if name.endswith("get paced") else "noop post paced"
     return "noop get" if name.endswith("get") else "noop post"
 
 
@@ -63,12 +72,14 @@ class Row:
     p99_ms: float | None
     ratio: Summary | None  # rps against the baseline, round by round
     p99_ratio: Summary | None  # p99 against the baseline's p99, round by round
+    p50_ratio: Summary | None = None  # p50 against the baseline's p50, round by round
 
     def as_dict(self) -> dict[str, Any]:
         return {"label": label(self.name), "rps": self.rps.as_dict(),
                 "p50_ms": self.p50_ms, "p99_ms": self.p99_ms,
                 "ratio_vs_noop": self.ratio.as_dict() if self.ratio else None,
-                "p99_ratio_vs_noop": self.p99_ratio.as_dict() if self.p99_ratio else None}
+                "p99_ratio_vs_noop": self.p99_ratio.as_dict() if self.p99_ratio else None,
+                "p50_ratio_vs_noop": self.p50_ratio.as_dict() if self.p50_ratio else None}
 
 
 def _median_of(runs: Sequence[Mapping[str, Any]], field: str) -> float | None:
@@ -82,19 +93,25 @@ def rows(runs: Runs) -> list[Row]:
     for name in [n for n in order if n in runs] + sorted(set(runs) - set(order)):
         rs = runs[name]
         base = runs.get(baseline_of(name))
-        ratio = p99_ratio = None
+        ratio = p99_ratio = p50_ratio = None
         if base and name != baseline_of(name):
             n = min(len(rs), len(base))
-            ratio = _summary(paired_ratios([r["rps"] for r in rs[:n]],
-                                           [b["rps"] for b in base[:n]]))
-            if all(r.get("p99_ms") for r in list(rs[:n]) + list(base[:n])):
-                p99_ratio = _summary(paired_ratios([r["p99_ms"] for r in rs[:n]],
-                                                   [b["p99_ms"] for b in base[:n]]))
+            ratio = _field_ratio(rs[:n], base[:n], "rps")
+            p99_ratio = _field_ratio(rs[:n], base[:n], "p99_ms")
+            p50_ratio = _field_ratio(rs[:n], base[:n], "p50_ms")
         # pgbench reports a mean latency only: it goes in the p50 column, marked (mean)
         out.append(Row(name, summarize([r["rps"] for r in rs]),
                        _median_of(rs, "p50_ms") or _median_of(rs, "mean_ms"),
-                       _median_of(rs, "p99_ms"), ratio, p99_ratio))
+                       _median_of(rs, "p99_ms"), ratio, p99_ratio, p50_ratio))
     return out
+
+
+def _field_ratio(rs: Sequence[Mapping[str, Any]], base: Sequence[Mapping[str, Any]],
+                 field: str) -> Summary | None:
+    """Round-by-round ratios of `field`, if every run of both sides has it."""
+    if not all(r.get(field) for r in [*rs, *base]):
+        return None
+    return _summary(paired_ratios([r[field] for r in rs], [b[field] for b in base]))
 
 
 def _summary(values: list[float]) -> Summary | None:
@@ -157,14 +174,15 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 def render(table: Sequence[Row], checks: Sequence[Mapping[str, Any]]) -> str:
     """A Markdown table (measurements), then one line per target."""
     lines = ["| measurement | req/s (median) | spread | p50 ms | p99 ms | × do-nothing | "
-             "p99 × do-nothing |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "p50 × do-nothing | p99 × do-nothing |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         ratio = f"{r.ratio.median:.2f} ({r.ratio.low:.2f}–{r.ratio.high:.2f})" if r.ratio \
             else ("1.00" if r.name == baseline_of(r.name) else "-")
         p99r = f"{r.p99_ratio.median:.2f}" if r.p99_ratio else "-"
+        p50r = f"{r.p50_ratio.median:.2f}" if r.p50_ratio else "-"
         lines.append(f"| {label(r.name)} | {_fmt(r.rps.median, 0)} | "
                      f"±{r.rps.spread_pct / 2:.0f} % | {_fmt(r.p50_ms, 2)} | "
-                     f"{_fmt(r.p99_ms, 2)} | {ratio} | {p99r} |")
+                     f"{_fmt(r.p99_ms, 2)} | {ratio} | {p50r} | {p99r} |")
     lines += ["", "| target | measured | bound | met |", "|---|---:|---|---|"]
     for c in checks:
         met = {True: "yes", False: "**no**", None: "not run"}[c["met"]]

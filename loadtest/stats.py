@@ -59,9 +59,17 @@ class Target:
 
 TARGETS = (
     Target("pass-through", "proxy get", "noop get", "rps", 0.95, True),
+    Target("pass-through (POST)", "proxy pass post", "noop post", "rps", 0.95, True),
     Target("replays", "proxy replay", "noop post", "rps", 1.5, True),
     Target("first requests", "proxy first", "noop post", "rps", 0.6, True),
     Target("replay p99 at the same load", "proxy replay paced", "noop post paced",
+           "p99_ms", 1.0, False),
+    # issue #19's bounds for the latency a user feels, at half the noop's saturation
+    Target("first-request p99 at the same load", "proxy first paced", "noop post paced",
+           "p99_ms", 1.5, False),
+    Target("pass-through (POST) p99 at the same load", "proxy pass post paced",
+           "noop post paced", "p99_ms", 1.0, False),
+    Target("pass-through (GET) p99 at the same load", "proxy get paced", "noop get paced",
            "p99_ms", 1.0, False),
     Target("100 MiB body, RSS growth", "bigbody", "", "rss_mib", 50.0, False),
 )

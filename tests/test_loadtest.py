@@ -44,7 +44,8 @@ def test_wrk_parse_without_summary_fails_loudly() -> None:
 
 
 @pytest.mark.parametrize("scenario", ["get", "first", "replay", "hot", "replay_paced",
-                                      "first_paced"])
+                                      "first_paced", "pass_post", "pass_post_paced",
+                                      "get_paced"])
 def test_wrk_scripts_carry_the_summary_and_credentials(scenario: str) -> None:
     """Every scenario script gets the shared done() and the substituted Authorization."""
     text = wrk.script_text(scenario)
@@ -118,6 +119,29 @@ def test_report_ratios_and_verdicts() -> None:
     assert checks["100 MiB body, RSS growth"]["met"] is True
     text = report.render(table, list(checks.values()))
     assert "| idemproxy replays |" in text and "**no**" in text
+
+
+def test_paced_runs_compare_with_the_noops_same_shape_and_load() -> None:
+    """Paced GETs against the noop's paced GETs, paced POSTs (first requests, pass-through)
+    against its paced POSTs; p50 and p99 ratios round by round, with #19's verdicts."""
+    def r(p50: float, p99: float) -> dict[str, float]:
+        return {"rps": 500.0, "p50_ms": p50, "p99_ms": p99}
+
+    table = report.rows({
+        "noop post paced": [r(2.0, 10.0)], "noop get paced": [r(1.0, 4.0)],
+        "proxy first paced": [r(3.0, 16.0)], "proxy pass post paced": [r(1.0, 5.0)],
+        "proxy get paced": [r(0.5, 6.0)]})
+    by = {row.name: row for row in table}
+    assert report.baseline_of("proxy get paced") == "noop get paced"
+    assert by["proxy get paced"].p50_ratio is not None
+    assert by["proxy get paced"].p50_ratio.median == 0.5
+    assert by["proxy first paced"].p99_ratio is not None
+    assert by["proxy first paced"].p99_ratio.median == 1.6
+    checks = {c["target"]: c for c in report.verdicts(table, rss_growth_mib=None)}
+    assert checks["first-request p99 at the same load"]["met"] is False
+    assert checks["pass-through (POST) p99 at the same load"]["met"] is True
+    assert checks["pass-through (GET) p99 at the same load"]["met"] is False
+    assert "| 0.50 | 1.50 |" in report.render(table, list(checks.values()))
 
 
 def test_report_marks_targets_not_run() -> None:

@@ -39,6 +39,13 @@ function post(path, key)
    }, BODY)
 end
 
+function pass_post()
+   return wrk.format("POST", "/v1/orders", {
+      ["Authorization"] = AUTH,
+      ["Content-Type"] = "application/json",
+   }, BODY)
+end
+
 -- Paced runs (same offered load for both targets): a jittered pause per connection.
 function paced_delay()
    return delay_ms * (0.9 + 0.2 * math.random())
