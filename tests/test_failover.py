@@ -25,8 +25,12 @@ ROUTES = """
 - name: exec
   match: {methods: [POST], path: "/exec/*"}
   require_key: true
-  lock_timeout: 6s
+  lock_timeout: 15s
 """
+# The lease bounds how long a completion that failed during the outage is retried (the
+# upstream has answered and the client has its 201): it must outlast the outage plus the
+# pool's 2 s timeouts on a loaded machine, or the record is lost and a retry re-executes,
+# which is the documented behaviour past the lease, not what this test checks.
 
 
 @pytest.fixture
