@@ -86,19 +86,25 @@ async def store(db: str) -> AsyncIterator[PostgresStore]:
     await s.close()
 
 
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """Serve a test upstream's app on a loopback port 0; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=0.5)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[TestUpstream]:
     up = TestUpstream()
-    runner = web.AppRunner(up.app(), access_log=None, handler_cancellation=True,
-                           shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    up.url = f"http://127.0.0.1:{port}"
-    yield up
-    up.gate.set()
-    await runner.cleanup()
+    async with serve_app(up.app()) as up.url:
+        yield up
+        up.gate.set()
 
 
 def config_for(upstream_url: str, routes_yaml: str, *, extra: str = "",

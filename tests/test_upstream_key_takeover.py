@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.conftest import serve_app
 from tests.procs import Cluster
 from tests.test_flow import post
 
@@ -68,13 +69,8 @@ async def provider() -> AsyncIterator[IdempotentUpstream]:
     up = IdempotentUpstream()
     app = web.Application()
     app.router.add_post("/v1/charges", up.charge)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                           shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    up.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield up
-    await runner.cleanup()
+    async with serve_app(app) as up.url:
+        yield up
 
 
 async def test_unknown_outcome_then_takeover_leaves_one_effect(make_proxy, provider, client):

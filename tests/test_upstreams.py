@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp import web
 
 from proxy.upstream_key import derive
+from tests.conftest import serve_app
 from tests.test_flow import new_key, post
 from tests.upstream import TestUpstream
 
@@ -17,12 +17,8 @@ from tests.upstream import TestUpstream
 async def second() -> AsyncIterator[TestUpstream]:
     """Another recording upstream (the `upstream` fixture is the default one)."""
     up = TestUpstream()
-    runner = web.AppRunner(up.app(), access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    up.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield up
-    await runner.cleanup()
+    async with serve_app(up.app()) as up.url:
+        yield up
 
 
 ROUTES = """

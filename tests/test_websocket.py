@@ -12,6 +12,8 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
+from tests.conftest import serve_app
+
 ROUTES = """
 - name: orders
   match: {methods: [POST], path: "/orders/*"}
@@ -56,12 +58,8 @@ class WsUpstream:
 @pytest.fixture
 async def ws_upstream() -> AsyncIterator[WsUpstream]:
     up = WsUpstream()
-    runner = web.AppRunner(up.app(), access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    up.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield up
-    await runner.cleanup()
+    async with serve_app(up.app()) as up.url:
+        yield up
 
 
 async def test_websocket_echo_both_ways_and_a_clean_client_close(make_proxy, ws_upstream,
