@@ -7,7 +7,7 @@
     ├── SchemaNotCurrent            the database needs `idemproxy migrate` (CLI: exit 1)
     ├── StoreError                  anything the store failed at (store/ raises nothing else):
     │   │                           503 before the upstream was called; after it answered,
-    │   │                           the completion is retried within the lease
+    │   │                           the completion is retried until it lands
     │   ├── StoreUnavailable        Postgres unreachable, timed out, or not a primary
     │   └── StoreFailed             the server refused the statement (any other SQLSTATE)
     ├── UpstreamError               the upstream leg failed; carries the problem to answer

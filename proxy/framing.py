@@ -168,6 +168,10 @@ class _ProblemRequestHandler(web_protocol.RequestHandler):
             if now - self._last_byte >= lim.body_timeout:
                 log.info("client request body timed out", extra={"fields": {
                     "body_timeout_s": lim.body_timeout}})
+                # The stream cannot be trusted any more and the answer closes it: aiohttp
+                # must not linger reading the rest, which would raise this exception
+                # again outside any handler (an "Unhandled exception" traceback).
+                self._lingering_time = 0.0
                 request.content.set_exception(BodyTimeout(
                     f"No request body bytes arrived for {lim.body_timeout:g}s "
                     "(client.body_timeout).", close=True))

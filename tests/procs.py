@@ -124,6 +124,9 @@ class DedicatedPostgres:
         self._pg_ctl(["-w", "-m", "fast", "stop"])
 
     def start(self) -> None:
+        """Start it again (nothing to do if it runs)."""
+        if (Path(self.server.pgdata) / "postmaster.pid").exists():
+            return
         self._pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}",
                       "-l", str(self.server.log), "start"])
 

@@ -248,31 +248,69 @@ async def test_workers_exit_when_the_supervisor_is_killed(cluster: Cluster,
     assert alive == []
 
 
-async def test_completion_lost_past_the_lease_is_counted_and_logged(
-        tmp_path: Path, own_pg, upstream: TestUpstream, client):
-    """If the store stays down past the lease, the lost record is a metric and an error."""
-    cluster = Cluster(tmp_path, own_pg.url)
-    try:
-        p = await cluster.start("""
+GATE_1S = """
 - name: gate
   match: {methods: [POST], path: "/gate/*"}
   lock_timeout: 1s
-""", upstream=upstream.url, extra="database:\n  timeout: 1s\n")
-        call = asyncio.create_task(post(client, p.url + "/gate/gone", key=new_key()))
-        while upstream.count("/gate/gone") == 0:
-            await asyncio.sleep(0.01)
-        await asyncio.to_thread(own_pg.stop)
-        upstream.gate.set()
-        assert (await call)[0] == 201  # the client still gets the upstream's answer
-        metric = 'idemproxy_records_lost_total{route="gate"} 1.0'
-        for _ in range(60):
-            async with client.get(p.admin_url + "/metrics") as r:
-                if metric in await r.text():
-                    break
+"""
+
+
+async def _answered_with_the_store_down(cluster: Cluster, own_pg, upstream: TestUpstream,
+                                        client, key: str):
+    """A proxy (lease 1 s) whose upstream answers `key` while Postgres is stopped."""
+    p = await cluster.start(GATE_1S, upstream=upstream.url,
+                            extra="database:\n  timeout: 1s\n")
+    call = asyncio.create_task(post(client, p.url + f"/gate/{key}", key=key))
+    while upstream.count(f"/gate/{key}") == 0:
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(own_pg.stop)
+    upstream.gate.set()
+    assert (await call)[0] == 201  # the client still gets the upstream's answer
+    return p
+
+
+async def _wait_for_line(p, text: str, *, seconds: float = 20) -> None:
+    async with asyncio.timeout(seconds):
+        while text not in p.output():
             await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("records_lost never counted")
+
+
+async def test_completion_lands_after_an_outage_longer_than_the_lease(
+        tmp_path: Path, own_pg, upstream: TestUpstream, client):
+    """The store is down for longer than the lease: the completion retry keeps going and
+    stores the answer once Postgres is back, so a retry replays it (one execution) and no
+    record is counted lost."""
+    cluster = Cluster(tmp_path, own_pg.url)
+    key = new_key()
+    try:
+        p = await _answered_with_the_store_down(cluster, own_pg, upstream, client, key)
+        await _wait_for_line(p, "the lease has ended")  # down past the 1 s lease
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(own_pg.start)
+        await _wait_for_line(p, "result stored after a retry")
+        s, h, _ = await post(client, p.url + f"/gate/{key}", key=key)
+        assert (s, h.get("Idempotent-Replayed")) == (201, "true")
+        assert upstream.count(f"/gate/{key}") == 1
+        async with client.get(p.admin_url + "/metrics") as r:
+            assert 'idemproxy_records_lost_total{route="gate"} 1.0' not in await r.text()
+        assert "record lost" not in p.output()
+    finally:
+        cluster.stop_all()
+        await asyncio.to_thread(own_pg.start)
+
+
+async def test_completion_given_up_at_shutdown_is_logged_as_lost(
+        tmp_path: Path, own_pg, upstream: TestUpstream, client):
+    """A proxy stopped while its completion retry still waits for the store says the
+    answer was lost, and why, before it exits."""
+    cluster = Cluster(tmp_path, own_pg.url)
+    try:
+        p = await _answered_with_the_store_down(cluster, own_pg, upstream, client, new_key())
+        await _wait_for_line(p, "storing a result failed, retrying")
+        p.signal(signal.SIGTERM)
+        await asyncio.to_thread(p.proc.wait, 30)
         assert "record lost" in p.output()
+        assert "shut down before the store came back" in p.output()
     finally:
         cluster.stop_all()
         await asyncio.to_thread(own_pg.start)

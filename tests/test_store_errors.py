@@ -1,7 +1,7 @@
 """No store error becomes a 500 (issue #13). A trigger raises a chosen SQLSTATE when a
 key's claim or its completion is written: before the upstream was called the client gets
 a 503 problem with Retry-After and nothing is forwarded; after the upstream answered the
-client gets the upstream's answer and the completion is retried within the lease, so a
+client gets the upstream's answer and the completion is retried until it lands, so a
 retry after the fault is gone replays it (one execution)."""
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ async def test_a_failed_completion_answers_the_upstream_and_is_retried(
         client: aiohttp.ClientSession):
     """The upstream answered but storing it fails: the client gets the upstream's answer
     (no 5xx), a retry meanwhile gets 409 (in flight, never a second execution), and once
-    the fault is gone the completion retried within the lease lands: the retry replays
+    the fault is gone the retried completion lands: the retry replays
     the first answer byte for byte."""
     p = await make_proxy(ROUTES)
     key = f"fault-{uuid.uuid4().hex}"
