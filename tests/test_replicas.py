@@ -122,7 +122,7 @@ async def test_zombie_proxy_cannot_overwrite_the_new_owners_result(
     for proxy in (a, b):  # but the stored result is the new owner's, on every replica
         s, h, body = await post(client, proxy.url + "/gate/z", key=key)
         assert (s, body, h["Idempotent-Replayed"]) == (201, body_b, "true")
-    assert '"result not stored: the claim was taken over' in a.output()
+    assert "result was not stored: the claim was taken over by another proxy" in a.output()
 
 
 async def test_postgres_outage_fails_closed_and_recovers(tmp_path: Path, own_pg,
