@@ -1,4 +1,4 @@
-"""`python -m loadtest [--quick] [--profile] [--big-table]`."""
+"""`python -m loadtest [--quick] [--profile] [--pin] [--big-table]` (all: --help)."""
 
 from loadtest.cli import main
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import clients, pgbench, profile, tools, wrk
-from loadtest.configs import nginx_conf, proxy_yaml
-from loadtest.procs import Procs, free_port, wait_http
+from loadtest.configs import BIG_FILE, nginx_conf, nginx_upstream_conf, proxy_yaml
+from loadtest.layout import Layout, cpu_list, cpus_allowed, taskset
+from loadtest.procs import Procs, free_port, tree, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,7 +43,22 @@ class Options:
     big_table: int = 0  # rows to add for the big-table comparison (0: skip)
     workers: int = 1  # idemproxy workers, and as many do-nothing proxy processes
     pooler: bool = False  # also the proxy through PgBouncer in transaction mode
+    pin: bool = False  # load side and proxies on separate cores (loadtest/layout.py)
 
+# the processes under test: on the proxies' cores with --pin (everything else, children
+# of the harness, inherits the load side's cores from it)
+PROXIES = ("noop", "nginx", "proxy", "proxy-db", "pooler", "pooler-db")
+# --profile: every path through the proxy, (name, target, scenario); replays take the keys
+PROFILE_PATHS = (
+    ("get", "proxy", "get"),  # pass-through GET (our upstream client)
+    ("pass_post", "proxy", "pass_post"),  # pass-through POST, unrouted (a small upload)
+    ("first", "proxy", "first"),  # first requests: claim, forward, complete
+    ("replay", "proxy", "replay"),  # replays from the replay cache
+    ("replay_db", "proxy-db", "replay"),  # replays from the database (replay_cache: 0)
+)
+PROFILE_LABELS = {"get": "pass-through GET", "pass_post": "pass-through POST (unrouted)",
+                  "first": "first requests", "replay": "replays from the cache",
+                  "replay_db": "replays from the database (replay_cache: 0)"}
 
 
 @dataclass
@@ -57,14 +73,19 @@ class Bench:
     paced_rate: float = 0.0  # POSTs
     paced_rate_get: float = 0.0
     bouncer: Any = None  # tests.pgservers.PgBouncer, with --pooler
+    layout: Layout | None = None  # --pin: the harness already runs on layout.load
+    postmaster: int | None = None  # the embedded PostgreSQL's, to check its backends' cores
 
     # --- processes ---
 
     def start_all(self) -> None:
         py = sys.executable
         up = free_port()
-        self._start("upstream", [py, "-m", "loadtest.servers", "upstream", "--port", str(up)],
-                    f"http://127.0.0.1:{up}", "/ping")
+        if self.layout is None:
+            self._start("upstream", [py, "-m", "loadtest.servers", "upstream", "--port",
+                                     str(up)], f"http://127.0.0.1:{up}", "/ping")
+        else:
+            self._start_nginx_upstream(up)
         noop = free_port()
         for i in range(self.opts.workers):  # SO_REUSEPORT: like idemproxy's workers
             self._start("noop" + (f"-{i}" if i else ""), [
@@ -81,6 +102,22 @@ class Bench:
         self._start_proxy(up, "proxy-db", replay_cache="0")
         if self.opts.pooler:
             self._start_pooler(up)
+
+    def _start_nginx_upstream(self, port: int) -> None:
+        """--pin: nginx `return` as the fake upstream (C, on the load side's cores), and
+        the 100 MiB answer as a sparse file it serves (sendfile)."""
+        assert self.layout is not None
+        root = self.tmp / "upstream-root"
+        root.mkdir(exist_ok=True)
+        with open(root / BIG_FILE, "wb") as f:
+            f.truncate(100 * 2**20)
+        (root / BIG_FILE).chmod(0o644)  # nginx's worker runs unprivileged
+        conf = self.tmp / "nginx-upstream.conf"
+        conf.write_text(nginx_upstream_conf(port=port, prefix=self.tmp, root=root,
+                                            workers=len(self.layout.load)))
+        self._start("upstream", [tools.nginx_binary(), "-p", str(self.tmp), "-e",
+                                 str(self.tmp / "nginx-upstream-error.log"), "-c", str(conf)],
+                    f"http://127.0.0.1:{port}", "/ping")
 
     def _start_pooler(self, upstream_port: int) -> None:
         """PgBouncer (transaction mode, as many server connections as one proxy's pool)
@@ -103,6 +140,8 @@ class Bench:
 
     def _start(self, name: str, argv: list[str], url: str, probe: str, *,
                env: dict[str, str] | None = None) -> None:
+        if self.layout is not None and name in PROXIES:
+            argv = taskset(self.layout.proxies, argv)
         proc = self.procs.start(name, argv, env=env, cwd=ROOT)
         try:
             wait_http(url + probe, proc=proc)
@@ -124,6 +163,31 @@ class Bench:
                     f"http://127.0.0.1:{admin}", "/readyz", env=env)
         self.urls[name + " admin"] = self.urls[name]
         self.urls[name] = f"http://127.0.0.1:{port}"
+
+    def layout_record(self) -> dict[str, Any]:
+        """The layout asked for and what the kernel applied: each process's (and each
+        PostgreSQL backend's) `Cpus_allowed_list`, read once the proxies are connected."""
+        doc: dict[str, Any] = {"pinned": self.layout is not None}
+        if self.layout is not None:
+            doc |= {"load": cpu_list(self.layout.load),
+                    "proxies": cpu_list(self.layout.proxies),
+                    "upstream": "nginx return (C)"}
+        else:
+            doc["upstream"] = "aiohttp (loadtest/servers.py)"
+        doc["harness"] = cpus_allowed(os.getpid())
+        doc["processes"] = {name: sorted({cpus_allowed(p) or "?" for p in tree(pid)})
+                            for name, pid in self.pids.items()}
+        if self.postmaster is None:
+            doc["postgres"] = "external (IDEMPROXY_DATABASE_URL): not pinned"
+        else:
+            backends = tree(self.postmaster)[1:]
+            by_cpus: dict[str, int] = {}
+            for p in backends:
+                c = cpus_allowed(p) or "?"
+                by_cpus[c] = by_cpus.get(c, 0) + 1
+            doc["postgres"] = {"postmaster": cpus_allowed(self.postmaster),
+                               "backends": by_cpus}
+        return doc
 
     # --- measurements ---
 
@@ -240,23 +304,26 @@ class Bench:
         return doc
 
     def profiles(self) -> dict[str, Any]:
+        """py-spy on each path in turn (PROFILE_PATHS), under wrk's saturating load."""
         out: dict[str, Any] = {}
         secs = max(4.0, self.opts.seconds)
         RESULTS.mkdir(exist_ok=True)
-        for scenario, extra in (("get", ()), ("first", ()),
-                                ("replay", (str(self.opts.keys),))):
-            raw = RESULTS / f"profile-{scenario}.txt"
-            spy = profile.start(pid=self.pids["proxy"], out=raw, seconds=secs)
+        for name, target, scenario in PROFILE_PATHS:
+            extra = (str(self.opts.keys),) if scenario == "replay" else ()
+            raw = RESULTS / f"profile-{name}.txt"
+            raw.unlink(missing_ok=True)
+            spy = profile.start(pid=self.pids[target], out=raw, seconds=secs)
             time.sleep(0.5)
-            wrk.run(url=self.urls["proxy"], scenario=scenario, workdir=self.tmp,
-                    seconds=secs + 1, connections=self.opts.connections,
-                    args=(uuid.uuid4().hex[:12], *extra))
+            load = wrk.run(url=self.urls[target], scenario=scenario, workdir=self.tmp,
+                           seconds=secs + 1, connections=self.opts.connections,
+                           args=(uuid.uuid4().hex[:12], *extra))
             _, err = spy.communicate(timeout=60)
             if spy.returncode != 0 or not raw.exists():
-                out[scenario] = {"error": err.decode(errors="replace")[-500:]}
+                out[name] = {"label": PROFILE_LABELS[name],
+                             "error": err.decode(errors="replace")[-500:]}
                 continue
-            out[scenario] = {"file": str(raw.relative_to(ROOT)),
-                             **profile.top_costs(raw.read_text())}
+            out[name] = {"label": PROFILE_LABELS[name], "file": str(raw.relative_to(ROOT)),
+                         "rps": round(load.rps, 1), **profile.top_costs(raw.read_text())}
         return out
 
     def big_table(self) -> None:

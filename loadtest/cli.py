@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest import clients, report, tools
+from loadtest import clients, layout, report, tools
 from loadtest.bench import BIG_TABLE_PLAN, POOLER_PLAN, RESULTS, ROOT, Bench, Options
 from loadtest.procs import Procs, owned
 
@@ -43,15 +43,26 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--pooler", action="store_true", help="instead of the full plan: first "
                    "requests and replays through PgBouncer (transaction mode) next to the "
                    "same proxy on a direct connection")
+    p.add_argument("--pin", action="store_true", help="wrk, the fake upstream (nginx "
+                   "`return` instead of aiohttp), PostgreSQL and pgbench on the first half "
+                   "of the cores, the proxies under test on the rest (2 cores: 0 and 1); "
+                   "needs 2 cores or more")
     a = p.parse_args(argv)
     quick = a.quick
+    if a.pin:
+        try:
+            proxy_cores = len(layout.split(os.sched_getaffinity(0)).proxies)
+        except layout.PinError as exc:
+            p.error(str(exc))
+    else:
+        proxy_cores = os.cpu_count() or 1
     return Options(
         runs=a.runs or (1 if quick else 5), seconds=a.seconds or (2.0 if quick else 4.0),
         warmup=1.0 if quick else 2.0, connections=a.connections,
         hot_connections=a.hot_connections, keys=200 if quick else 2000,
         bigbody=not a.no_bigbody, profile=a.profile, big_table=a.big_table,
-        workers=(os.cpu_count() or 1) if a.workers == "auto" else int(a.workers),
-        pooler=a.pooler)
+        workers=proxy_cores if a.workers == "auto" else int(a.workers),
+        pooler=a.pooler, pin=a.pin)
 
 
 def machine() -> dict[str, Any]:
@@ -68,8 +79,9 @@ def machine() -> dict[str, Any]:
             "loadavg": os.getloadavg()}
 
 
-def run(opts: Options, *, tmp: Path, procs: Procs, db_url: str) -> dict[str, Any]:
-    bench = Bench(opts, tmp, procs, db_url)
+def run(opts: Options, *, tmp: Path, procs: Procs, db_url: str,
+        cores: layout.Layout | None = None, postmaster: int | None = None) -> dict[str, Any]:
+    bench = Bench(opts, tmp, procs, db_url, layout=cores, postmaster=postmaster)
     try:
         return _run(opts, bench)
     finally:
@@ -82,6 +94,7 @@ def _run(opts: Options, bench: Bench) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     if opts.big_table:  # its own question: first requests and replays, before and after
         bench.prefill()
+        doc["layout"] = _layout(bench)
         plan = dict(bench.plan())
         bench.rounds([(k, plan[k]) for k in BIG_TABLE_PLAN])
         bench.big_table()
@@ -89,6 +102,7 @@ def _run(opts: Options, bench: Bench) -> dict[str, Any]:
         return doc
     if opts.pooler:  # its own question: through PgBouncer against direct
         bench.prefill()
+        doc["layout"] = _layout(bench)
         plan = dict(bench.plan())
         bench.rounds([(k, plan[k]) for k in POOLER_PLAN])
         doc["runs"] = bench.runs
@@ -96,6 +110,7 @@ def _run(opts: Options, bench: Bench) -> dict[str, Any]:
     if opts.bigbody:  # first, on a fresh process: earlier load would hide the growth
         doc["bigbody"] = bench.bigbody()
     bench.prefill()
+    doc["layout"] = _layout(bench)
     bench.rounds(bench.plan())
     bench.rounds(bench.paced_plan())
     doc["paced_rate"] = round(bench.paced_rate, 1)
@@ -105,6 +120,35 @@ def _run(opts: Options, bench: Bench) -> dict[str, Any]:
         doc["profile"] = bench.profiles()
     doc["runs"] = bench.runs
     return doc
+
+
+def _layout(bench: Bench) -> dict[str, Any]:
+    """Recorded (and printed) once the proxies hold their database connections."""
+    doc = bench.layout_record()
+    print(f"layout: {describe(doc)}", flush=True)
+    return doc
+
+
+def describe(doc: dict[str, Any]) -> str:
+    """One line for the printed summary: the layout and the cores the kernel applied."""
+    if not doc.get("pinned"):
+        return f"unpinned (every process on any core), upstream {doc.get('upstream')}"
+    pg = doc.get("postgres")
+    pg_text = (f"postmaster {pg['postmaster']}, backends "
+               + ", ".join(f"{n} on {c}" for c, n in pg["backends"].items())
+               if isinstance(pg, dict) else str(pg))
+    procs = ", ".join(f"{k} {'/'.join(v)}" for k, v in doc.get("processes", {}).items())
+    return (f"pinned: load side on core {doc['load']} (wrk, pgbench, harness "
+            f"{doc.get('harness')}; PostgreSQL: {pg_text}), proxies on core "
+            f"{doc['proxies']}; upstream {doc.get('upstream')}; cores applied: {procs}")
+
+
+def postmaster_pid(tmp: Path) -> int | None:
+    """The embedded server's postmaster (first line of postmaster.pid); None if external."""
+    pidfile = tmp / "pg" / "pgdata" / "postmaster.pid"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(pidfile.read_text().split()[0])
+    return None
 
 
 @contextlib.contextmanager
@@ -125,12 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     tools.ensure()
     started = time.time()
+    cores = layout.split(os.sched_getaffinity(0)) if opts.pin else None
+    if cores is not None:  # the harness first: all it starts inherits the load side
+        os.sched_setaffinity(0, cores.load)
+        print(cores.describe(), flush=True)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="idemproxy-bench-")))
         tmp.chmod(0o755)  # the embedded server and nginx's worker run unprivileged
         db_url = stack.enter_context(database(tmp))
+        postmaster = postmaster_pid(tmp)
+        if cores is not None and postmaster is not None:  # started under it; made sure
+            layout.pin_tree(postmaster, cores.load)
         procs = stack.enter_context(owned(Procs(tmp)))
-        doc = run(opts, tmp=tmp, procs=procs, db_url=db_url)
+        doc = run(opts, tmp=tmp, procs=procs, db_url=db_url, cores=cores,
+                  postmaster=postmaster)
     table = report.rows(doc["runs"])
     checks = report.verdicts(table, rss_growth_mib=doc.get("bigbody", {}).get(
         "rss_growth_mib"), big_table_rows=opts.big_table, runs=doc["runs"])
@@ -143,11 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(doc, indent=2, default=str))
     print()
     print(text)
-    for name, prof in doc.get("profile", {}).items():
-        print(f"\nprofile, {name} ({prof.get('samples', 0)} samples), self time:")
+    for prof in doc.get("profile", {}).values():
+        if "error" in prof:
+            print(f"\nprofile, {prof['label']}: py-spy failed: {prof['error']}")
+            continue
+        print(f"\nprofile, {prof['label']} ({prof.get('samples', 0)} samples, "
+              f"{prof.get('rps', 0):,.0f} req/s under py-spy), self time:")
         for fn, pct in prof.get("self", [])[:10]:
             print(f"  {pct:5.1f} %  {fn}")
     m = doc["machine"]
+    if "layout" in doc:
+        print(f"\nlayout: {describe(doc['layout'])}")
     print(f"\n{m['nproc']} × {m['cpu']}, commit {m['commit']}, "
           f"{doc['elapsed_s']:.0f}s; JSON: {out.relative_to(ROOT)}")
     return 0

@@ -6,6 +6,10 @@ from pathlib import Path
 
 AUTHORIZATION = "Bearer loadtest"
 BODY = '{"amount":2000,"currency":"eur","customer":"cus_loadtest","description":"bench"}'
+# The fake upstream's answer to every POST (servers.py's and the nginx one's, --pin)
+CREATED = b'{"id":"ch_000001","object":"charge","amount":2000,"currency":"eur","status":"ok"}'
+OK = b'{"ok":true}'  # its answer to every GET
+BIG_FILE = "big"  # the pinned upstream's 100 MiB answer to POST /big, under its root
 
 
 def proxy_yaml(*, port: int, admin_port: int, upstream_port: int, data_dir: Path,
@@ -52,8 +56,7 @@ def nginx_conf(*, port: int, upstream_port: int, prefix: Path) -> str:
     One worker, like the single-process proxies it is compared with; everything it
     writes stays under `prefix`.
     """
-    temp = "\n".join(f"    {d}_temp_path {prefix}/{d}_temp;"
-                     for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = _temp_paths(prefix, "")
     return f"""daemon off;
 master_process on;
 worker_processes 1;
@@ -79,3 +82,50 @@ http {{
     }}
 }}
 """
+
+
+def nginx_upstream_conf(*, port: int, prefix: Path, root: Path, workers: int = 1) -> str:
+    """nginx as the fake upstream (--pin): the same answers as servers.py's, in C.
+
+    GET (and HEAD) of any path: 200 `{"ok":true}`; any other method: 201 with CREATED,
+    the request body read and dropped; `/big`: the file `root/big` (100 MiB of zeros,
+    sparse), for POST too, by the usual `error_page 405` redirect to a GET of itself.
+    Connections are kept for as many requests as the proxies send (nginx's default
+    `keepalive_requests` of 1000 would make them reconnect every 1000 requests).
+    """
+    return f"""daemon off;
+master_process on;
+worker_processes {workers};
+pid {prefix}/nginx-upstream.pid;
+error_log {prefix}/nginx-upstream-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    server_tokens off;
+{_temp_paths(prefix, "upstream_")}
+    keepalive_requests 100000000;
+    keepalive_timeout 75s;
+    client_max_body_size 0;
+    default_type application/json;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /{BIG_FILE} {{
+            root {root};
+            default_type application/octet-stream;
+            error_page 405 =200 $uri;
+        }}
+        location / {{
+            if ($request_method !~ ^(GET|HEAD)$) {{
+                return 201 '{CREATED.decode()}';
+            }}
+            return 200 '{OK.decode()}';
+        }}
+    }}
+}}
+"""
+
+
+def _temp_paths(prefix: Path, name: str) -> str:
+    """nginx's temp folders under `prefix` (one set per nginx: `name` tells them apart)."""
+    return "\n".join(f"    {d}_temp_path {prefix}/{name}{d}_temp;"
+                     for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))

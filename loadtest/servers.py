@@ -22,9 +22,10 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
+from loadtest.configs import CREATED, OK
+
 CHUNK = 256 * 1024
 BIG_DEFAULT = 100 * 2**20
-CREATED = b'{"id":"ch_000001","object":"charge","amount":2000,"currency":"eur","status":"ok"}'
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
     "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "host",
@@ -36,7 +37,7 @@ async def _answer(request: web.Request) -> web.StreamResponse:
     if request.path == "/big":
         return await _big(request)
     if request.method == "GET":
-        return web.Response(body=b'{"ok":true}', content_type="application/json")
+        return web.Response(body=OK, content_type="application/json")
     await request.read()
     return web.Response(status=201, body=CREATED, content_type="application/json")
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import pgbench, profile, report, stats, wrk
+from loadtest import bench, cli, configs, layout, pgbench, profile, report, stats, wrk
 from loadtest.clients import parse_outcomes
-from loadtest.configs import AUTHORIZATION, nginx_conf, proxy_yaml
+from loadtest.configs import AUTHORIZATION, CREATED, OK, nginx_conf, proxy_yaml
 from proxy.config import Concurrent, loads
 
 WRK_OUTPUT = """Running 5s test @ http://127.0.0.1:1234
@@ -196,11 +196,14 @@ def test_parse_outcomes_reads_labels_in_any_order() -> None:
 def test_profile_top_costs() -> None:
     """Collapsed stacks become self and inclusive shares per function."""
     collapsed = ("main (a.py:1);handle (proxy/idempotency.py:10);claim (proxy/s.py:3) 6\n"
-                 "main (a.py:1);handle (proxy/idempotency.py:12) 4\n")
+                 "main (a.py:1);handle (proxy/idempotency.py:12) 3\n"
+                 "main (a.py:1);log (proxy/logs.py:7) 1\n")
     top = profile.top_costs(collapsed)
     assert top["samples"] == 10
     assert ("claim (proxy/s.py)", 60.0) in top["self"]
-    assert ("handle (proxy/idempotency.py)", 100.0) in top["inclusive"]
+    assert ("handle (proxy/idempotency.py)", 90.0) in top["inclusive"]
+    # the entry frame is on every stack: no inclusive share, it says nothing
+    assert "main (a.py)" not in dict(top["inclusive"])
 
 
 def test_proxy_yaml_can_turn_the_replay_cache_off(tmp_path: Path) -> None:
@@ -209,3 +212,110 @@ def test_proxy_yaml_can_turn_the_replay_cache_off(tmp_path: Path) -> None:
     off = loads(proxy_yaml(port=1, admin_port=2, upstream_port=3, data_dir=tmp_path,
                            replay_cache="0"), env={})
     assert on.replay_cache > 0 and off.replay_cache == 0
+
+
+def test_pin_splits_two_cores_load_then_proxies() -> None:
+    """Two cores: 0 for wrk, the upstream and Postgres, 1 for the proxies."""
+    got = layout.split({0, 1})
+    assert (got.load, got.proxies) == ((0,), (1,))
+    assert "core 0" in got.describe() and "proxies on core 1" in got.describe()
+
+
+@pytest.mark.parametrize(("cpus", "load", "proxies"), [
+    ({0, 1, 2, 3}, (0, 1), (2, 3)),
+    ({0, 1, 2}, (0,), (1, 2)),  # an odd core goes to the proxies
+    ({2, 5, 7, 9}, (2, 5), (7, 9)),  # the cores this process may use, not 0..N-1
+])
+def test_pin_splits_more_cores_half_and_half(cpus: set[int], load: tuple[int, ...],
+                                             proxies: tuple[int, ...]) -> None:
+    """N cores: the lower half (rounded down) for the load side, the rest for the proxies."""
+    got = layout.split(cpus)
+    assert (got.load, got.proxies) == (load, proxies)
+    assert not set(got.load) & set(got.proxies)
+
+
+def test_pin_refuses_one_core() -> None:
+    """One usable core cannot be split: a clear error, not a layout that shares it."""
+    with pytest.raises(layout.PinError, match="at least 2 usable cores"):
+        layout.split({0})
+
+
+def test_pin_flag_refused_on_one_core(monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m loadtest --pin` on a 1-core machine exits 2 with the reason."""
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0})
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--pin"])
+    assert exc.value.code == 2
+    assert "--pin needs at least 2 usable cores" in capsys.readouterr().err
+
+
+def test_pin_flag_sizes_auto_workers_to_the_proxies_cores(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--pin --workers auto`: one worker per proxy-side core; unpinned, per core."""
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    pinned = cli.parse_args(["--pin", "--workers", "auto"])
+    assert pinned.pin and pinned.workers == 2
+    assert not cli.parse_args([]).pin
+
+
+def test_cpu_lists_in_the_kernels_format() -> None:
+    """Cores print as /proc's Cpus_allowed_list does, and read back."""
+    assert layout.cpu_list([5, 0, 1, 2]) == "0-2,5"
+    assert layout.cpu_list([1]) == "1"
+    assert layout.parse_cpu_list("0-2,5\n") == (0, 1, 2, 5)
+    assert layout.taskset([1], ["nginx", "-c", "x"]) == ["taskset", "-c", "1", "nginx",
+                                                         "-c", "x"]
+
+
+def test_cpus_allowed_reads_this_process() -> None:
+    """What the kernel applied to a process, in the list format."""
+    import os
+
+    allowed = layout.cpus_allowed(os.getpid())
+    assert allowed is not None
+    assert set(layout.parse_cpu_list(allowed)) == os.sched_getaffinity(0)
+
+
+def test_nginx_upstream_answers_the_fake_upstreams_shapes(tmp_path: Path) -> None:
+    """The C upstream: GET 200 {"ok":true}, other methods 201 CREATED, /big a file it
+    serves to a POST too; connections kept; everything it writes under prefix."""
+    conf = configs.nginx_upstream_conf(port=18005, prefix=tmp_path, root=tmp_path / "root",
+                                       workers=2)
+    assert "listen 127.0.0.1:18005" in conf and "worker_processes 2;" in conf
+    assert f"return 201 '{CREATED.decode()}';" in conf
+    assert f"return 200 '{OK.decode()}';" in conf
+    assert "if ($request_method !~ ^(GET|HEAD)$)" in conf
+    assert "location = /big" in conf and f"root {tmp_path / 'root'};" in conf
+    assert "error_page 405 =200 $uri;" in conf  # POST /big served as the file
+    assert "default_type application/json;" in conf and "keepalive_requests 100000000;" in conf
+    paths = [w.rstrip(";") for w in conf.split() if w.startswith("/") and w != "/"
+             and w not in ("/big",)]
+    assert paths and all(p.startswith(str(tmp_path)) for p in paths)
+    # not the nginx proxy baseline's temp folders: the two run side by side
+    base = nginx_conf(port=18004, upstream_port=18005, prefix=tmp_path)
+    temp = {w for w in conf.split() if w.endswith("_temp;")}
+    assert temp and not temp & {w for w in base.split() if w.endswith("_temp;")}
+
+
+def test_profile_covers_every_path() -> None:
+    """--profile samples pass-through GET and POST, first requests, and replays from the
+    cache and from the database (the replay_cache: 0 proxy)."""
+    paths = {name: (target, scenario) for name, target, scenario in bench.PROFILE_PATHS}
+    assert paths == {"get": ("proxy", "get"), "pass_post": ("proxy", "pass_post"),
+                     "first": ("proxy", "first"), "replay": ("proxy", "replay"),
+                     "replay_db": ("proxy-db", "replay")}
+    assert set(bench.PROFILE_LABELS) == set(paths)
+    assert {target for target, _ in paths.values()} <= set(bench.PROXIES)
+
+
+def test_layout_summary_names_the_sides_and_the_applied_cores() -> None:
+    """The printed layout says which cores each side got and what Postgres' backends
+    actually run on; unpinned says so."""
+    pinned = {"pinned": True, "load": "0", "proxies": "1", "harness": "0",
+              "upstream": "nginx return (C)", "processes": {"proxy": ["1"], "upstream": ["0"]},
+              "postgres": {"postmaster": "0", "backends": {"0": 14}}}
+    text = cli.describe(pinned)
+    assert "load side on core 0" in text and "proxies on core 1" in text
+    assert "backends 14 on 0" in text and "proxy 1" in text
+    assert cli.describe({"pinned": False, "upstream": "aiohttp"}).startswith("unpinned")
