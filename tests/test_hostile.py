@@ -138,6 +138,9 @@ CASES = [
     Case("host-other-host", b"POST /exec/host HTTP/1.1\r\nHost: 127.0.0.1:{decoy}\r\n"
                             b"Idempotency-Key: {key}\r\nContent-Length: 2\r\n\r\nhi",
          expect=UPSTREAM_ONLY),
+    # RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400.
+    Case("no-host-http11", AUTH.join([b"POST /exec/host HTTP/1.1\r\n", KEY +
+                                      b"Content-Length: 2\r\n\r\nhi"])),
     Case("double-host", b"POST /exec/host HTTP/1.1\r\nHost: proxy.test\r\n"
                         b"Host: 127.0.0.1:{decoy}\r\nContent-Length: 2\r\n\r\nhi"),
     # Raw UTF-8 in the target: idemproxy's HTTP/1.1 client writes visible ASCII only; the
