@@ -86,12 +86,12 @@ async def _identify(request: web.BaseRequest, m: Match, deps: Deps
     route, body = m.route, None
     if route.key.body:
         body = await read_body(request, limit=route.max_request_body)
+    sealer = deps.store.sealer
     key = keys.read_key(route, headers=request.headers, params=m.params, body=body,
-                        now=time.time() + deps.db_clock_offset)
+                        now=time.time() + deps.db_clock_offset, keyed=sealer.body_key)
     if key is None:
         return None, body
     # Before the body is read: a refusal goes out before any 100 Continue (RFC 9110 §10.1.1).
-    sealer = deps.store.sealer
     scope = keys.scope_of(route, keys.tenant_of(route, request.headers,
                                                 keyed=sealer.tenant_hash))
     if body is None:

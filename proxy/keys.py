@@ -46,12 +46,12 @@ MAX_KEY_LENGTH = 255
 # --- the key ---------------------------------------------------------------------------
 
 def read_key(route: Route, *, headers: Mapping[str, str], params: Mapping[str, str],
-             body: bytes | None, now: float) -> str | None:
+             body: bytes | None, now: float, keyed: Callable[[bytes], str]) -> str | None:
     """The route's key for this request, or None when it has none and may go unguarded.
 
     Raises KeyMissing (no key on a `require_key` route) or KeyMalformed (a key that is
     there but unusable). `body` is needed only for body keys; `now` (the database clock,
-    in seconds) only for bucketed ones.
+    in seconds) only for bucketed ones; `keyed` (Sealer.body_key) hashes body keys.
     """
     src = route.key
     if src.header is not None:
@@ -60,7 +60,7 @@ def read_key(route: Route, *, headers: Mapping[str, str], params: Mapping[str, s
     if src.path is not None:
         return check_key(params[src.path], source=f"path parameter {{{src.path}}}")
     return body_key(route, body or b"", content_type=headers.get("Content-Type", ""),
-                    now=now)
+                    now=now, keyed=keyed)
 
 
 def parse_key_value(raw: str, *, source: str) -> str:
@@ -126,8 +126,10 @@ class NoBodyValue(ValueError):
     """Why a body yields no key: no body, not JSON or form, or a pointer that is absent."""
 
 
-def body_key(route: Route, body: bytes, *, content_type: str, now: float) -> str | None:
-    """A content-derived key: SHA-256 of the selected values, canonicalised, or raw.
+def body_key(route: Route, body: bytes, *, content_type: str, now: float,
+             keyed: Callable[[bytes], str]) -> str | None:
+    """A content-derived key: a keyed hash (`keyed`: an HMAC under the installation
+    secret, Sealer.body_key) of the selected values, canonicalised; or the raw value.
 
     A body that yields no key is a 400 on `require_key` routes, else None (unguarded).
     """
@@ -144,7 +146,7 @@ def body_key(route: Route, body: bytes, *, content_type: str, now: float) -> str
     material = f"{kind}:{canonical_json(values)}"
     if src.bucket is not None:  # the window the database clock is in, since the epoch
         material += f"|bucket:{src.bucket:g}:{int(now // src.bucket)}"
-    return "body:" + hashlib.sha256(material.encode("ascii")).hexdigest()
+    return "body:" + keyed(material.encode("ascii"))
 
 
 def select(body: bytes, *, content_type: str, pointers: Sequence[str]

@@ -157,6 +157,9 @@ class Sealer:
         # routes[].upstream_key (proxy/upstream_key.py): under the installation secret,
         # not a data key, so it stays the same across key rotation mid-flight.
         self.upstream_key_secret = _derive(installation_secret, "upstream-key")
+        # routes[].key.body: the stored key of a content-derived key. Under the
+        # installation secret too: it is looked up, so it must outlive key rotation.
+        self._body_key = _derive(installation_secret, "body-key")
         self._log_key = self.primary.log_key if self.primary else _derive(
             installation_secret, "log")
         self.on_unreadable = on_unreadable or (lambda key_id: None)
@@ -214,6 +217,11 @@ class Sealer:
         """The tenant's name in scopes and logs: 32 hex digits of an HMAC under the
         installation secret (a guessed credential cannot be checked without it)."""
         return hmac.new(self._tenant_key, material, hashlib.sha256).hexdigest()[:32]
+
+    def body_key(self, material: bytes) -> str:
+        """A content-derived key (64 hex digits): an HMAC under the installation secret,
+        so a stored key cannot be used to test guessed body values offline."""
+        return hmac.new(self._body_key, material, hashlib.sha256).hexdigest()
 
     def key_hash(self, scope: str, key: str) -> str:
         """The key's name in log lines: 16 hex digits of a keyed HMAC."""

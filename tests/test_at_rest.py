@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import json
 import os
 import uuid
 
 import aiohttp
 import asyncpg
 
+from proxy import keys
 from tests.conftest import ProxyHandle
 from tests.test_flow import post
 from tests.upstream import pattern
@@ -20,6 +23,9 @@ K1 = "k1:" + base64.b64encode(b"\x11" * 32).decode()
 K2 = "k2:" + base64.b64encode(b"\x22" * 32).decode()
 
 ROUTES = """
+- name: mail
+  match: {methods: [POST], path: "/exec/mail"}
+  key: {body: [/to]}
 - name: exec
   match: {methods: [POST, PUT], path: "/exec/*"}
 - name: echo
@@ -81,6 +87,24 @@ async def test_marker_is_in_no_column_and_replays_are_exact(make_proxy, upstream
     assert_absent(dump, marker)
     assert pattern(4096, 300 * 1024).hex() not in dump  # the big body's bytes
     assert upstream.count("/echo") == 1 and upstream.count("/big") == 1
+
+
+async def test_a_body_derived_key_cannot_be_checked_against_a_guessed_body(
+        make_proxy, upstream, client, db):
+    """A content-derived key is stored as an HMAC under the installation secret: the
+    plain SHA-256 of the guessed value (what the key was before) is in no column, and
+    the key still dedupes a retry."""
+    p = await make_proxy(ROUTES)
+    to = f"{uuid.uuid4().hex}@example.com"
+    body = json.dumps({"to": to}).encode()
+    hdrs = {"Content-Type": "application/json"}
+    first = await post(client, p.url + "/exec/mail", key=None, data=body, headers=hdrs)
+    again = await post(client, p.url + "/exec/mail", key=None, data=body, headers=hdrs)
+    assert first[0] == again[0] == 201 and again[1]["Idempotent-Replayed"] == "true"
+    assert upstream.count("/exec/mail") == 1
+    guess = hashlib.sha256(f"json:{keys.canonical_json([to])}".encode()).hexdigest()
+    dump = await table_rows_text(db)
+    assert "body:" in dump and guess not in dump
 
 
 async def sealed_rows(db: str, key: str) -> list[asyncpg.Record]:

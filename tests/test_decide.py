@@ -119,7 +119,8 @@ def test_no_route_or_method_not_in_route_streams_through():
 
 
 def _key(route: Route, headers: dict[str, str]) -> str | None:
-    return keys.read_key(route, headers=CIMultiDict(headers), params={}, body=None, now=0)
+    return keys.read_key(route, headers=CIMultiDict(headers), params={}, body=None, now=0,
+                         keyed=lambda m: m.hex())
 
 
 def test_no_key_is_unguarded_or_400_by_require_key():

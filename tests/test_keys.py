@@ -16,7 +16,8 @@ from proxy.errors import KeyMalformed, KeyMissing
 from proxy.routing import PathPattern
 from proxy.sealing import Sealer
 
-TENANT_HASH = Sealer(keys=(), installation_secret=b"t" * 32).tenant_hash
+SEALER = Sealer(keys=(), installation_secret=b"t" * 32)
+TENANT_HASH, BODY_HASH = SEALER.tenant_hash, SEALER.body_key
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
@@ -32,7 +33,7 @@ def body_route(*pointers: str, require: bool = True, bucket: float | None = None
 def body_key(route: Route, body: bytes | str, content_type: str = JSON,
              now: float = 0.0) -> str | None:
     data = body.encode() if isinstance(body, str) else body
-    return keys.body_key(route, data, content_type=content_type, now=now)
+    return keys.body_key(route, data, content_type=content_type, now=now, keyed=BODY_HASH)
 
 
 # --- header values: bare tokens and RFC 8941 sf-strings --------------------------------
@@ -89,7 +90,8 @@ def test_path_keys_are_not_parsed_as_sf_strings() -> None:
                   key=KeySource(header=None, path="id"))
 
     def read(value: str) -> str | None:
-        return keys.read_key(route, headers={}, params={"id": value}, body=None, now=0)
+        return keys.read_key(route, headers={}, params={"id": value}, body=None, now=0,
+                             keyed=BODY_HASH)
 
     assert read("42") == "42"
     assert read('"42"') == '"42"'
@@ -397,3 +399,17 @@ def test_ignored_fields_do_not_count() -> None:
     assert fp(ignoring, body=b'{"amount": 6, "timestamp": 1, "meta": {"trace": "t1", '
                              b'"v": 1}, "items": ["x", "y"]}') != a
     assert fp(ignoring, body=b'{"amount": 5, "meta": {"v": 2}, "items": ["x", "y"]}') != a
+
+
+def test_body_keys_are_keyed_by_the_installation_secret():
+    """The same body gives another key under another installation secret, and never the
+    plain SHA-256 of the selected values: a stored key does not confirm a guessed body."""
+    import hashlib
+
+    route = body_route("/to")
+    data = b'{"to": "x@example.com"}'
+    mine = keys.body_key(route, data, content_type=JSON, now=0.0, keyed=BODY_HASH)
+    other = Sealer(keys=(), installation_secret=b"u" * 32).body_key
+    assert keys.body_key(route, data, content_type=JSON, now=0.0, keyed=other) != mine
+    plain = hashlib.sha256(b'json:["x@example.com"]').hexdigest()
+    assert mine is not None and mine.startswith("body:") and plain not in mine
