@@ -1,46 +1,34 @@
-"""The composition root (`create_app`), the proxied port's handler and the admin
-application (never on the same port).
+"""The composition root (`create_app`) and the proxied port's handler; the admin
+application (never on the same port) is built by proxy/admin.py.
 
 `create_app` is the one place the pieces are assembled: `serve`, the supervisor and the
 tests call it with a store and a metrics registry; it opens the upstream session, the
 replay cache and its LISTEN connection, and builds both handlers on them.
 
-Both render every `ProblemError` as RFC 9457 problem+json; anything else that
-escapes a handler is logged with its traceback and answered as a generic 500 problem,
-never a traceback to the client.
+Both render every `ProblemError` as RFC 9457 problem+json (framing.refused); anything
+else that escapes a handler is logged with its traceback and answered as a generic 500
+problem (framing.internal_error), never a traceback to the client.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
-import os
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
 from proxy import idempotency, logs, routing
+from proxy.admin import create_admin_app
 from proxy.cache import ReplayCache
 from proxy.config import SAFE_METHODS, Config
 from proxy.context import Deps, Services
 from proxy.errors import (
-    AdminUnauthorized,
-    BadRequest,
-    InternalError,
-    NotFound,
     ProblemError,
-    StoreError,
-    for_http_status,
-    store_unavailable,
 )
-from proxy.framing import check_framing, problem_response
+from proxy.framing import check_framing, internal_error, refused
 from proxy.limits import BodyBudget
 from proxy.metrics import Metrics
 from proxy.store import Store
@@ -49,12 +37,6 @@ from proxy.upstreams import Upstreams
 
 log = logging.getLogger("idemproxy.app")
 
-CONFIG = web.AppKey("config", Config)
-DEPS = web.AppKey("deps", Services)
-STATE = web.AppKey("state", dict)
-
-T = TypeVar("T")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ProxyHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
@@ -104,31 +86,6 @@ async def create_app(cfg: Config, *, store: Store, metrics: Metrics,
                   create_proxy_handler(cfg, deps))
 
 
-def _refused(request: web.BaseRequest, exc: ProblemError) -> web.Response:
-    if not logs.request_logged():  # one line per request: a guarded one has had it
-        log.info("request refused", extra={"fields": {
-            "method": request.method, "status": exc.status, "type": exc.slug}})
-    return problem_response(exc)
-
-
-def _internal_error() -> web.Response:
-    log.exception("unhandled error in request handler")
-    # Never "nothing was stored": the error may come after the upstream acted.
-    return problem_response(InternalError("The proxy hit an internal error."))
-
-
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ProblemError as exc:
-        return _refused(request, exc)
-    except web.HTTPException:
-        raise
-    except Exception:
-        return _internal_error()
-
-
 def create_proxy_handler(cfg: Config, deps: Deps) -> ProxyHandler:
     """The proxied port's one handler, for every path and method (see ProxyRunner)."""
     routes = cfg.routes
@@ -150,178 +107,12 @@ def create_proxy_handler(cfg: Config, deps: Deps) -> ProxyHandler:
                     encoded=True))
             return await idempotency.handle(request, m, deps)
         except ProblemError as exc:
-            return _refused(request, exc)
+            return refused(request, exc)
         except web.HTTPException:
             raise  # aiohttp answers these itself
         except Exception:
-            return _internal_error()
+            return internal_error()
         finally:
             ticket.release()
 
     return proxy_handler
-
-
-def create_admin_app(cfg: Config, deps: Services, *, state: dict[str, bool] | None = None
-                     ) -> web.Application:
-    """Health, readiness, metrics and key operations on the admin listener.
-
-    /healthz, /readyz and /metrics are open (probes and Prometheus); everything else needs
-    `Authorization: Bearer <token>` when the listener is beyond loopback. Every error is
-    problem+json.
-    """
-    app = web.Application(middlewares=[problem_middleware, _admin_problems,
-                                       _admin_auth(cfg)])
-    app[CONFIG] = cfg
-    app[DEPS] = deps
-    app[STATE] = state if state is not None else {"shutting_down": False}
-    deps.metrics.declare_routes(r.name for r in cfg.routes)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/admin/keys", _key_show)
-    app.router.add_delete("/admin/keys", _key_delete)
-    app.router.add_post("/admin/keys/release", _key_release)
-    app.router.add_get("/admin/in-flight", _in_flight)
-    app.router.add_delete("/admin/tenants/{tenant}", _tenant_erase)
-    return app
-
-
-OPEN_ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-
-
-def _admin_auth(cfg: Config) -> Middleware:
-    """Beyond loopback, all but the open paths need `Authorization: Bearer $token_env`.
-
-    Deny by default: a path not in OPEN_ADMIN_PATHS needs the token whatever its spelling.
-    The token is read once, when the app is built; unset, every guarded call is refused.
-    """
-    token = os.environ.get(cfg.admin.token_env, "")
-    if not cfg.admin.listen.is_loopback and not token:
-        log.warning("admin listens beyond loopback and $%s is not set: key operations "
-                    "are refused", cfg.admin.token_env)
-    expected = token.encode()
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not cfg.admin.listen.is_loopback and request.path not in OPEN_ADMIN_PATHS:
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            ok = scheme.lower() == "bearer" and hmac.compare_digest(
-                given.strip().encode("utf-8", "surrogateescape"), expected)
-            if not (ok and expected):
-                raise AdminUnauthorized(
-                    f"Send Authorization: Bearer with the token from ${cfg.admin.token_env}.",
-                    headers={"WWW-Authenticate": 'Bearer realm="idemproxy-admin"'})
-        return await handler(request)
-
-    return auth
-
-
-@web.middleware
-async def _admin_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own 404/405 answers, as problem+json like every other admin error."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return problem_response(for_http_status(
-            exc.status, reason=exc.reason,
-            detail=f"The admin API has no {request.method} {request.path}.", headers=allow))
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    """Liveness: the process is up and its event loop answers."""
-    return web.json_response({"status": "ok"})
-
-
-async def _readyz(request: web.Request) -> web.Response:
-    """Readiness: not shutting down, the store reachable and migrated."""
-    if request.app[STATE].get("shutting_down"):
-        return web.json_response({"status": "shutting down"}, status=503)
-    if not await request.app[DEPS].store.ready():
-        return web.json_response({"status": "store unavailable or not migrated"}, status=503)
-    return web.json_response({"status": "ready"})
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    # The waiters gauge is kept by the flow itself (inc/dec around each wait); setting it
-    # here from the notifier's count would make the two drift apart.
-    deps = request.app[DEPS]
-    deps.metrics.observe_pool(deps.store.pool)
-    deps.metrics.observe_cache(deps.cache)
-    body = generate_latest(deps.metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def _scope_key(request: web.Request) -> tuple[str, str]:
-    scope, key = request.query.get("scope"), request.query.get("key")
-    if not scope or not key:
-        raise BadRequest("Pass ?scope=ROUTE:TENANT&key=KEY (the scope as "
-                         "/admin/in-flight or `idemproxy keys list` shows it).")
-    return scope, key
-
-
-async def _key_show(request: web.Request) -> web.Response:
-    """GET /admin/keys?scope=&key=: the key's record (state, status, times, size)."""
-    scope, key = _scope_key(request)
-    rec = await _admin_call(request.app[DEPS].store.show(scope=scope, key=key))
-    if rec is None:
-        raise NotFound("No record for this key in this scope.")
-    return web.json_response(rec)
-
-
-async def _tenant_erase(request: web.Request) -> web.Response:
-    """DELETE /admin/tenants/{hash}: erase every record of one tenant (the hash in its
-    scopes, as `idemproxy tenant-hash` prints); every replay cache drops them."""
-    from proxy.store.atrest import erase_tenant
-
-    tenant = request.match_info["tenant"]
-    if not re.fullmatch(r"[0-9a-f]{32}", tenant):
-        raise BadRequest("The tenant is the 32-hex-digit hash in its scopes "
-                         "(`idemproxy tenant-hash CREDENTIAL` prints it).")
-    deps = request.app[DEPS]
-    n = await _admin_call(erase_tenant(deps.store, tenant))
-    if deps.cache is not None:  # at once here; other processes hear the NOTIFY
-        deps.cache.clear()
-    log.warning("admin erased a tenant", extra={"fields": {"tenant": tenant, "deleted": n}})
-    return web.json_response({"deleted": n})
-
-
-async def _key_delete(request: web.Request) -> web.Response:
-    """DELETE /admin/keys?scope=&key=: forget the key; its next request executes again."""
-    scope, key = _scope_key(request)
-    deps = request.app[DEPS]
-    deleted = await _admin_call(deps.store.delete(scope=scope, key=key))
-    if deps.cache is not None:  # at once here; other processes hear the NOTIFY
-        deps.cache.forget(scope, key)
-    if not deleted:
-        raise NotFound("No record for this key in this scope.")
-    log.warning("admin deleted a key", extra={"fields": {"scope": scope.split(":")[0]}})
-    return web.json_response({"deleted": True})
-
-
-async def _key_release(request: web.Request) -> web.Response:
-    """POST /admin/keys/release?scope=&key=: end a stuck in-flight claim now."""
-    scope, key = _scope_key(request)
-    if not await _admin_call(request.app[DEPS].store.force_release(scope=scope, key=key)):
-        raise NotFound("No in-flight claim for this key in this scope (completed "
-                            "keys are deleted, not released).")
-    log.warning("admin released a claim", extra={"fields": {"scope": scope.split(":")[0]}})
-    return web.json_response({"released": True})
-
-
-async def _in_flight(request: web.Request) -> web.Response:
-    """GET /admin/in-flight[?limit=N]: the oldest in-flight claims, up to N (100)."""
-    limit = request.query.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 10000:
-        raise BadRequest("limit must be a whole number from 1 to 10000.")
-    rows = await _admin_call(request.app[DEPS].store.in_flight(limit=int(limit)))
-    return web.json_response({"in_flight": rows})
-
-
-async def _admin_call(coro: Awaitable[T]) -> T:
-    try:
-        return await coro
-    except StoreError as exc:
-        raise store_unavailable() from exc

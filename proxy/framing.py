@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web, web_protocol, web_server
 
+from proxy import logs
 from proxy.config import Client
 from proxy.errors import (
     PROBLEM_JSON,
@@ -35,6 +36,7 @@ from proxy.errors import (
 )
 
 log = logging.getLogger("idemproxy.framing")
+_handler_log = logging.getLogger("idemproxy.app")  # the handlers' refusals and 500s
 
 
 def problem_response(exc: ProblemError, *, instance: str | None = None) -> web.Response:
@@ -45,6 +47,21 @@ def problem_response(exc: ProblemError, *, instance: str | None = None) -> web.R
     if exc.close:
         resp.force_close()
     return resp
+
+
+def refused(request: web.BaseRequest, exc: ProblemError) -> web.Response:
+    """A refusal: its problem+json, and one log line unless the request has had its own."""
+    if not logs.request_logged():  # one line per request: a guarded one has had it
+        _handler_log.info("request refused", extra={"fields": {
+            "method": request.method, "status": exc.status, "type": exc.slug}})
+    return problem_response(exc)
+
+
+def internal_error() -> web.Response:
+    """Anything unexpected: logged with its traceback, answered as a generic 500."""
+    _handler_log.exception("unhandled error in request handler")
+    # Never "nothing was stored": the error may come after the upstream acted.
+    return problem_response(InternalError("The proxy hit an internal error."))
 
 
 def check_framing(request: web.BaseRequest) -> None:

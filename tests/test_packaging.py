@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from proxy.app import OPEN_ADMIN_PATHS, create_admin_app
+from proxy.admin import OPEN_ADMIN_PATHS, create_admin_app
 from proxy.cli import build_parser
 from proxy.config import Config, loads
 from proxy.idempotency import Deps
