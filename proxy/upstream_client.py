@@ -20,6 +20,7 @@ The rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from collections import deque
@@ -55,11 +56,20 @@ LOW_WATER = 256 * 1024  # ...and at or below which it resumes
 MAX_FIELD = 64 * 1024  # one header line (or the status line); aiohttp's client: the same
 MAX_HEADERS = 128  # header fields in one head; aiohttp's client: the same
 MAX_HEAD = (MAX_HEADERS + 1) * (MAX_FIELD + 2) + 2  # what those two limits allow at most
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
 # RFC 9112 §5.2: obs-fold is unfolded before parsing. As aiohttp's client does it (the
 # line break goes, the SP or HTAB after it stays), so both clients relay one value.
 _OBS_FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _BARE_CR = re.compile(rb"\r(?!\n)")  # RFC 9112 §2.2: invalid, as aiohttp's client says
+
+
+def _head_end(buf: bytes) -> int:
+    """Where the head ends: just past the first `\\r?\\n\\r?\\n`; -1 if not yet."""
+    crlf = buf.find(b"\n\r\n")  # the usual blank line, after a line's LF
+    lf = buf.find(b"\n\n", 0, len(buf) if crlf < 0 else crlf + 1)  # any earlier one
+    if lf >= 0:
+        return lf + 2
+    return -1 if crlf < 0 else crlf + 3
+
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110
 _TARGET = re.compile(r"[\x21-\x7e]+")
@@ -78,19 +88,31 @@ def encode_request(method: str, target: str, headers: Iterable[tuple[str, str]],
         raise ValueError(f"request target {target!r} is not visible ASCII")
     lines = [f"{method} {target} HTTP/1.1\r\n"]
     for name, value in headers:
-        if not _TOKEN.fullmatch(name):
-            raise ValueError(f"header name {name!r} is not a token")
-        if _BAD_VALUE.search(value):
-            raise ValueError(f"header {name} has CR, LF or NUL in its value")
-        if name.lower() not in _FRAMING:
+        if not _framing_name(name):
             lines.append(f"{name}: {value}\r\n")
+        elif _BAD_VALUE.search(value):  # dropped, yet refused as any other such value
+            raise ValueError(f"header {name} has CR, LF or NUL in its value")
     if body is not None or method not in ("GET", "DELETE", "OPTIONS"):
         lines.append(f"Content-Length: {len(body or b'')}\r\n")
     lines.append("\r\n")
+    text = "".join(lines)
+    # Every line written above ends in one CRLF; any other CR, LF (or a NUL) came from a
+    # value: one scan of the whole head instead of one per value.
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines) or "\x00" in text:
+        bad = next(line for line in lines if _BAD_VALUE.search(line[:-2]))
+        raise ValueError(f"header {bad.partition(':')[0]} has CR, LF or NUL in its value")
     # Undecodable bytes arrive as surrogates (aiohttp's server decodes that way); any
     # other lone surrogate raises UnicodeEncodeError, a ValueError.
-    head = "".join(lines).encode("utf-8", "surrogateescape")
+    head = text.encode("utf-8", "surrogateescape")
     return head + body if body else head
+
+
+@functools.lru_cache(maxsize=512)  # names repeat from request to request; refusals raise
+def _framing_name(name: str) -> bool:
+    """Whether we frame this header ourselves (_FRAMING); ValueError if it is no token."""
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"header name {name!r} is not a token")
+    return name.lower() in _FRAMING
 
 
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
@@ -202,20 +224,23 @@ class _Conn(asyncio.Protocol):
         """Buffer a head until its blank line, check the limits aiohttp's client also
         keeps, refuse bare CRs and unfold obs-fold (RFC 9112 §2.2, §5.2), then feed it;
         returns the bytes after it (b"" while the head is still incomplete)."""
-        buf = self.head_buf + data
-        end = _HEAD_END.search(buf)
-        if end is None:
+        buf = self.head_buf + data if self.head_buf else data
+        end = _head_end(buf)
+        if end < 0:
             if len(buf) > MAX_HEAD:
                 raise BadAnswer("the upstream's response head is too large")
             self.head_buf = buf
             return b""
-        head, rest = buf[:end.end()], buf[end.end():]
+        head, rest = buf[:end], buf[end:]
         self.head_buf = b""
         if _BARE_CR.search(head):
             raise BadAnswer("the upstream's response head has a bare CR")
-        head = _OBS_FOLD.sub(b"", head)
-        lines = head.split(b"\n")
-        if len(lines) - 3 > MAX_HEADERS or any(len(x) > MAX_FIELD + 1 for x in lines):
+        if b"\n " in head or b"\n\t" in head:
+            head = _OBS_FOLD.sub(b"", head)
+        # head.split(b"\n") has the status line, the fields and two more pieces
+        if head.count(b"\n") - 2 > MAX_HEADERS or (
+                len(head) > MAX_FIELD + 1
+                and any(len(x) > MAX_FIELD + 1 for x in head.split(b"\n"))):
             raise BadAnswer("the upstream's response head is over the header limits "
                             f"({MAX_HEADERS} fields of at most {MAX_FIELD} bytes)")
         self.parser.feed_data(head)
@@ -252,7 +277,9 @@ class _Conn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        headers = CIMultiDict((_decode(n), _decode(v)) for n, v in self.raw_headers)
+        headers = CIMultiDict([(n.decode("utf-8", "surrogateescape"),
+                                v.decode("utf-8", "surrogateescape"))
+                               for n, v in self.raw_headers])
         framed = "Content-Length" in headers or "Transfer-Encoding" in headers
         if self.parser.get_http_version() not in ("1.1", "1.0") or not 100 <= status <= 599:
             raise BadAnswer(f"the upstream sent an invalid status line ({status})")

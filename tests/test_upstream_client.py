@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -172,6 +173,8 @@ async def test_content_length_is_sent_unless_a_bodyless_get_delete_or_options(
     ("POST", "/x", [("X-\u00e9", "1")]), ("POST", "/x", [("X-A", "1\r\nX-B: 2")]),
     ("POST", "/x", [("X-A", "1\n")]), ("POST", "/x", [("X-A", "a\rb")]),
     ("POST", "/x", [("X-A", "a\x00b")]), ("POST", "/x", [("X-A", "\ud800")]),
+    ("POST", "/x", [("X-A", "1"), ("X-B", "2\r\n")]),
+    ("POST", "/x", [("Connection", "close\r\nX-B: 2")]),  # one we drop and frame ourselves
 ])
 async def test_anything_that_could_split_the_request_raises_before_connecting(
         serve, method, target, headers):
@@ -191,6 +194,16 @@ async def test_header_values_are_sent_utf8_with_surrogateescape(serve):
 
 
 # --- responses ----------------------------------------------------------------------------
+
+def test_a_head_ends_at_its_first_blank_line_whatever_its_line_ends():
+    """The head ends just past the first blank line (`\\r?\\n\\r?\\n`), for every spelling."""
+    blank = re.compile(rb"\r?\n\r?\n")
+    for n in range(9):
+        for chars in itertools.product(b"a\r\n", repeat=n):
+            buf = bytes(chars)
+            m = blank.search(buf)
+            assert upstream_client._head_end(buf) == (m.end() if m else -1), buf
+
 
 async def test_head_keeps_order_duplicates_reason_and_undecodable_bytes(serve):
     """The parsed head keeps header order, case, duplicates, the reason and undecodable bytes."""
