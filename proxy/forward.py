@@ -107,6 +107,7 @@ class _Body(Protocol):
     """A response body from either client."""
 
     def chunks(self, size: int) -> AsyncIterator[bytes]: ...
+    def arrived(self) -> bytes | None: ...
     async def read(self) -> bytes: ...
     def close(self) -> None: ...
 
@@ -117,6 +118,9 @@ class _AiohttpBody:
 
     def chunks(self, size: int) -> AsyncIterator[bytes]:
         return self._raw.content.iter_chunked(size)
+
+    def arrived(self) -> bytes | None:
+        return None
 
     async def read(self) -> bytes:
         return await self._raw.read()
@@ -140,6 +144,11 @@ class UpstreamResponse:
                 yield chunk
         except _FAILURES as exc:
             raise _translate(exc) from exc
+
+    def arrived(self) -> bytes | None:
+        """The whole body if it has all arrived already (then as `read` would give it,
+        without an await), else None."""
+        return self.body.arrived()
 
     async def read(self) -> bytes:
         """The whole body (for small ones of known length); failures as in `chunks`."""

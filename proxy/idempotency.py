@@ -148,9 +148,13 @@ async def pass_through_unrouted(request: web.BaseRequest, deps: Deps) -> web.Str
     """No route (or a safe method): stream through untouched; an upgrade (WebSocket)
     becomes a tunnel to the upstream."""
     deps.metrics.count("-", Outcome.PASS_THROUGH)
+    fwd = deps.forwarder_for_path(request.rel_url.raw_path)
     if websocket.wants_tunnel(request):
-        return await websocket.tunnel(request, deps.forwarder_for_path(request.rel_url.raw_path))
-    return await _unguarded(request, deps, None, route=None)
+        return await websocket.tunnel(request, fwd)
+    try:  # _unguarded's work, without its coroutine: every unrouted request comes here
+        return await pass_through(request, fwd)
+    except UpstreamError as exc:
+        raise exc.problem from exc
 
 
 async def _unguarded(request: web.BaseRequest, deps: Deps, body: bytes | None,

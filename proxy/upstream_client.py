@@ -344,11 +344,18 @@ class LeanResponse:
                     conn.pool._release(conn, reuse=False)
                     raise
 
-    async def read(self) -> bytes:
+    def arrived(self) -> bytes | None:
+        """The whole body if the message has ended (the connection goes back), else None."""
         conn = self._conn
-        if conn is not None and conn.complete:  # the usual case: it is all here
-            data = conn.take(conn.buffered)
-            self.close()
+        if conn is None or not conn.complete:
+            return None
+        data = conn.take(conn.buffered)
+        self.close()
+        return data
+
+    async def read(self) -> bytes:
+        data = self.arrived()  # the usual case: it is all here
+        if data is not None:
             return data
         return b"".join([chunk async for chunk in self.chunks()])
 
@@ -378,7 +385,7 @@ class UpstreamPool:
     async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]],
                       body: bytes | None) -> LeanResponse:
         data = encode_request(method, target, headers, body)
-        conn = await self._acquire()
+        conn = self._idle_conn() or await self._acquire()
         conn.start()
         conn.active = True
         deadline = time.monotonic() + self.read_timeout
@@ -406,15 +413,23 @@ class UpstreamPool:
         self._slots.used = 0
         await asyncio.sleep(0)  # let the transports call connection_lost
 
-    async def _acquire(self) -> _Conn:
+    def _idle_conn(self) -> _Conn | None:
+        """The most recently used idle connection still fit to lend, if any (no await)."""
         if self._closed:
-            raise NotSent("the upstream connection pool is closed")
+            return None
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
             if conn.usable() and now - conn.idle_since < self.keepalive:
                 return conn
             self._drop(conn)
+        return None
+
+    async def _acquire(self) -> _Conn:
+        if self._closed:
+            raise NotSent("the upstream connection pool is closed")
+        if (conn := self._idle_conn()) is not None:
+            return conn
         if self._slots.claim():
             return await self._connect()
         try:
