@@ -27,10 +27,19 @@ def hop_by_hop(headers: Headers) -> frozenset[str]:
     return HOP_BY_HOP | {n for n in named if n}
 
 
-def end_to_end(headers: Headers) -> list[tuple[str, str]]:
-    """Every (name, value) pair that is not hop-by-hop, in order, duplicates kept."""
+def end_to_end(headers: Headers, *, without: frozenset[str] = frozenset()
+               ) -> list[tuple[str, str]]:
+    """Every (name, value) pair that is not hop-by-hop (nor named, lower-case, in
+    `without`), in order, duplicates kept."""
     drop = hop_by_hop(headers)
+    if without:
+        drop = drop | without
     return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+
+
+# Set by for_upstream itself (or the client library), whatever the client sent.
+_REWRITTEN = frozenset({"content-length", "x-forwarded-for", "x-forwarded-proto",
+                        "x-forwarded-host"})
 
 
 def for_upstream(headers: Headers, *, client_ip: str | None, scheme: str,
@@ -41,15 +50,18 @@ def for_upstream(headers: Headers, *, client_ip: str | None, scheme: str,
     (it is passed on as X-Forwarded-Host). Content-Length is set by the client library from
     the body we actually send.
     """
-    out: CIMultiDict[str] = CIMultiDict()
+    drop = hop_by_hop(headers)
+    kept: list[tuple[str, str]] = []
     host = ""
-    for k, v in end_to_end(headers):
+    for k, v in headers.items():  # end_to_end's filter, in the same one pass
         lk = k.lower()
+        if lk in drop:
+            continue
         if lk == "host":
             host = v
-        elif lk not in ("content-length", "x-forwarded-for", "x-forwarded-proto",
-                        "x-forwarded-host"):
-            out.add(k, v)
+        elif lk not in _REWRITTEN:
+            kept.append((k, v))
+    out: CIMultiDict[str] = CIMultiDict(kept)
     prior = headers.get("X-Forwarded-For")
     if client_ip:
         out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip

@@ -205,12 +205,14 @@ async def pump(chunks: AsyncIterator[bytes], sink: ClientSink, *,
     return held
 
 
+_LENGTH = frozenset({"content-length"})  # aiohttp sets it from the body
+
+
 def whole_response(up: UpstreamResponse, body: bytes, extra: dict[str, str] | None
            ) -> web.Response:
     """A response with the upstream's status and end-to-end headers, body in one piece."""
     resp = web.Response(status=up.status, reason=up.reason, body=body)
-    resp.headers.extend([(k, v) for k, v in hdrs.end_to_end(up.headers)
-                         if k.lower() != "content-length"])
+    resp.headers.extend(hdrs.end_to_end(up.headers, without=_LENGTH))
     if extra:
         resp.headers.update(extra)
     return resp
