@@ -1,5 +1,6 @@
 """Forwarding a claimed request: send once, stream and record the answer, complete it
-(or release the key, or store the unknown outcome), keeping the lease alive meanwhile."""
+(or release the key, or store the unknown outcome), keeping the lease alive meanwhile
+(context.Leases)."""
 
 from __future__ import annotations
 
@@ -28,46 +29,11 @@ from proxy.replay import guard_headers
 from proxy.store import Claim, Completion, Record, State
 
 
-class _Heartbeat:
-    """Keep a live claim's lease from running out under a slow upstream or a long body.
-
-    Only a claim whose proxy is alive and still working is renewed, so a crashed or
-    frozen owner's lease still ends and its key can be taken over.
-    """
-
-    def __init__(self, deps: Deps, g: Guarded) -> None:
-        self._deps, self._g = deps, g
-        self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(
-            g.route.lock_timeout / 3, self._fire)
-        self._task: asyncio.Task[None] | None = None
-
-    def _fire(self) -> None:
-        self._task = self._loop.create_task(self._renew())
-
-    async def _renew(self) -> None:
-        g = self._g
-        try:
-            if not await self._deps.store.extend(scope=g.scope, key=g.key, token=g.token,
-                                                 lease=g.route.lock_timeout):
-                return  # taken over or finished: nothing left to renew
-        except StoreError as exc:
-            log.warning("could not renew a lease: %s", exc)
-        self._timer = self._loop.call_later(g.route.lock_timeout / 3, self._fire)
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
-
-
 async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
                   claim: Claim) -> web.StreamResponse:
     deps.metrics.in_flight.inc()
     sent = False
-    # A timer, not a task per request: most requests end long before the first renewal.
-    heartbeat = _Heartbeat(deps, g)
+    deps.leases.hold(g)  # renewed by the process's one lease timer while it runs
     try:
         start = time.perf_counter()
         try:
@@ -92,7 +58,7 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
             deps.spawn(_release_quietly(deps, g))
         raise
     finally:
-        heartbeat.cancel()
+        deps.leases.drop(g)
         deps.metrics.in_flight.dec()
 
 
