@@ -30,14 +30,19 @@ _OVERHEAD = 256  # bytes counted per entry beyond its body and headers
 # collector stops tracking such tuples, so a full cache adds nothing to its pauses (with
 # Record objects, 24k entries made each full collection ~90 ms instead of ~15 ms).
 # Its fields, by position:
-_EXPIRES, _FRESH, _SIZE, _ID, _STATUS, _HEADERS, _BODY, _FP, _TOKEN, _EXPIRES_AT = range(10)
+_EXPIRES, _FRESH, _SIZE, _STATUS, _HEADERS, _BODY, _FP, _TOKEN, _EXPIRES_AT = range(9)
 
 
 class ReplayCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[str, str], tuple[Any, ...]] = OrderedDict()
+        # NOTIFY names a key by its md5 (notify_channel_id). Deletions are rare and puts
+        # come with every first request, so entries are named lazily: at the first
+        # forget_id after their put, each entry's md5 is computed once.
         self._by_id: dict[str, tuple[str, str]] = {}
+        self._ids: dict[tuple[str, str], str] = {}  # entries named in _by_id
+        self._unnamed: dict[tuple[str, str], None] = {}  # entries not named yet
         self._bytes = 0
         self.live = False  # set while the LISTEN connection is up (see store/notify.py)
         # Bumped by every forget and clear. A caller reads it before fetching a record and
@@ -79,13 +84,13 @@ class ReplayCache:
         size = len(body) + sum(len(k) + len(v) for k, v in record.headers) + _OVERHEAD
         if size > self.max_bytes:
             return
-        self._drop((scope, key))
-        ident = notify_channel_id(scope, key)
-        self._entries[(scope, key)] = (
+        k = (scope, key)
+        self._drop(k)
+        self._entries[k] = (
             record.expires_at.timestamp() - EXPIRY_MARGIN, time.monotonic() + MAX_AGE, size,
-            ident, record.status, tuple(record.headers), body, bytes(record.fingerprint),
+            record.status, tuple(record.headers), body, bytes(record.fingerprint),
             record.lock_token.int, record.expires_at)
-        self._by_id[ident] = (scope, key)
+        self._unnamed[k] = None
         self._bytes += size
         while self._bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
@@ -97,9 +102,13 @@ class ReplayCache:
     def forget_id(self, ident: str) -> None:
         """Drop the entry a NOTIFY names (md5 of scope and key)."""
         self.version += 1
-        k = self._by_id.get(ident)
-        if k is not None:
-            self._drop(k)
+        for k in self._unnamed:
+            name = notify_channel_id(*k)
+            self._by_id[name], self._ids[k] = k, name
+        self._unnamed.clear()
+        named = self._by_id.get(ident)
+        if named is not None:
+            self._drop(named)
 
     def set_live(self, live: bool) -> None:
         """On while deletions can be heard; emptied whenever that may have lapsed."""
@@ -110,10 +119,15 @@ class ReplayCache:
         self.version += 1
         self._entries.clear()
         self._by_id.clear()
+        self._ids.clear()
+        self._unnamed.clear()
         self._bytes = 0
 
     def _drop(self, k: tuple[str, str]) -> None:
         entry = self._entries.pop(k, None)
         if entry is not None:
             self._bytes -= entry[_SIZE]
-            self._by_id.pop(entry[_ID], None)
+            if k in self._unnamed:
+                del self._unnamed[k]
+            else:
+                del self._by_id[self._ids.pop(k)]

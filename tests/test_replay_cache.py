@@ -106,6 +106,30 @@ def test_forget_by_the_notify_payload():
     assert c.get("route:tenant", "k2", db_now=NOW.timestamp()) is not None
 
 
+def test_forget_by_payload_finds_entries_put_before_and_after_an_earlier_forget():
+    """Entries are named by their md5 lazily: whether put before an earlier forget, after
+    it, put again, or evicted meanwhile, each payload drops its own key and only it."""
+    c = live_cache(max_bytes=4 * 300)
+    c.put("s", "old", record(), seen=c.version)
+    c.put("s", "gone", record(), seen=c.version)
+    c.forget_id(notify_channel_id("s", "gone"))  # names "old" too
+    c.put("s", "new", record(), seen=c.version)
+    c.put("s", "old", record(b"[]"), seen=c.version)  # put again after it was named
+    c.forget_id(notify_channel_id("s", "new"))
+    now = NOW.timestamp()
+    assert c.get("s", "new", db_now=now) is None
+    assert c.get("s", "old", db_now=now) is not None
+    c.forget_id(notify_channel_id("s", "old"))
+    assert c.get("s", "old", db_now=now) is None
+    for i in range(10):  # evictions of named and unnamed entries alike
+        c.put("s", f"e{i}", record(), seen=c.version)
+        if i == 5:
+            c.forget_id(notify_channel_id("s", "nothing"))
+    assert len(c) == 4 and c.size_bytes <= 4 * 300
+    c.forget_id(notify_channel_id("s", "e9"))
+    assert len(c) == 3 and c.get("s", "e8", db_now=now) is not None
+
+
 # --- through the proxy, on real PostgreSQL ----------------------------------------------
 
 def claims(p: ProxyHandle) -> float:
