@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
-from multidict import MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy, MultiMapping
 
 from proxy.config import MissingCredential, Route, TenantMode
 from proxy.errors import CredentialMissing, KeyMalformed, KeyMissing
@@ -200,10 +201,15 @@ def _reason(exc: BaseException) -> str:
 
 # --- scope and fingerprint -------------------------------------------------------------
 
+_MULTIDICTS = frozenset({CIMultiDictProxy, CIMultiDict, MultiDictProxy, MultiDict})
+
+
 def header_values(headers: Mapping[str, str], name: str) -> list[str]:
     """Every line of a header (a multidict), or the one value of a plain mapping."""
-    if isinstance(headers, MultiMapping):
-        return list(headers.getall(name, []))
+    # The type first: isinstance against the MultiMapping ABC costs more than the rest
+    # of this function, and it runs for the key, the tenant and fingerprinted headers.
+    if type(headers) in _MULTIDICTS or isinstance(headers, MultiMapping):
+        return list(cast("MultiMapping[str]", headers).getall(name, []))
     value = headers.get(name)
     return [] if value is None else [value]
 

@@ -68,6 +68,35 @@ class DataKey:
     log_key: bytes  # key_hash in logs
 
 
+class Mac:
+    """HMAC-SHA-256 under one key with its two padded key blocks hashed once (RFC 2104):
+    the digest hmac.new(key, msg, sha256) gives, for a third of its CPU (OpenSSL sets an
+    HMAC up again on every call; two hash-state copies are cheaper). Per request: the
+    tenant and the log key hash, and the fingerprint when keys are set."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(key.translate(hmac.trans_36))
+        self._outer = hashlib.sha256(key.translate(hmac.trans_5C))
+
+    def digest(self, msg: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(msg)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+    def hexdigest(self, msg: bytes) -> str:
+        return self.digest(msg).hex()
+
+
+_BLOCK = 64  # SHA-256's block size
+
+
 def _derive(secret: bytes, purpose: str) -> bytes:
     """A sub-key for one purpose (HMAC as a PRF, as HKDF-Expand does for one block)."""
     return hmac.new(secret, b"idemproxy/" + purpose.encode() + b"\x01",
@@ -153,15 +182,16 @@ class Sealer:
         self.keys = keys
         self._by_id = {k.id: k for k in keys}
         self.primary: DataKey | None = keys[0] if keys else None
-        self._tenant_key = _derive(installation_secret, "tenant")
+        self._tenant_mac = Mac(_derive(installation_secret, "tenant"))
         # routes[].upstream_key (proxy/upstream_key.py): under the installation secret,
         # not a data key, so it stays the same across key rotation mid-flight.
         self.upstream_key_secret = _derive(installation_secret, "upstream-key")
         # routes[].key.body: the stored key of a content-derived key. Under the
         # installation secret too: it is looked up, so it must outlive key rotation.
-        self._body_key = _derive(installation_secret, "body-key")
-        self._log_key = self.primary.log_key if self.primary else _derive(
-            installation_secret, "log")
+        self._body_mac = Mac(_derive(installation_secret, "body-key"))
+        self._log_mac = Mac(self.primary.log_key if self.primary else _derive(
+            installation_secret, "log"))
+        self._fp_macs = {k.id: Mac(k.fp_key) for k in keys}
         self.on_unreadable = on_unreadable or (lambda key_id: None)
 
     @property
@@ -216,17 +246,17 @@ class Sealer:
     def tenant_hash(self, material: bytes) -> str:
         """The tenant's name in scopes and logs: 32 hex digits of an HMAC under the
         installation secret (a guessed credential cannot be checked without it)."""
-        return hmac.new(self._tenant_key, material, hashlib.sha256).hexdigest()[:32]
+        return self._tenant_mac.hexdigest(material)[:32]
 
     def body_key(self, material: bytes) -> str:
         """A content-derived key (64 hex digits): an HMAC under the installation secret,
         so a stored key cannot be used to test guessed body values offline."""
-        return hmac.new(self._body_key, material, hashlib.sha256).hexdigest()
+        return self._body_mac.hexdigest(material)
 
     def key_hash(self, scope: str, key: str) -> str:
         """The key's name in log lines: 16 hex digits of a keyed HMAC."""
-        return hmac.new(self._log_key, f"{scope}\x1f{key}".encode("utf-8", "surrogateescape"),
-                        hashlib.sha256).hexdigest()[:16]
+        return self._log_mac.hexdigest(
+            f"{scope}\x1f{key}".encode("utf-8", "surrogateescape"))[:16]
 
     def fingerprint(self, digest: bytes) -> bytes:
         """What is stored for a request's SHA-256 `digest`: keyed under the primary key."""
@@ -242,11 +272,10 @@ class Sealer:
         k = self._by_id.get(stored[2:2 + stored[1]].decode("ascii", "replace"))
         return None if k is None else self._keyed_fp(k, digest)
 
-    @staticmethod
-    def _keyed_fp(k: DataKey | None, digest: bytes) -> bytes:
+    def _keyed_fp(self, k: DataKey | None, digest: bytes) -> bytes:
         if k is None:
             return digest
-        mac = hmac.new(k.fp_key, digest, hashlib.sha256).digest()
+        mac = self._fp_macs[k.id].digest(digest)
         return bytes((KEYED_FP, len(k.id))) + k.id.encode() + mac
 
 

@@ -162,3 +162,20 @@ def test_config_checks_the_keys_variable() -> None:
         loads(text, env={"MY_KEYS": "k1:short"})
     with pytest.raises(ConfigError, match="encryption.keys_env"):
         loads("encryption:\n  keys_env: 'not a name'\n", env={})
+
+
+@pytest.mark.parametrize("key_len", [0, 1, 32, 63, 64, 65, 200])
+@pytest.mark.parametrize("msg", [b"", b"Bearer loadtest", bytes(range(256)) * 5])
+def test_the_precomputed_mac_is_hmac_sha256(key_len: int, msg: bytes) -> None:
+    """sealing.Mac gives hmac.new(key, msg, sha256)'s digest for keys shorter than,
+    equal to and longer than the block, and for any message, again and again."""
+    import hmac
+
+    from proxy.sealing import Mac
+
+    key = bytes((i * 7 + 3) % 256 for i in range(key_len))
+    mac = Mac(key)
+    want = hmac.new(key, msg, hashlib.sha256)
+    for _ in range(2):  # its states are copied, never consumed
+        assert mac.digest(msg) == want.digest()
+        assert mac.hexdigest(msg) == want.hexdigest()
