@@ -31,7 +31,7 @@ from proxy.store import Claim, Completion, Record, State
 
 async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
                   claim: Claim) -> web.StreamResponse:
-    deps.metrics.in_flight.inc()
+    deps.metrics.executing(1)
     sent = False
     deps.leases.hold(g)  # renewed by the process's one lease timer while it runs
     try:
@@ -59,7 +59,7 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
         raise
     finally:
         deps.leases.drop(g)
-        deps.metrics.in_flight.dec()
+        deps.metrics.executing(-1)
 
 
 def _upstream_key(deps: Deps, g: Guarded) -> dict[str, str] | None:

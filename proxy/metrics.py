@@ -21,7 +21,8 @@ processes when `workers: N` runs prometheus_client's multiprocess mode (no pid l
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -59,16 +60,54 @@ class CacheStats(Protocol):
     def __len__(self) -> int: ...
 
 
-class _Children(dict[tuple[str, ...], Any]):
-    """A metric's children by label values, kept: labels() builds and hashes a key on
-    every call, and these run on every request; the children never change."""
+def _inc_of(metric: Any) -> Callable[[float], None]:
+    """`metric.inc` without prometheus_client's per-call checks (is it a labelled parent?
+    is the amount negative?): its value's own inc, which takes the value's lock (or, in
+    multiprocess mode, writes the shared file) as `inc` would. Our callers pass children
+    and non-negative amounts only (a gauge's -1 is its dec). The public method if the
+    library's internals ever differ."""
+    inc = getattr(getattr(metric, "_value", None), "inc", None)
+    chosen: Callable[[float], None] = inc if callable(inc) else metric.inc
+    return chosen
 
-    def __init__(self, metric: Any) -> None:
+
+class _Observe:
+    """`histogram_child.observe` without its per-call checks and its Python loop over the
+    buckets: a bisect finds the first bucket whose bound is at or above the value (as the
+    loop does), and the bucket's and the sum's values are incremented as it does."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum", "_slow")
+
+    def __init__(self, child: Any) -> None:
+        self._bounds: list[float] = list(getattr(child, "_upper_bounds", ()))
+        self._buckets: list[Any] = list(getattr(child, "_buckets", ()))
+        total = getattr(child, "_sum", None)
+        fast = (self._bounds and len(self._bounds) == len(self._buckets)
+                and self._bounds[-1] == float("inf") and total is not None
+                and all(callable(getattr(b, "inc", None)) for b in (*self._buckets, total)))
+        self._sum: Any = total
+        self._slow: Callable[[float], None] | None = None if fast else child.observe
+
+    def __call__(self, amount: float) -> None:
+        if self._slow is not None:
+            self._slow(amount)
+            return
+        self._sum.inc(amount)
+        self._buckets[bisect_left(self._bounds, amount)].inc(1)
+
+
+class _Children(dict[tuple[str, ...], Any]):
+    """A metric's children by label values, kept (labels() builds and hashes a key on
+    every call, and these run on every request; the children never change), as what
+    `wrap` makes of each: its increment or its observation."""
+
+    def __init__(self, metric: Any, wrap: Callable[[Any], Any]) -> None:
         super().__init__()
         self._metric = metric
+        self._wrap = wrap
 
     def __missing__(self, labels: tuple[str, ...]) -> Any:
-        child = self[labels] = self._metric.labels(*labels)
+        child = self[labels] = self._wrap(self._metric.labels(*labels))
         return child
 
 
@@ -130,10 +169,11 @@ class Metrics:
         self.pool_max = Gauge(
             "idemproxy_db_pool_max", "The database pool's maximum size (database.pool_max).",
             multiprocess_mode="livesum", registry=registry)
-        self._requests = _Children(self.requests)
-        self._upstream = _Children(self.upstream_seconds)
-        self._store_ops = _Children(self.store_seconds)
-        self._batch_sizes = _Children(self.store_batch_size)
+        self._requests = _Children(self.requests, _inc_of)
+        self._upstream = _Children(self.upstream_seconds, _Observe)
+        self._store_ops = _Children(self.store_seconds, _Observe)
+        self._batch_sizes = _Children(self.store_batch_size, _Observe)
+        self._in_flight = _inc_of(self.in_flight)
         # A gauge, not an Info: Info does not survive prometheus_client's multiprocess mode.
         Gauge("idemproxy_build_info", "The running idemproxy version (always 1).",
               ["version"], multiprocess_mode="livemax", registry=registry
@@ -151,16 +191,20 @@ class Metrics:
         self.unreadable.labels(key_id).inc()
 
     def count(self, route: str, outcome: Outcome) -> None:
-        self._requests[route, outcome.value].inc()
+        self._requests[route, outcome.value](1)
+
+    def executing(self, delta: int) -> None:
+        """A claim starts (+1) or stops (-1) executing here (idemproxy_claims_in_flight)."""
+        self._in_flight(delta)
 
     def observe_upstream(self, route: str, seconds: float) -> None:
-        self._upstream[route,].observe(seconds)
+        self._upstream[route,](seconds)
 
     def observe_store(self, op: str, seconds: float) -> None:
-        self._store_ops[op,].observe(seconds)
+        self._store_ops[op,](seconds)
 
     def observe_batch(self, op: str, calls: int) -> None:
-        self._batch_sizes[op,].observe(calls)
+        self._batch_sizes[op,](calls)
 
     def observe_cache(self, cache: CacheStats | None) -> None:
         """Refresh the replay cache gauges (with the pool's)."""
