@@ -23,7 +23,6 @@ from proxy.relay import (
     pump,
     response_for,
     small_enough,
-    whole_response,
 )
 from proxy.replay import guard_headers
 from proxy.store import Claim, Completion, Record, State
@@ -144,7 +143,7 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
         finish(deps, g, route, Outcome.UPSTREAM_ERROR, exc.problem.status)
         await _after_failure(deps, g, exc.problem, sent=True)
         raise exc.problem from exc
-    stored = tuple(hdrs.to_store(up.headers, keep_set_cookie=route.replay_set_cookie))
+    reply, stored = hdrs.reply_and_store(up.headers, keep_set_cookie=route.replay_set_cookie)
     seen = deps.cache.version if deps.cache is not None else 0
     if await _complete(deps, g, Completion(up.status, stored, body, 0, len(body), False)
                        ) and deps.cache is not None:
@@ -152,8 +151,12 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
             State.COMPLETED, g.fingerprint, g.token, claim.record.expires_at, up.status,
             stored, body, 0, len(body), False), seen=seen)
     finish(deps, g, route, Outcome.FORWARDED, up.status)
-    resp = whole_response(up, body, guard_headers(route, claim.record.expires_at))
-    cors.expose_for(route, resp.headers)
+    resp = web.Response(status=up.status, reason=up.reason, body=body)
+    out = resp.headers
+    for k, v in reply:
+        out.add(k, v)
+    out.update(guard_headers(route, claim.record.expires_at))
+    cors.expose_for(route, out)
     return resp
 
 

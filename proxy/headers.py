@@ -80,3 +80,22 @@ def to_store(headers: Headers, *, keep_set_cookie: bool) -> list[tuple[str, str]
             if k.lower() not in FRESH_ON_REPLAY
             and (keep_set_cookie or k.lower() != "set-cookie")]
 
+
+
+def reply_and_store(headers: Headers, *, keep_set_cookie: bool
+                    ) -> tuple[list[tuple[str, str]], tuple[tuple[str, str], ...]]:
+    """One pass over the head of an answer read whole: the end-to-end headers for the
+    client (Content-Length aside: the body in one piece sets its own) and those to store
+    (`to_store`), each in order, duplicates kept."""
+    drop = hop_by_hop(headers)
+    reply: list[tuple[str, str]] = []
+    stored: list[tuple[str, str]] = []
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk in drop:
+            continue
+        if lk != "content-length":
+            reply.append((k, v))
+        if lk not in FRESH_ON_REPLAY and (keep_set_cookie or lk != "set-cookie"):
+            stored.append((k, v))
+    return reply, tuple(stored)

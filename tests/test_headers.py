@@ -32,6 +32,19 @@ def test_set_cookie_is_stored_only_when_the_route_opts_in():
     assert ("Server", "legacy/1") not in stored
 
 
+def test_an_answer_read_whole_splits_into_reply_and_stored_headers_in_one_pass():
+    """reply_and_store gives the end-to-end headers without Content-Length (for the
+    client) and exactly what to_store keeps, both in order with duplicates."""
+    answer = _upstream_answer()
+    answer.add("Content-Length", "2")
+    for keep in (False, True):
+        reply, stored = headers.reply_and_store(answer, keep_set_cookie=keep)
+        assert stored == tuple(headers.to_store(answer, keep_set_cookie=keep))
+        assert reply == [(k, v) for k, v in headers.end_to_end(answer)
+                         if k.lower() != "content-length"]
+        assert ("Date", "Sat, 28 Nov 2026 10:00:00 GMT") in reply
+
+
 def test_forwarded_request_headers():
     """Upstream requests lose hop-by-hop fields, get X-Forwarded-*, and the upstream's Host."""
     incoming = CIMultiDict([("Host", "api.example"), ("Connection", "close, X-Hop"),
