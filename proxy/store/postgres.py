@@ -180,12 +180,10 @@ class PostgresStore:
             headers = self.sealer.open(headers, kind=HEADERS, **where)
             if body is not None:
                 body = self.sealer.open(body, kind=BODY, **where)
-        return Claim(ClaimOutcome(row["outcome"]), Record(
-            state=State(row["state"]), fingerprint=bytes(row["fingerprint"]),
-            lock_token=row["lock_token"], expires_at=row["expires_at"],
-            status=row["status"], headers=decode_headers(headers), body=body,
-            body_chunks=row["body_chunks"], body_size=row["body_size"],
-            body_omitted=row["body_omitted"], sealed=sealed))
+        return Claim(_OUTCOMES[row["outcome"]], Record(
+            _STATES[row["state"]], bytes(row["fingerprint"]), row["lock_token"],
+            row["expires_at"], row["status"], decode_headers(headers), body,
+            row["body_chunks"], row["body_size"], row["body_omitted"], sealed))
 
     async def complete(self, *, scope: str, key: str, token: UUID, done: Completion,
                        notify: bool) -> bool:
@@ -371,6 +369,9 @@ class PostgresStore:
 
 
 _ClaimArgs = tuple[str, str, bytes, UUID, float, float]
+# The enum members by value: a dict lookup, where calling the enum costs ~15 times more.
+_OUTCOMES = {o.value: o for o in ClaimOutcome}
+_STATES = {s.value: s for s in State}
 _CompleteArgs = tuple[str, str, UUID, int, bytes, bytes | None, int, int, bool]
 
 
