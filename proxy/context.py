@@ -160,7 +160,7 @@ class _LockTokens:
 new_token = _LockTokens()
 
 
-@dataclass
+@dataclass(slots=True)
 class Guarded:
     """One guarded request's identity."""
 
