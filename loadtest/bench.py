@@ -183,8 +183,9 @@ class Bench:
             backends = tree(self.postmaster)[1:]
             by_cpus: dict[str, int] = {}
             for p in backends:
-                c = cpus_allowed(p) or "?"
-                by_cpus[c] = by_cpus.get(c, 0) + 1
+                c = cpus_allowed(p)
+                if c is not None:  # None: a short-lived backend (psql) gone meanwhile
+                    by_cpus[c] = by_cpus.get(c, 0) + 1
             doc["postgres"] = {"postmaster": cpus_allowed(self.postmaster),
                                "backends": by_cpus}
         return doc
