@@ -7,6 +7,7 @@ idemproxy run sits next to its baseline, so drift between them stays small.
 
 from __future__ import annotations
 
+import base64
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from loadtest import clients, pgbench, profile, tools, wrk
 from loadtest.configs import BIG_FILE, nginx_conf, nginx_upstream_conf, proxy_yaml
@@ -26,6 +28,10 @@ BIG_TABLE_PLAN = ("noop post", "proxy first", "proxy replay", "proxy replay db")
 # --pooler: the same proxy on a direct connection and through PgBouncer, side by side
 POOLER_PLAN = ("noop post", "proxy first", "pooler first", "proxy replay", "pooler replay",
                "proxy replay db", "pooler replay db")
+# --sealed: the same proxy with stored answers sealed (encryption keys set), side by side
+SEALED_DB = "idemproxy_bench_sealed"
+SEALED_PLAN = ("noop post", "proxy first", "sealed first", "proxy replay", "sealed replay",
+               "proxy replay db", "sealed replay db")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +50,12 @@ class Options:
     workers: int = 1  # idemproxy workers, and as many do-nothing proxy processes
     pooler: bool = False  # also the proxy through PgBouncer in transaction mode
     pin: bool = False  # load side and proxies on separate cores (loadtest/layout.py)
+    sealed: bool = False  # also the proxy with encryption keys set (sealed records)
 
 # the processes under test: on the proxies' cores with --pin (everything else, children
 # of the harness, inherits the load side's cores from it)
-PROXIES = ("noop", "nginx", "proxy", "proxy-db", "pooler", "pooler-db")
+PROXIES = ("noop", "nginx", "proxy", "proxy-db", "pooler", "pooler-db", "sealed",
+           "sealed-db")
 # --profile: every path through the proxy, (name, target, scenario); replays take the keys
 PROFILE_PATHS = (
     ("get", "proxy", "get"),  # pass-through GET (our upstream client)
@@ -73,6 +81,7 @@ class Bench:
     paced_rate: float = 0.0  # POSTs
     paced_rate_get: float = 0.0
     bouncer: Any = None  # tests.pgservers.PgBouncer, with --pooler
+    sealed_db_url: str = ""  # with --sealed: the sealed proxies' own database
     layout: Layout | None = None  # --pin: the harness already runs on layout.load
     postmaster: int | None = None  # the embedded PostgreSQL's, to check its backends' cores
 
@@ -102,6 +111,8 @@ class Bench:
         self._start_proxy(up, "proxy-db", replay_cache="0")
         if self.opts.pooler:
             self._start_pooler(up)
+        if self.opts.sealed:
+            self._start_sealed(up)
 
     def _start_nginx_upstream(self, port: int) -> None:
         """--pin: nginx `return` as the fake upstream (C, on the load side's cores), and
@@ -134,6 +145,21 @@ class Bench:
         self._start_proxy(upstream_port, "pooler-db", replay_cache="0", database=db,
                           db_url=self.bouncer.socket_url)
 
+    def _start_sealed(self, upstream_port: int) -> None:
+        """The same two proxies with `encryption.keys_env` set, on a database of their
+        own in the same server, so their replays open sealed records (on the shared
+        database they would replay the plain proxy's unsealed ones)."""
+        if not pgbench.psql(self.db_url, "SELECT 1 FROM pg_database WHERE datname = "
+                                         f"'{SEALED_DB}'").strip():
+            pgbench.psql(self.db_url, f"CREATE DATABASE {SEALED_DB}")
+        parts = urlsplit(self.db_url)
+        self.sealed_db_url = urlunsplit(parts._replace(path="/" + SEALED_DB))
+        key = "bench:" + base64.b64encode(os.urandom(32)).decode()
+        for name, cache in (("sealed", None), ("sealed-db", "0")):
+            self._start_proxy(upstream_port, name, replay_cache=cache,
+                              db_url=self.sealed_db_url,
+                              env={"IDEMPROXY_ENCRYPTION_KEYS": key})
+
     def stop_pooler(self) -> None:
         if self.bouncer is not None:
             self.bouncer.stop()
@@ -152,13 +178,13 @@ class Bench:
 
     def _start_proxy(self, upstream_port: int, name: str, *,
                      replay_cache: str | None = None, database: str | None = None,
-                     db_url: str | None = None) -> None:
+                     db_url: str | None = None, env: dict[str, str] | None = None) -> None:
         port, admin = free_port(), free_port()
         cfg = self.tmp / f"{name}.yaml"
         cfg.write_text(proxy_yaml(port=port, admin_port=admin, upstream_port=upstream_port,
                                   data_dir=self.tmp / "data", workers=self.opts.workers,
                                   replay_cache=replay_cache, database=database))
-        env = dict(os.environ, IDEMPROXY_DATABASE_URL=db_url or self.db_url)
+        env = dict(os.environ, IDEMPROXY_DATABASE_URL=db_url or self.db_url, **(env or {}))
         self._start(name, [sys.executable, "-m", "proxy", "serve", "--config", str(cfg)],
                     f"http://127.0.0.1:{admin}", "/readyz", env=env)
         self.urls[name + " admin"] = self.urls[name]
@@ -213,6 +239,10 @@ class Bench:
                ("pooler replay", w("pooler", "replay", c, keys)),
                ("pooler replay db", w("pooler-db", "replay", c, keys))]
               if "pooler" in u else []),
+            *([("sealed first", w("sealed", "first")),
+               ("sealed replay", w("sealed", "replay", c, keys)),
+               ("sealed replay db", w("sealed-db", "replay", c, keys))]
+              if "sealed" in u else []),
             ("proxy hot", w("proxy", "hot", o.hot_connections)),
             ("nginx post", w("nginx", "first")), ("upstream post", w("upstream", "first")),
             ("pgbench first", self._pgbench("first")),
@@ -280,6 +310,9 @@ class Bench:
             raise RuntimeError(f"pre-fill: only {n} of {self.opts.keys} keys answered 201")
         pgbench.psql(self.db_url, pgbench.fill_sql(scope=pgbench.REPLAY_SCOPE, prefix="r",
                                                    count=self.opts.keys))
+        if "sealed" in self.urls:  # its own database: its replays open sealed records
+            if clients.prefill(self.urls["sealed"], self.opts.keys) != self.opts.keys:
+                raise RuntimeError("pre-fill of the sealed proxy failed")
         print(f"pre-filled {n} replay keys in {time.perf_counter() - t:.1f}s", flush=True)
 
     def bigbody(self) -> dict[str, Any]:

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import clients, layout, report, tools
-from loadtest.bench import BIG_TABLE_PLAN, POOLER_PLAN, RESULTS, ROOT, Bench, Options
+from loadtest.bench import (
+    BIG_TABLE_PLAN,
+    POOLER_PLAN,
+    RESULTS,
+    ROOT,
+    SEALED_PLAN,
+    Bench,
+    Options,
+)
 from loadtest.procs import Procs, owned
 
 
@@ -40,6 +48,9 @@ def parse_args(argv: list[str] | None) -> Options:
                    "table (default 10 million; several minutes)")
     p.add_argument("--workers", default="1", help="idemproxy `workers:` (a number or "
                    "auto), and as many do-nothing proxy processes (default 1)")
+    p.add_argument("--sealed", action="store_true", help="instead of the full plan: first "
+                   "requests and replays with stored answers sealed (encryption keys set; "
+                   "its own database in the same server) next to the same proxy without")
     p.add_argument("--pooler", action="store_true", help="instead of the full plan: first "
                    "requests and replays through PgBouncer (transaction mode) next to the "
                    "same proxy on a direct connection")
@@ -62,7 +73,7 @@ def parse_args(argv: list[str] | None) -> Options:
         hot_connections=a.hot_connections, keys=200 if quick else 2000,
         bigbody=not a.no_bigbody, profile=a.profile, big_table=a.big_table,
         workers=proxy_cores if a.workers == "auto" else int(a.workers),
-        pooler=a.pooler, pin=a.pin)
+        pooler=a.pooler, pin=a.pin, sealed=a.sealed)
 
 
 def machine() -> dict[str, Any]:
@@ -98,6 +109,13 @@ def _run(opts: Options, bench: Bench) -> dict[str, Any]:
         plan = dict(bench.plan())
         bench.rounds([(k, plan[k]) for k in BIG_TABLE_PLAN])
         bench.big_table()
+        doc["runs"] = bench.runs
+        return doc
+    if opts.sealed:  # its own question: sealed records against plain ones
+        bench.prefill()
+        doc["layout"] = _layout(bench)
+        plan = dict(bench.plan())
+        bench.rounds([(k, plan[k]) for k in SEALED_PLAN])
         doc["runs"] = bench.runs
         return doc
     if opts.pooler:  # its own question: through PgBouncer against direct

@@ -22,6 +22,7 @@ ORDER = (
     "proxy get", "proxy pass post", "proxy first", "proxy replay", "proxy replay db",
     "proxy hot",
     "pooler first", "pooler replay", "pooler replay db",
+    "sealed first", "sealed replay", "sealed replay db",
     "pgbench first", "pgbench first batched",
     "pgbench replay", "noop post paced", "proxy replay paced", "proxy first paced",
     "proxy pass post paced", "noop get paced", "proxy get paced",
@@ -38,6 +39,9 @@ LABELS = {
     "pooler first": "idemproxy first requests, through PgBouncer (transaction)",
     "pooler replay": "idemproxy replays, through PgBouncer (transaction)",
     "pooler replay db": "idemproxy replays, replay_cache: 0, through PgBouncer (transaction)",
+    "sealed first": "idemproxy first requests, sealed (encryption keys set)",
+    "sealed replay": "idemproxy replays, sealed (encryption keys set)",
+    "sealed replay db": "idemproxy replays, replay_cache: 0, sealed (encryption keys set)",
     "pgbench first": "pgbench claim+complete (p50: mean)",
     "pgbench first batched": "pgbench claim+complete in batches of 8 (pairs/s; p50: mean "
                              "per batch)",
@@ -135,10 +139,15 @@ def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
         out.append({"target": t.name, "value": None if value is None else round(value, 3),
                     "bound": t.describe(), "met": met})
     for name in ("first", "replay", "replay db"):
-        ratio = pooler_ratio(runs or {}, name)
+        ratio = side_by_side(runs or {}, "pooler " + name, "proxy " + name)
         if ratio is not None:
             out.append({"target": f"{LABELS['pooler ' + name]} vs direct",
                         "value": round(ratio, 3), "bound": ">= 0.85×", "met": ratio >= 0.85})
+    for name in ("first", "replay", "replay db"):  # no bound: what sealing costs
+        ratio = side_by_side(runs or {}, "sealed " + name, "proxy " + name)
+        if ratio is not None:
+            out.append({"target": f"{LABELS['sealed ' + name]} vs unsealed",
+                        "value": round(ratio, 3), "bound": "measured only", "met": None})
     for name in ("proxy first", "proxy replay", "proxy replay db"):
         slow = big_table_slowdown(by_name, name)
         if slow is not None:
@@ -148,10 +157,11 @@ def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
     return out
 
 
-def pooler_ratio(runs: Runs, name: str) -> float | None:
-    """Through PgBouncer against direct: the median of round-by-round ratios of the two
-    runs, which sit next to each other in every round."""
-    direct, pooled = runs.get("proxy " + name), runs.get("pooler " + name)
+def side_by_side(runs: Runs, name: str, base: str) -> float | None:
+    """`name` against `base` (through PgBouncer against direct, sealed against plain):
+    the median of round-by-round ratios of two runs that sit next to each other in
+    every round."""
+    direct, pooled = runs.get(base), runs.get(name)
     if not (direct and pooled):
         return None
     n = min(len(direct), len(pooled))
@@ -185,7 +195,8 @@ def render(table: Sequence[Row], checks: Sequence[Mapping[str, Any]]) -> str:
                      f"{_fmt(r.p99_ms, 2)} | {ratio} | {p50r} | {p99r} |")
     lines += ["", "| target | measured | bound | met |", "|---|---:|---|---|"]
     for c in checks:
-        met = {True: "yes", False: "**no**", None: "not run"}[c["met"]]
+        met = {True: "yes", False: "**no**", None: "not run"}[c["met"]] \
+            if c["bound"] != "measured only" else "-"
         unit = " MiB" if "MiB" in c["bound"] else " %" if "%" in c["bound"] else "×"
         value = "-" if c["value"] is None else f"{c['value']:.2f}{unit}"
         lines.append(f"| {c['target']} | {value} | {c['bound']} | {met} |")

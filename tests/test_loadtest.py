@@ -319,3 +319,16 @@ def test_layout_summary_names_the_sides_and_the_applied_cores() -> None:
     assert "load side on core 0" in text and "proxies on core 1" in text
     assert "backends 14 on 0" in text and "proxy 1" in text
     assert cli.describe({"pinned": False, "upstream": "aiohttp"}).startswith("unpinned")
+
+
+def test_sealed_runs_are_reported_against_the_unsealed_proxy() -> None:
+    """--sealed: each sealed measurement is a round-by-round ratio to the same shape on
+    the plain proxy, reported with no bound (it is what sealing costs)."""
+    runs = {"noop post": [{"rps": 100.0}] * 2,
+            "proxy first": [{"rps": 60.0}, {"rps": 50.0}],
+            "sealed first": [{"rps": 54.0}, {"rps": 50.0}]}
+    checks = {c["target"]: c for c in report.verdicts(report.rows(runs), rss_growth_mib=None,
+                                                       runs=runs)}
+    sealed = checks["idemproxy first requests, sealed (encryption keys set) vs unsealed"]
+    assert sealed["value"] == 0.95 and sealed["met"] is None
+    assert "| - |" in report.render(report.rows(runs), list(checks.values()))
