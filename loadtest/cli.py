@@ -103,26 +103,18 @@ def _run(opts: Options, bench: Bench) -> dict[str, Any]:
     bench.start_all()
     print(f"started: {', '.join(f'{k} {v}' for k, v in bench.urls.items())}", flush=True)
     doc: dict[str, Any] = {}
-    if opts.big_table:  # its own question: first requests and replays, before and after
+    # Each of these is its own question, a narrow plan instead of the full one:
+    # --big-table (before and after adding keys), --sealed (sealed records against plain
+    # ones), --pooler (through PgBouncer against direct).
+    own = (BIG_TABLE_PLAN if opts.big_table else SEALED_PLAN if opts.sealed
+           else POOLER_PLAN if opts.pooler else None)
+    if own is not None:
         bench.prefill()
         doc["layout"] = _layout(bench)
         plan = dict(bench.plan())
-        bench.rounds([(k, plan[k]) for k in BIG_TABLE_PLAN])
-        bench.big_table()
-        doc["runs"] = bench.runs
-        return doc
-    if opts.sealed:  # its own question: sealed records against plain ones
-        bench.prefill()
-        doc["layout"] = _layout(bench)
-        plan = dict(bench.plan())
-        bench.rounds([(k, plan[k]) for k in SEALED_PLAN])
-        doc["runs"] = bench.runs
-        return doc
-    if opts.pooler:  # its own question: through PgBouncer against direct
-        bench.prefill()
-        doc["layout"] = _layout(bench)
-        plan = dict(bench.plan())
-        bench.rounds([(k, plan[k]) for k in POOLER_PLAN])
+        bench.rounds([(k, plan[k]) for k in own])
+        if opts.big_table:
+            bench.big_table()
         doc["runs"] = bench.runs
         return doc
     if opts.bigbody:  # first, on a fresh process: earlier load would hide the growth
