@@ -23,6 +23,7 @@ from proxy.relay import (
     pump,
     response_for,
     small_enough,
+    whole_response,
 )
 from proxy.replay import guard_headers
 from proxy.store import Claim, Completion, Record, State
@@ -151,12 +152,9 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
             State.COMPLETED, g.fingerprint, g.token, claim.record.expires_at, up.status,
             stored, body, 0, len(body), False), seen=seen)
     finish(deps, g, route, Outcome.FORWARDED, up.status)
-    resp = web.Response(status=up.status, reason=up.reason, body=body)
-    out = resp.headers
-    for k, v in reply:
-        out.add(k, v)
-    out.update(guard_headers(route, claim.record.expires_at))
-    cors.expose_for(route, out)
+    resp = whole_response(up, body, guard_headers(route, claim.record.expires_at),
+                          headers=reply)
+    cors.expose_for(route, resp.headers)
     return resp
 
 

@@ -7,7 +7,7 @@ anything about keys; it streams, and it notices when the client has gone.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -208,11 +208,13 @@ async def pump(chunks: AsyncIterator[bytes], sink: ClientSink, *,
 _LENGTH = frozenset({"content-length"})  # aiohttp sets it from the body
 
 
-def whole_response(up: UpstreamResponse, body: bytes, extra: dict[str, str] | None
-           ) -> web.Response:
-    """A response with the upstream's status and end-to-end headers, body in one piece."""
+def whole_response(up: UpstreamResponse, body: bytes, extra: dict[str, str] | None, *,
+                   headers: Iterable[tuple[str, str]] | None = None) -> web.Response:
+    """A response with the upstream's status and end-to-end headers (or `headers`, when
+    the caller has already sorted them), body in one piece."""
     resp = web.Response(status=up.status, reason=up.reason, body=body)
-    resp.headers.extend(hdrs.end_to_end(up.headers, without=_LENGTH))
+    resp.headers.extend(hdrs.end_to_end(up.headers, without=_LENGTH) if headers is None
+                        else headers)
     if extra:
         resp.headers.update(extra)
     return resp
