@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from loadtest import clients, pgbench, profile, tools, wrk
 from loadtest.configs import BIG_FILE, nginx_conf, nginx_upstream_conf, proxy_yaml
 from loadtest.layout import Layout, cpu_list, cpus_allowed, taskset
-from loadtest.procs import Procs, free_port, tree, wait_http
+from loadtest.procs import Procs, cpu_seconds, free_port, tree, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -224,9 +224,7 @@ class Bench:
         c, keys = o.connections, str(o.keys)
 
         def w(target: str, scenario: str, conns: int = c, *extra: str) -> Any:
-            return lambda secs: wrk.run(url=u[target], scenario=scenario, workdir=self.tmp,
-                                        seconds=secs, connections=conns,
-                                        args=(uuid.uuid4().hex[:12], *extra)).as_dict()
+            return self._wrk(target, scenario, conns, *extra)
 
         return [
             ("noop get", w("noop", "get")), ("proxy get", w("proxy", "get")),
@@ -249,6 +247,24 @@ class Bench:
             ("pgbench first batched", self._pgbench("first batched")),
             ("pgbench replay", self._pgbench("replay")),
         ]
+
+    def _wrk(self, target: str, scenario: str, conns: int, *extra: str) -> Any:
+        """A wrk run against `target`, with the CPU its process tree (and PostgreSQL's,
+        when embedded) spent per request: `cpu_us`, `db_cpu_us`. On a shared machine the
+        rate of one run drifts with the neighbours' load; the CPU a request costs much
+        less, so these make a single run readable."""
+        url, pid, pg = self.urls[target], self.pids[target], self.postmaster
+
+        def run(secs: float) -> dict[str, float]:
+            cpu, db = cpu_seconds(pid), cpu_seconds(pg) if pg else 0.0
+            doc = wrk.run(url=url, scenario=scenario, workdir=self.tmp, seconds=secs,
+                          connections=conns, args=(uuid.uuid4().hex[:12], *extra)).as_dict()
+            if doc["requests"]:
+                doc["cpu_us"] = 1e6 * (cpu_seconds(pid) - cpu) / doc["requests"]
+                if pg:
+                    doc["db_cpu_us"] = 1e6 * (cpu_seconds(pg) - db) / doc["requests"]
+            return doc
+        return run
 
     def _pgbench(self, kind: str) -> Any:
         script = self.tmp / f"pgbench-{kind.replace(' ', '-')}.sql"
@@ -285,15 +301,12 @@ class Bench:
         """Both sides offered the same load: a share of the noop's median rate for that
         shape of request (POSTs: first requests, replays, pass-through; GETs)."""
         c = self.opts.connections
-        u, keys = self.urls, str(self.opts.keys)
+        keys = str(self.opts.keys)
         self.paced_rate = self.paced_rate_of("noop post")
         self.paced_rate_get = self.paced_rate_of("noop get")
 
         def w(target: str, scenario: str, rate: float) -> Any:
-            delay = f"{1000.0 * c / rate:.2f}"
-            return lambda secs: wrk.run(url=u[target], scenario=scenario, workdir=self.tmp,
-                                        seconds=secs, connections=c,
-                                        args=(uuid.uuid4().hex[:12], keys, delay)).as_dict()
+            return self._wrk(target, scenario, c, keys, f"{1000.0 * c / rate:.2f}")
 
         post, get = self.paced_rate, self.paced_rate_get
         return [("noop post paced", w("noop", "first_paced", post)),

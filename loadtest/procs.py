@@ -97,6 +97,20 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of `pid` and its descendants so far, exited threads
+    included (/proc/<pid>/stat; a child process that has exited is not counted)."""
+    total = 0
+    for p in tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / _TICK
+
+
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
     """A memory field of /proc/<pid>/status in KiB (VmRSS now, VmHWM the peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

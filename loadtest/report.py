@@ -77,13 +77,20 @@ class Row:
     ratio: Summary | None  # rps against the baseline, round by round
     p99_ratio: Summary | None  # p99 against the baseline's p99, round by round
     p50_ratio: Summary | None = None  # p50 against the baseline's p50, round by round
+    cpu_us: float | None = None  # CPU of the target's processes per request (median)
+    db_cpu_us: float | None = None  # PostgreSQL's CPU per request (median), when embedded
+    # the baseline's CPU per request over this one's, round by round: what the rps ratio
+    # would be if each side had a core to itself (higher is better, as for rps)
+    cpu_ratio: Summary | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"label": label(self.name), "rps": self.rps.as_dict(),
                 "p50_ms": self.p50_ms, "p99_ms": self.p99_ms,
                 "ratio_vs_noop": self.ratio.as_dict() if self.ratio else None,
                 "p99_ratio_vs_noop": self.p99_ratio.as_dict() if self.p99_ratio else None,
-                "p50_ratio_vs_noop": self.p50_ratio.as_dict() if self.p50_ratio else None}
+                "p50_ratio_vs_noop": self.p50_ratio.as_dict() if self.p50_ratio else None,
+                "cpu_us": self.cpu_us, "db_cpu_us": self.db_cpu_us,
+                "cpu_ratio_vs_noop": self.cpu_ratio.as_dict() if self.cpu_ratio else None}
 
 
 def _median_of(runs: Sequence[Mapping[str, Any]], field: str) -> float | None:
@@ -97,16 +104,18 @@ def rows(runs: Runs) -> list[Row]:
     for name in [n for n in order if n in runs] + sorted(set(runs) - set(order)):
         rs = runs[name]
         base = runs.get(baseline_of(name))
-        ratio = p99_ratio = p50_ratio = None
+        ratio = p99_ratio = p50_ratio = cpu_ratio = None
         if base and name != baseline_of(name):
             n = min(len(rs), len(base))
             ratio = _field_ratio(rs[:n], base[:n], "rps")
             p99_ratio = _field_ratio(rs[:n], base[:n], "p99_ms")
             p50_ratio = _field_ratio(rs[:n], base[:n], "p50_ms")
+            cpu_ratio = _field_ratio(base[:n], rs[:n], "cpu_us")  # less CPU: higher
         # pgbench reports a mean latency only: it goes in the p50 column, marked (mean)
         out.append(Row(name, summarize([r["rps"] for r in rs]),
                        _median_of(rs, "p50_ms") or _median_of(rs, "mean_ms"),
-                       _median_of(rs, "p99_ms"), ratio, p99_ratio, p50_ratio))
+                       _median_of(rs, "p99_ms"), ratio, p99_ratio, p50_ratio,
+                       _median_of(rs, "cpu_us"), _median_of(rs, "db_cpu_us"), cpu_ratio))
     return out
 
 
@@ -184,15 +193,18 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 def render(table: Sequence[Row], checks: Sequence[Mapping[str, Any]]) -> str:
     """A Markdown table (measurements), then one line per target."""
     lines = ["| measurement | req/s (median) | spread | p50 ms | p99 ms | × do-nothing | "
-             "p50 × do-nothing | p99 × do-nothing |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "p50 × do-nothing | p99 × do-nothing | CPU µs/req | × do-nothing by CPU | "
+             "PostgreSQL CPU µs/req |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         ratio = f"{r.ratio.median:.2f} ({r.ratio.low:.2f}–{r.ratio.high:.2f})" if r.ratio \
             else ("1.00" if r.name == baseline_of(r.name) else "-")
         p99r = f"{r.p99_ratio.median:.2f}" if r.p99_ratio else "-"
         p50r = f"{r.p50_ratio.median:.2f}" if r.p50_ratio else "-"
+        cpur = f"{r.cpu_ratio.median:.2f}" if r.cpu_ratio else "-"
         lines.append(f"| {label(r.name)} | {_fmt(r.rps.median, 0)} | "
                      f"±{r.rps.spread_pct / 2:.0f} % | {_fmt(r.p50_ms, 2)} | "
-                     f"{_fmt(r.p99_ms, 2)} | {ratio} | {p50r} | {p99r} |")
+                     f"{_fmt(r.p99_ms, 2)} | {ratio} | {p50r} | {p99r} | "
+                     f"{_fmt(r.cpu_us, 0)} | {cpur} | {_fmt(r.db_cpu_us, 0)} |")
     lines += ["", "| target | measured | bound | met |", "|---|---:|---|---|"]
     for c in checks:
         met = {True: "yes", False: "**no**", None: "not run"}[c["met"]] \

@@ -332,3 +332,44 @@ def test_sealed_runs_are_reported_against_the_unsealed_proxy() -> None:
     sealed = checks["idemproxy first requests, sealed (encryption keys set) vs unsealed"]
     assert sealed["value"] == 0.95 and sealed["met"] is None
     assert "| - |" in report.render(report.rows(runs), list(checks.values()))
+
+
+def test_report_cpu_per_request_column() -> None:
+    """CPU per request is reported per row, and its ratio is the baseline's CPU over the
+    proxy's round by round (less CPU per request: a higher ratio, as for req/s)."""
+    def r(rps: float, cpu: float, db: float) -> dict[str, float]:
+        return {"rps": rps, "p50_ms": 1.0, "p99_ms": 2.0, "cpu_us": cpu, "db_cpu_us": db}
+
+    table = report.rows({"noop post": [r(1000.0, 300.0, 0.0), r(900.0, 330.0, 0.0)],
+                         "proxy first": [r(700.0, 600.0, 200.0), r(600.0, 440.0, 220.0)]})
+    by = {row.name: row for row in table}
+    first = by["proxy first"]
+    assert first.cpu_ratio is not None
+    assert first.cpu_ratio.low == 0.5 and first.cpu_ratio.high == 0.75
+    assert first.db_cpu_us == 210.0
+    assert "| 520 | 0.62 | 210 |" in report.render(table, [])
+    assert by["noop post"].cpu_ratio is None  # the baseline itself
+
+
+def test_cpu_seconds_counts_a_busy_child() -> None:
+    """cpu_seconds sums user and system time over a process and its children: the CPU
+    a child spins shows up in its (idle) parent's total."""
+    import subprocess
+    import sys
+    import time
+
+    from loadtest.procs import cpu_seconds
+
+    code = ("import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', "
+            "'import time\\nt = time.process_time()\\nwhile time.process_time() - t < 0.5: "
+            "pass\\ntime.sleep(30)']); c.wait()")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 30
+        while cpu_seconds(parent.pid) < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cpu_seconds(parent.pid) >= 0.5
+    finally:
+        subprocess.run(["pkill", "-P", str(parent.pid)], check=False)
+        parent.kill()
+        parent.wait()
