@@ -115,6 +115,41 @@ async def test_completed_keys_replay_from_a_batch(one_conn: PostgresStore):
         assert r.record.body == b"hello" and r.record.headers == DONE.headers
 
 
+async def test_a_batched_new_claim_answers_as_a_claim_alone(one_conn: PostgresStore):
+    """A new key claimed in a batch (migration 0007's INSERT first) returns what a claim on
+    its own returns: NEW, in flight, its token and fingerprint, the lease and the window."""
+    scope, _ = ids()
+    alone = await claim(one_conn, scope, "alone", fp=b"f" * 32, lease=7, ttl=600)
+    tokens = [uuid.uuid4() for _ in range(3)]
+    async with busy(one_conn):
+        tasks = [asyncio.create_task(claim(one_conn, scope, f"b{i}", fp=b"f" * 32, lease=7,
+                                           ttl=600, token=t)) for i, t in enumerate(tokens)]
+    for r, token in zip(await asyncio.gather(*tasks), tokens, strict=True):
+        assert r.outcome is ClaimOutcome.NEW and r.record.lock_token == token
+        assert r.record._replace(lock_token=alone.record.lock_token,
+                                 expires_at=alone.record.expires_at) == alone.record
+        assert abs((r.record.expires_at - alone.record.expires_at).total_seconds()) < 60
+
+
+async def test_rows_to_take_over_are_taken_over_in_a_batch(one_conn: PostgresStore):
+    """In a batch, an expired row is claimed anew and an ended lease of the same request is
+    taken over, next to new keys and a live claim (409 material), each as alone."""
+    scope, _ = ids()
+    await claim(one_conn, scope, "expired", ttl=0.01, lease=0.01)
+    await claim(one_conn, scope, "lease-ended", lease=0.01)
+    live = await claim(one_conn, scope, "live")
+    await asyncio.sleep(0.05)
+    names = ["expired", "lease-ended", "live", "new"]
+    async with busy(one_conn):
+        tasks = [asyncio.create_task(claim(one_conn, scope, k)) for k in names]
+    got = dict(zip(names, await asyncio.gather(*tasks), strict=True))
+    assert got["expired"].outcome is ClaimOutcome.NEW
+    assert got["lease-ended"].outcome is ClaimOutcome.TAKEN_OVER
+    assert got["live"].outcome is ClaimOutcome.EXISTING
+    assert got["live"].record.lock_token == live.record.lock_token
+    assert got["new"].outcome is ClaimOutcome.NEW
+
+
 async def test_completions_share_one_transaction_and_keep_compare_and_set(
         one_conn: PostgresStore, db: str):
     """Queued completions commit together; one with a stale token is refused and stays in flight."""
