@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from loadtest import clients, pgbench, profile, tools, wrk
+from loadtest import clients, pgbench, phases, profile, tools, wrk
 from loadtest.configs import BIG_FILE, nginx_conf, nginx_upstream_conf, proxy_yaml
 from loadtest.layout import Layout, cpu_list, cpus_allowed, taskset
 from loadtest.procs import Procs, cpu_seconds, free_port, tree, wait_http
@@ -254,15 +254,21 @@ class Bench:
         rate of one run drifts with the neighbours' load; the CPU a request costs much
         less, so these make a single run readable."""
         url, pid, pg = self.urls[target], self.pids[target], self.postmaster
+        # first requests: also where their time went (claim, upstream, completion)
+        admin = self.urls.get(target + " admin") if scenario.startswith("first") else None
 
-        def run(secs: float) -> dict[str, float]:
+        def run(secs: float) -> dict[str, Any]:
             cpu, db = cpu_seconds(pid), cpu_seconds(pg) if pg else 0.0
-            doc = wrk.run(url=url, scenario=scenario, workdir=self.tmp, seconds=secs,
-                          connections=conns, args=(uuid.uuid4().hex[:12], *extra)).as_dict()
+            before = clients.metrics_text(admin) if admin else ""
+            doc: dict[str, Any] = wrk.run(
+                url=url, scenario=scenario, workdir=self.tmp, seconds=secs,
+                connections=conns, args=(uuid.uuid4().hex[:12], *extra)).as_dict()
             if doc["requests"]:
                 doc["cpu_us"] = 1e6 * (cpu_seconds(pid) - cpu) / doc["requests"]
                 if pg:
                     doc["db_cpu_us"] = 1e6 * (cpu_seconds(pg) - db) / doc["requests"]
+            if admin:
+                doc["phases"] = phases.during(before, clients.metrics_text(admin))
             return doc
         return run
 

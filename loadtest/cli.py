@@ -205,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(doc, indent=2, default=str))
     print()
     print(text)
+    lines = report.phase_lines(doc["runs"])
+    if lines:
+        print("\nwhere first requests waited (claim, upstream, completion; the proxy's "
+              "histograms):")
+        for line in lines:
+            print("  " + line)
     for prof in doc.get("profile", {}).values():
         if "error" in prof:
             print(f"\nprofile, {prof['label']}: py-spy failed: {prof['error']}")

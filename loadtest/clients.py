@@ -7,6 +7,7 @@ import asyncio
 import re
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import aiohttp
@@ -117,8 +118,12 @@ def parse_outcomes(metrics_text: str) -> dict[str, int]:
     return out
 
 
+def metrics_text(admin: str) -> str:
+    """The proxy's /metrics (Prometheus text), from its admin URL."""
+    with urllib.request.urlopen(f"{admin}/metrics", timeout=10) as resp:  # noqa: S310
+        text: str = resp.read().decode()
+        return text
+
+
 def outcomes(admin: str) -> dict[str, int]:
-    async def get() -> str:
-        async with aiohttp.ClientSession() as s, s.get(f"{admin}/metrics") as r:
-            return await r.text()
-    return parse_outcomes(asyncio.run(get()))
+    return parse_outcomes(metrics_text(admin))

@@ -101,13 +101,15 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of `pid` and its descendants so far, exited threads
-    included (/proc/<pid>/stat; a child process that has exited is not counted)."""
+    """CPU time (user + system) of `pid` and its descendants so far: exited threads, and
+    exited children their parent has reaped (a PostgreSQL backend that disconnected),
+    included (/proc/<pid>/stat)."""
     total = 0
     for p in tree(pid):
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+            # utime, stime, cutime, cstime (stat's fields 14-17)
+            total += sum(int(f) for f in fields[11:15])
     return total / _TICK
 
 

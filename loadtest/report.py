@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from loadtest import phases
 from loadtest.stats import TARGETS, Summary, paired_ratios, rss_met, summarize
 
 Runs = Mapping[str, Sequence[Mapping[str, Any]]]
@@ -213,3 +214,18 @@ def render(table: Sequence[Row], checks: Sequence[Mapping[str, Any]]) -> str:
         value = "-" if c["value"] is None else f"{c['value']:.2f}{unit}"
         lines.append(f"| {c['target']} | {value} | {c['bound']} | {met} |")
     return "\n".join(lines)
+
+
+def phase_lines(runs: Runs) -> list[str]:
+    """Where first requests' time went (loadtest/phases.py), for each run that has it:
+    the median over rounds of each phase's mean, next to the run's own p50."""
+    out = []
+    for name in [n for n in ORDER if n in runs]:
+        means = phases.summary(list(runs[name]))
+        if not means:
+            continue
+        p50 = _median_of(runs[name], "p50_ms")
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in means.items())
+        out.append(f"{label(name)}: {parts} ms (means; whole request p50 {_fmt(p50, 2)} ms)")
+    return out
+

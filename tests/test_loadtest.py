@@ -351,25 +351,72 @@ def test_report_cpu_per_request_column() -> None:
     assert by["noop post"].cpu_ratio is None  # the baseline itself
 
 
-def test_cpu_seconds_counts_a_busy_child() -> None:
-    """cpu_seconds sums user and system time over a process and its children: the CPU
-    a child spins shows up in its (idle) parent's total."""
+def test_cpu_seconds_counts_a_child_that_has_exited() -> None:
+    """cpu_seconds sums user and system time over a process and its children, those that
+    exited and were reaped too: the CPU a child spun shows in its idle parent's total."""
     import subprocess
     import sys
     import time
 
-    from loadtest.procs import cpu_seconds
+    from loadtest.procs import cpu_seconds, tree
 
-    code = ("import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', "
+    code = ("import subprocess, sys, time; subprocess.run([sys.executable, '-c', "
             "'import time\\nt = time.process_time()\\nwhile time.process_time() - t < 0.5: "
-            "pass\\ntime.sleep(30)']); c.wait()")
+            "pass']); time.sleep(30)")
     parent = subprocess.Popen([sys.executable, "-c", code])
     try:
-        deadline = time.monotonic() + 30
-        while cpu_seconds(parent.pid) < 0.5 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        deadline, seen = time.monotonic() + 30, False
+        while time.monotonic() < deadline:  # until the child has run, exited, been reaped
+            if len(tree(parent.pid)) > 1:
+                seen = True
+            elif seen:
+                break
+            time.sleep(0.05)
+        assert seen and len(tree(parent.pid)) == 1
         assert cpu_seconds(parent.pid) >= 0.5
     finally:
-        subprocess.run(["pkill", "-P", str(parent.pid)], check=False)
         parent.kill()
         parent.wait()
+
+
+def _scrape(claim: tuple[float, ...], total: float) -> str:
+    """A /metrics text with one claim histogram (cumulative counts for le 1, 5, 10 ms, +Inf)
+    and an empty upstream one."""
+    lines = ["# HELP idemproxy_store_seconds Store round-trip time by operation.",
+             "# TYPE idemproxy_store_seconds histogram"]
+    for le, c in zip(("0.001", "0.005", "0.01", "+Inf"), claim, strict=True):
+        lines.append(f'idemproxy_store_seconds_bucket{{le="{le}",op="claim"}} {c}')
+    lines += [f'idemproxy_store_seconds_sum{{op="claim"}} {total}',
+              f'idemproxy_store_seconds_count{{op="claim"}} {claim[-1]}',
+              'idemproxy_store_seconds_bucket{le="+Inf",op="release"} 7',
+              'idemproxy_store_seconds_sum{op="release"} 1.0',
+              'idemproxy_store_seconds_count{op="release"} 7']
+    return "\n".join(lines) + "\n"
+
+
+def test_phases_between_two_scrapes() -> None:
+    """A phase's mean is its sum over its count between two scrapes, its percentiles are
+    interpolated in the buckets of the difference, and other ops are not mixed in."""
+    from loadtest import phases
+
+    before = _scrape((10, 10, 10, 10), 0.005)  # 10 fast claims before the run
+    after = _scrape((10, 60, 110, 110), 0.005 + 0.6)  # 100 more: 50 in 1-5 ms, 50 in 5-10
+    got = phases.during(before, after)
+    assert set(got) == {"claim"}
+    claim = got["claim"]
+    assert claim["n"] == 100
+    assert claim["mean_ms"] == pytest.approx(6.0)
+    assert claim["p50_ms"] == pytest.approx(5.0)
+    assert claim["p99_ms"] == pytest.approx(9.9)
+    runs = {"proxy first": [{"rps": 1.0, "p50_ms": 8.0, "phases": got}]}
+    assert report.phase_lines(runs) == [
+        "idemproxy first requests: claim 6.00 ms (means; whole request p50 8.00 ms)"]
+
+
+def test_phases_above_the_last_bucket() -> None:
+    """Observations past the last finite bucket give that bound, not infinity."""
+    from loadtest import phases
+
+    h = phases.Histogram(((0.01, 0.0), (float("inf"), 4.0)), 1.0, 4.0)
+    assert h.quantile(0.99) == 0.01
+    assert phases.Histogram((), 0.0, 0.0).quantile(0.5) is None
