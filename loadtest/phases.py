@@ -18,6 +18,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.stats import summarize
+
 # (phase, metric family, label that must match) in the order a first request meets them
 PHASES = (("claim", "idemproxy_store_seconds", ("op", "claim")),
           ("upstream", "idemproxy_upstream_seconds", None),
@@ -97,8 +99,7 @@ def summary(runs: list[Mapping[str, Any]]) -> dict[str, float]:
     """Median over rounds of each phase's mean (ms), from the runs' `phases`."""
     out: dict[str, float] = {}
     for phase, _, _ in PHASES:
-        means = sorted(r["phases"][phase]["mean_ms"] for r in runs
-                       if phase in r.get("phases", {}))
+        means = [r["phases"][phase]["mean_ms"] for r in runs if phase in r.get("phases", {})]
         if means:
-            out[phase] = means[len(means) // 2]
+            out[phase] = summarize(means).median
     return out
