@@ -20,7 +20,15 @@ from urllib.parse import urlsplit, urlunsplit
 from loadtest import clients, pgbench, phases, profile, tools, wrk
 from loadtest.configs import BIG_FILE, nginx_conf, nginx_upstream_conf, proxy_yaml
 from loadtest.layout import Layout, cpu_list, cpus_allowed, taskset
-from loadtest.procs import Procs, cpu_seconds, free_port, tree, wait_http
+from loadtest.procs import (
+    Procs,
+    cpu_seconds,
+    free_port,
+    host_cpu,
+    stolen_pct,
+    tree,
+    wait_http,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,6 +88,7 @@ class Bench:
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     paced_rate: float = 0.0  # POSTs
     paced_rate_get: float = 0.0
+    paced_rate_first: float = 0.0  # half idemproxy's own first-request rate
     bouncer: Any = None  # tests.pgservers.PgBouncer, with --pooler
     sealed_db_url: str = ""  # with --sealed: the sealed proxies' own database
     layout: Layout | None = None  # --pin: the harness already runs on layout.load
@@ -260,9 +269,11 @@ class Bench:
         def run(secs: float) -> dict[str, Any]:
             cpu, db = cpu_seconds(pid), cpu_seconds(pg) if pg else 0.0
             before = clients.metrics_text(admin) if admin else ""
+            host = host_cpu()
             doc: dict[str, Any] = wrk.run(
                 url=url, scenario=scenario, workdir=self.tmp, seconds=secs,
                 connections=conns, args=(uuid.uuid4().hex[:12], *extra)).as_dict()
+            doc["steal_pct"] = stolen_pct(host, host_cpu())
             if doc["requests"]:
                 doc["cpu_us"] = 1e6 * (cpu_seconds(pid) - cpu) / doc["requests"]
                 if pg:
@@ -279,9 +290,12 @@ class Bench:
                            "replay": lambda: pgbench.replay_script(self.opts.keys)}[kind]())
         per_transaction = pgbench.BATCH if kind == "first batched" else 1
 
-        def run(secs: float) -> dict[str, float]:
-            doc = pgbench.run(url=self.db_url, script=script, seconds=secs,
-                              clients=self.opts.pool, nonce=uuid.uuid4().hex[:12]).as_dict()
+        def run(secs: float) -> dict[str, Any]:
+            host = host_cpu()
+            doc: dict[str, Any] = pgbench.run(
+                url=self.db_url, script=script, seconds=secs, clients=self.opts.pool,
+                nonce=uuid.uuid4().hex[:12]).as_dict()
+            doc["steal_pct"] = stolen_pct(host, host_cpu())
             doc["rps"] *= per_transaction  # first requests per second, not transactions
             return doc
         return run
@@ -298,18 +312,23 @@ class Bench:
                       f"{result['rps']:>9,.0f} req/s  p99 {result.get('p99_ms', 0):6.2f} ms"
                       f"{_bad(result)}", flush=True)
 
-    def paced_rate_of(self, baseline: str) -> float:
-        """The offered load of the paced runs: a share of the noop's median rate."""
-        noop = sorted(r["rps"] for r in self.runs[baseline])
-        return max(50.0, self.opts.pace * noop[len(noop) // 2])
+    def paced_rate_of(self, measured: str) -> float:
+        """The offered load of the paced runs: a share of a saturated run's median rate."""
+        rates = sorted(r["rps"] for r in self.runs[measured])
+        return max(50.0, self.opts.pace * rates[len(rates) // 2])
 
     def paced_plan(self) -> list[tuple[str, Any]]:
         """Both sides offered the same load: a share of the noop's median rate for that
-        shape of request (POSTs: first requests, replays, pass-through; GETs)."""
+        shape of request (POSTs: first requests, replays, pass-through; GETs). First
+        requests also at a share of idemproxy's own first-request rate ("paced equal"),
+        the noop beside them at that load: at the noop's share our first requests run
+        closer to their own saturation than the noop does, so their latency there is
+        mostly queueing; this pair compares the two at the same share of our capacity."""
         c = self.opts.connections
         keys = str(self.opts.keys)
         self.paced_rate = self.paced_rate_of("noop post")
         self.paced_rate_get = self.paced_rate_of("noop get")
+        self.paced_rate_first = self.paced_rate_of("proxy first")
 
         def w(target: str, scenario: str, rate: float) -> Any:
             return self._wrk(target, scenario, c, keys, f"{1000.0 * c / rate:.2f}")
@@ -320,7 +339,10 @@ class Bench:
                 ("proxy first paced", w("proxy", "first_paced", post)),
                 ("proxy pass post paced", w("proxy", "pass_post_paced", post)),
                 ("noop get paced", w("noop", "get_paced", get)),
-                ("proxy get paced", w("proxy", "get_paced", get))]
+                ("proxy get paced", w("proxy", "get_paced", get)),
+                ("noop post paced equal", w("noop", "first_paced", self.paced_rate_first)),
+                ("proxy first paced equal", w("proxy", "first_paced",
+                                              self.paced_rate_first))]
 
     def prefill(self) -> None:
         t = time.perf_counter()

@@ -125,6 +125,7 @@ def _run(opts: Options, bench: Bench) -> dict[str, Any]:
     bench.rounds(bench.paced_plan())
     doc["paced_rate"] = round(bench.paced_rate, 1)
     doc["paced_rate_get"] = round(bench.paced_rate_get, 1)
+    doc["paced_rate_first"] = round(bench.paced_rate_first, 1)
     doc["outcomes"] = clients.outcomes(bench.urls["proxy admin"])
     if opts.profile:
         doc["profile"] = bench.profiles()
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
               "histograms):")
         for line in lines:
             print("  " + line)
+    steal = report.steal_line(doc["runs"])
+    if steal:
+        print("\n" + steal)
     for prof in doc.get("profile", {}).values():
         if "error" in prof:
             print(f"\nprofile, {prof['label']}: py-spy failed: {prof['error']}")

@@ -113,6 +113,27 @@ def cpu_seconds(pid: int) -> float:
     return total / _TICK
 
 
+def host_cpu(stat: str | None = None) -> tuple[int, int]:
+    """(stolen, total) jiffies of the whole machine so far, from /proc/stat's `cpu` line
+    (`stat`: its text, for tests). Stolen is the time a virtual CPU was ready to run but
+    the hypervisor ran another machine's: on a shared VM, what the neighbours took."""
+    text = stat if stat is not None else Path("/proc/stat").read_text()
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            # user nice system idle iowait irq softirq steal guest guest_nice; guest time
+            # is already counted in user (and guest_nice in nice)
+            vals = [int(v) for v in line.split()[1:9]]
+            vals += [0] * (8 - len(vals))
+            return vals[7], sum(vals)
+    return 0, 0
+
+
+def stolen_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of the machine's CPU time stolen between two host_cpu() readings."""
+    total = after[1] - before[1]
+    return None if total <= 0 else 100.0 * (after[0] - before[0]) / total
+
+
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
     """A memory field of /proc/<pid>/status in KiB (VmRSS now, VmHWM the peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

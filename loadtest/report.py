@@ -27,6 +27,7 @@ ORDER = (
     "pgbench first", "pgbench first batched",
     "pgbench replay", "noop post paced", "proxy replay paced", "proxy first paced",
     "proxy pass post paced", "noop get paced", "proxy get paced",
+    "noop post paced equal", "proxy first paced equal",
 )
 LABELS = {
     "upstream get": "upstream direct, GET", "upstream post": "upstream direct, POST",
@@ -52,6 +53,8 @@ LABELS = {
     "proxy pass post paced": "idemproxy pass-through (POST), paced",
     "noop get paced": "do-nothing GET, paced", "proxy get paced": "idemproxy pass-through "
                                                                  "(GET), paced",
+    "noop post paced equal": "do-nothing POST, paced at half idemproxy's first-request rate",
+    "proxy first paced equal": "idemproxy first requests, paced at half their own rate",
 }
 
 
@@ -64,6 +67,8 @@ def label(name: str) -> str:
 def baseline_of(name: str) -> str:
     if name.endswith(" bigtable"):
         return baseline_of(name.removesuffix(" bigtable")) + " bigtable"
+    if name.endswith("paced equal"):
+        return "noop post paced equal"
     if name.endswith("paced"):
         return "noop get paced" if name.endswith("get paced") else "noop post paced"
     return "noop get" if name.endswith("get") else "noop post"
@@ -141,6 +146,8 @@ def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
         value: float | None = None
         if t.metric == "rss_mib":
             value = rss_growth_mib
+        elif t.metric == "p50_over_ms":
+            value = p50_over(runs or {}, t.scenario, t.baseline)
         elif (row := by_name.get(t.scenario)) is not None:
             s = row.ratio if t.metric == "rps" else row.p99_ratio
             value = s.median if s else None
@@ -165,6 +172,30 @@ def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
                                   "more keys",
                         "value": round(slow * 100, 1), "bound": "< 20 %", "met": slow < 0.2})
     return out
+
+
+def p50_over(runs: Runs, name: str, base: str) -> float | None:
+    """How many milliseconds `name`'s p50 is above `base`'s: the median of the round-by-
+    round differences (#19: a paced first request's p50 at most 1 ms over the noop's)."""
+    rs, bs = runs.get(name), runs.get(base)
+    if not (rs and bs):
+        return None
+    diffs = [r["p50_ms"] - b["p50_ms"] for r, b in zip(rs, bs, strict=False)
+             if r.get("p50_ms") is not None and b.get("p50_ms") is not None]
+    return summarize(diffs).median if diffs else None
+
+
+def steal_line(runs: Runs) -> str | None:
+    """How much CPU the hypervisor gave other machines during the runs (a shared VM's
+    noise, /proc/stat's steal): the median and the highest share over all runs."""
+    vals = [r["steal_pct"] for rs in runs.values() for r in rs
+            if r.get("steal_pct") is not None]
+    if not vals:
+        return None
+    s = summarize(vals)
+    return (f"CPU stolen by the hypervisor during the runs: median {s.median:.1f} %, "
+            f"highest {s.high:.1f} % (of both cores' time; rates drift with it, CPU per "
+            "request much less)")
 
 
 def side_by_side(runs: Runs, name: str, base: str) -> float | None:
@@ -210,7 +241,8 @@ def render(table: Sequence[Row], checks: Sequence[Mapping[str, Any]]) -> str:
     for c in checks:
         met = {True: "yes", False: "**no**", None: "not run"}[c["met"]] \
             if c["bound"] != "measured only" else "-"
-        unit = " MiB" if "MiB" in c["bound"] else " %" if "%" in c["bound"] else "×"
+        unit = " MiB" if "MiB" in c["bound"] else " %" if "%" in c["bound"] else \
+            " ms" if "ms" in c["bound"] else "×"
         value = "-" if c["value"] is None else f"{c['value']:.2f}{unit}"
         lines.append(f"| {c['target']} | {value} | {c['bound']} | {met} |")
     return "\n".join(lines)

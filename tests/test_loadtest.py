@@ -420,3 +420,51 @@ def test_phases_above_the_last_bucket() -> None:
     h = phases.Histogram(((0.01, 0.0), (float("inf"), 4.0)), 1.0, 4.0)
     assert h.quantile(0.99) == 0.01
     assert phases.Histogram((), 0.0, 0.0).quantile(0.5) is None
+
+
+def test_paced_first_requests_at_their_own_rate_compare_with_the_noop_at_that_rate() -> None:
+    """The "paced equal" pair: first requests paced at half their own rate are compared
+    with the noop paced at that same rate, for the p99 ratio and the p50 difference in
+    milliseconds (round by round), beside the same bounds at half the noop's rate."""
+    def r(p50: float, p99: float) -> dict[str, float]:
+        return {"rps": 400.0, "p50_ms": p50, "p99_ms": p99}
+
+    runs = {"noop post paced": [r(2.0, 10.0), r(2.5, 12.0)],
+            "proxy first paced": [r(9.0, 40.0), r(7.0, 30.0)],
+            "noop post paced equal": [r(1.5, 8.0), r(1.0, 6.0)],
+            "proxy first paced equal": [r(2.0, 10.0), r(2.5, 12.0)]}
+    table = report.rows(runs)
+    by = {row.name: row for row in table}
+    assert report.baseline_of("proxy first paced equal") == "noop post paced equal"
+    assert by["proxy first paced equal"].p99_ratio is not None
+    assert by["proxy first paced equal"].p99_ratio.median == pytest.approx(1.625)
+    checks = {c["target"]: c for c in report.verdicts(table, rss_growth_mib=None, runs=runs)}
+    assert checks["first-request p50 at the same load"]["value"] == pytest.approx(5.75)
+    assert checks["first-request p50 at the same load"]["met"] is False
+    assert checks["first-request p50 at half its own rate"]["value"] == pytest.approx(1.0)
+    assert checks["first-request p50 at half its own rate"]["met"] is True
+    assert checks["first-request p99 at half its own rate"]["met"] is False
+    text = report.render(table, list(checks.values()))
+    assert "| first-request p50 at half its own rate | 1.00 ms | <= 1 ms over the " \
+           "baseline's p50 | yes |" in text
+    assert "idemproxy first requests, paced at half their own rate" in text
+
+
+def test_stolen_cpu_between_two_readings_of_proc_stat() -> None:
+    """host_cpu reads steal and the total from /proc/stat's cpu line; stolen_pct is the
+    share stolen between two readings, and the report prints its median and highest."""
+    from loadtest.procs import host_cpu, stolen_pct
+
+    before = host_cpu("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3 4\n")
+    after = host_cpu("cpu  200 0 100 1500 10 0 10 85 7 0\n")
+    assert before == (35, 1000) and after == (85, 1905)  # guest time is in user already
+    assert stolen_pct(before, after) == pytest.approx(100 * 50 / 905)
+    assert stolen_pct(after, after) is None  # no time passed: no share
+    assert host_cpu("intr 1 2\n") == (0, 0)
+    assert host_cpu()[1] > 0  # this machine's own /proc/stat
+    line = report.steal_line({"noop get": [{"rps": 1.0, "steal_pct": 4.0},
+                                           {"rps": 1.0, "steal_pct": 20.0}],
+                              "proxy get": [{"rps": 1.0, "steal_pct": 10.0}],
+                              "pgbench first": [{"rps": 1.0}]})
+    assert line is not None and "median 10.0 %, highest 20.0 %" in line
+    assert report.steal_line({"noop get": [{"rps": 1.0}]}) is None
