@@ -88,6 +88,8 @@ class Row:
     # the baseline's CPU per request over this one's, round by round: what the rps ratio
     # would be if each side had a core to itself (higher is better, as for rps)
     cpu_ratio: Summary | None = None
+    # this p50 minus the baseline's, in ms, round by round (#19: at most 1 ms over)
+    p50_over: Summary | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"label": label(self.name), "rps": self.rps.as_dict(),
@@ -96,7 +98,8 @@ class Row:
                 "p99_ratio_vs_noop": self.p99_ratio.as_dict() if self.p99_ratio else None,
                 "p50_ratio_vs_noop": self.p50_ratio.as_dict() if self.p50_ratio else None,
                 "cpu_us": self.cpu_us, "db_cpu_us": self.db_cpu_us,
-                "cpu_ratio_vs_noop": self.cpu_ratio.as_dict() if self.cpu_ratio else None}
+                "cpu_ratio_vs_noop": self.cpu_ratio.as_dict() if self.cpu_ratio else None,
+                "p50_over_noop_ms": self.p50_over.as_dict() if self.p50_over else None}
 
 
 def _median_of(runs: Sequence[Mapping[str, Any]], field: str) -> float | None:
@@ -110,18 +113,20 @@ def rows(runs: Runs) -> list[Row]:
     for name in [n for n in order if n in runs] + sorted(set(runs) - set(order)):
         rs = runs[name]
         base = runs.get(baseline_of(name))
-        ratio = p99_ratio = p50_ratio = cpu_ratio = None
+        ratio = p99_ratio = p50_ratio = cpu_ratio = p50_over = None
         if base and name != baseline_of(name):
             n = min(len(rs), len(base))
             ratio = _field_ratio(rs[:n], base[:n], "rps")
             p99_ratio = _field_ratio(rs[:n], base[:n], "p99_ms")
             p50_ratio = _field_ratio(rs[:n], base[:n], "p50_ms")
             cpu_ratio = _field_ratio(base[:n], rs[:n], "cpu_us")  # less CPU: higher
+            p50_over = _field_diff(rs[:n], base[:n], "p50_ms")
         # pgbench reports a mean latency only: it goes in the p50 column, marked (mean)
         out.append(Row(name, summarize([r["rps"] for r in rs]),
                        _median_of(rs, "p50_ms") or _median_of(rs, "mean_ms"),
                        _median_of(rs, "p99_ms"), ratio, p99_ratio, p50_ratio,
-                       _median_of(rs, "cpu_us"), _median_of(rs, "db_cpu_us"), cpu_ratio))
+                       _median_of(rs, "cpu_us"), _median_of(rs, "db_cpu_us"), cpu_ratio,
+                       p50_over))
     return out
 
 
@@ -131,6 +136,14 @@ def _field_ratio(rs: Sequence[Mapping[str, Any]], base: Sequence[Mapping[str, An
     if not all(r.get(field) for r in [*rs, *base]):
         return None
     return _summary(paired_ratios([r[field] for r in rs], [b[field] for b in base]))
+
+
+def _field_diff(rs: Sequence[Mapping[str, Any]], base: Sequence[Mapping[str, Any]],
+                field: str) -> Summary | None:
+    """Round-by-round differences of `field`, if every run of both sides has it."""
+    if not all(r.get(field) for r in [*rs, *base]):
+        return None
+    return _summary([r[field] - b[field] for r, b in zip(rs, base, strict=True)])
 
 
 def _summary(values: list[float]) -> Summary | None:
@@ -146,10 +159,8 @@ def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
         value: float | None = None
         if t.metric == "rss_mib":
             value = rss_growth_mib
-        elif t.metric == "p50_over_ms":
-            value = p50_over(runs or {}, t.scenario, t.baseline)
         elif (row := by_name.get(t.scenario)) is not None:
-            s = row.ratio if t.metric == "rps" else row.p99_ratio
+            s = {"rps": row.ratio, "p50_over_ms": row.p50_over}.get(t.metric, row.p99_ratio)
             value = s.median if s else None
         met = None if value is None else (rss_met(value, t.bound) if t.metric == "rss_mib"
                                           else t.met(value))
@@ -172,17 +183,6 @@ def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
                                   "more keys",
                         "value": round(slow * 100, 1), "bound": "< 20 %", "met": slow < 0.2})
     return out
-
-
-def p50_over(runs: Runs, name: str, base: str) -> float | None:
-    """How many milliseconds `name`'s p50 is above `base`'s: the median of the round-by-
-    round differences (#19: a paced first request's p50 at most 1 ms over the noop's)."""
-    rs, bs = runs.get(name), runs.get(base)
-    if not (rs and bs):
-        return None
-    diffs = [r["p50_ms"] - b["p50_ms"] for r, b in zip(rs, bs, strict=False)
-             if r.get("p50_ms") is not None and b.get("p50_ms") is not None]
-    return summarize(diffs).median if diffs else None
 
 
 def steal_line(runs: Runs) -> str | None:
