@@ -161,8 +161,9 @@ async def _key_show(request: web.Request) -> web.Response:
 
 
 async def _tenant_erase(request: web.Request) -> web.Response:
-    """DELETE /admin/tenants/{hash}: erase every record of one tenant (the hash in its
-    scopes, as `idemproxy tenant-hash` prints); every replay cache drops them."""
+    """DELETE /admin/tenants/{hash}: erase every completed record of one tenant (the hash
+    in its scopes, as `idemproxy tenant-hash` prints); every replay cache drops them.
+    Claims still in flight are left alone and counted (`in_flight`): call again later."""
     from proxy.store.atrest import erase_tenant
 
     tenant = request.match_info["tenant"]
@@ -170,11 +171,12 @@ async def _tenant_erase(request: web.Request) -> web.Response:
         raise BadRequest("The tenant is the 32-hex-digit hash in its scopes "
                          "(`idemproxy tenant-hash CREDENTIAL` prints it).")
     deps = request.app[DEPS]
-    n = await _admin_call(erase_tenant(deps.store, tenant))
+    done = await _admin_call(erase_tenant(deps.store, tenant))
     if deps.cache is not None:  # at once here; other processes hear the NOTIFY
         deps.cache.clear()
-    log.warning("admin erased a tenant", extra={"fields": {"tenant": tenant, "deleted": n}})
-    return web.json_response({"deleted": n})
+    log.warning("admin erased a tenant", extra={"fields": {
+        "tenant": tenant, "deleted": done.deleted, "in_flight": done.in_flight}})
+    return web.json_response({"deleted": done.deleted, "in_flight": done.in_flight})
 
 
 async def _key_delete(request: web.Request) -> web.Response:

@@ -5,7 +5,8 @@ operator's side of data at rest (issue #15; README "Data at rest").
     keys usage                      records sealed and fingerprinted by each key
     keys reencrypt [--batch N]      re-seal every completed record under the primary key
     keys purge --tenant-of CRED     delete every record of the tenant CRED maps to
-    keys purge --tenant HASH        ... of the tenant with this hash
+    keys purge --tenant HASH        ... of the tenant with this hash (claims still in
+                                    flight are left alone: exit 1, run it again)
     tenant-hash CRED [--header H]   the tenant hash a credential or header value maps to
 """
 
@@ -71,8 +72,13 @@ async def run(args: argparse.Namespace, cfg: Config, store: Any) -> int:
         print("error: keys purge needs --tenant-of CREDENTIAL or --tenant HASH (32 hex "
               "digits, as `idemproxy tenant-hash` prints)", file=sys.stderr)
         return 2
-    n = await erase_tenant(store, tenant)
-    print(f"deleted {n} records of tenant {tenant}")
+    done = await erase_tenant(store, tenant)
+    print(f"deleted {done.deleted} records of tenant {tenant}")
+    if done.in_flight:  # never deleted: that would run the tenant's retry a second time
+        # Not finished: exit 1, so a script erasing on request runs it again later.
+        print(f"error: left {done.in_flight} in-flight claims of tenant {tenant} alone; "
+              "run this again once they complete", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -65,8 +65,8 @@ async def test_erasure_removes_exactly_that_tenants_records(make_proxy, upstream
     sealer = p.deps.store.sealer
     tenant = keyops.tenant_hash_of(p.config, sealer, alice["Authorization"],
                                    header="Authorization")
-    assert await erase_tenant(p.deps.store, tenant) == 2
-    assert await erase_tenant(p.deps.store, tenant) == 0
+    assert (await erase_tenant(p.deps.store, tenant)).deleted == 2
+    assert (await erase_tenant(p.deps.store, tenant)).deleted == 0
     p.deps.cache.clear()
     s, h, _ = await post(client, p.url + "/exec/erase-b", key=ka, headers=bob)
     assert h.get("Idempotent-Replayed") == "true"
@@ -84,7 +84,7 @@ async def test_admin_erases_a_tenant_and_validates_the_hash(make_proxy, upstream
     tenant = keyops.tenant_hash_of(p.config, p.deps.store.sealer, cred,
                                    header="Authorization")
     async with client.delete(p.admin_url + f"/admin/tenants/{tenant}") as r:
-        assert r.status == 200 and (await r.json()) == {"deleted": 1}
+        assert r.status == 200 and (await r.json()) == {"deleted": 1, "in_flight": 0}
     async with client.delete(p.admin_url + "/admin/tenants/not-a-hash") as r:
         assert r.status == 400
         assert r.headers["Content-Type"].startswith("application/problem+json")

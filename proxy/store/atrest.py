@@ -106,16 +106,34 @@ async def _reseal(conn: Any, sealer: Sealer, row: Any) -> None:
                 row["lock_token"], seq, again(data, CHUNK, seq))
 
 
-async def erase_tenant(store: Any, tenant: str, *, batch: int = 1000) -> int:
-    """Delete every record (and body) of one tenant, in batches; each deleted key is
-    NOTIFYed so every process drops it from its replay cache. The number of records."""
+@dataclass(frozen=True, slots=True)
+class Erased:
+    """What a tenant's erasure did."""
+
+    deleted: int  # records (and their bodies) deleted
+    in_flight: int  # claims still executing, left alone: run the erasure again later
+
+
+async def erase_tenant(store: Any, tenant: str, *, batch: int = 1000) -> Erased:
+    """Delete every completed record (and body) of one tenant, in batches; each deleted
+    key is NOTIFYed so every process drops it from its replay cache.
+
+    In-flight claims are left alone (issue #25): deleting one lets the tenant's retry
+    execute the request a second time while the first is still running, and loses the
+    first's answer. They hold no stored answer yet (only the keyed fingerprint), and are
+    counted in `in_flight` so the operator runs the erasure again once they complete. A
+    claim whose proxy died stays until a retry takes it over, or the sweeper ends it.
+    """
     total = 0
     while True:
         async with store.connection() as conn, conn.transaction():
+            # FOR UPDATE re-checks `state = 2` on a row changed meanwhile, so a claim
+            # taken over (state back to 1) under our feet is skipped, never deleted.
             n: int = await conn.fetchval("""
                 WITH gone AS (
                     DELETE FROM idemproxy_keys WHERE ctid = ANY(ARRAY(
                         SELECT ctid FROM idemproxy_keys WHERE split_part(scope, ':', 2) = $1
+                           AND state = 2
                          LIMIT $2 FOR UPDATE))
                     RETURNING scope, key),
                   chunks AS (
@@ -128,7 +146,15 @@ async def erase_tenant(store: Any, tenant: str, *, batch: int = 1000) -> int:
         total += n
         if n < batch:
             break
-    async with store.connection() as conn:  # chunks no record points at any more
-        await conn.execute("DELETE FROM idemproxy_chunks WHERE split_part(scope, ':', 2) = $1",
+    async with store.connection() as conn:
+        # Chunks no record points at any more; an in-flight recording's chunks belong to
+        # its claim's row (same lock token) and are kept.
+        await conn.execute("""
+            DELETE FROM idemproxy_chunks c WHERE split_part(c.scope, ':', 2) = $1
+               AND NOT EXISTS (SELECT 1 FROM idemproxy_keys k WHERE k.scope = c.scope
+                                  AND k.key = c.key AND k.lock_token = c.lock_token)""",
                            tenant)
-    return total
+        left: int = await conn.fetchval(
+            "SELECT count(*) FROM idemproxy_keys WHERE split_part(scope, ':', 2) = $1 "
+            "AND state = 1", tenant)
+    return Erased(deleted=total, in_flight=left)
