@@ -4,12 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test install lint bench torture clean pgbouncer
+.PHONY: run test install lint docs bench torture clean pgbouncer
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +21,10 @@ run: $(STAMP)
 ## lint: ruff (rules in pyproject.toml) on the package, the tests and the load harness
 lint: $(STAMP)
 	$(BIN)/python -m ruff check proxy tests loadtest
+
+## docs: the manual (docs/, mkdocs.yml) as a site in site/; a broken link or anchor fails
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 ## pgbouncer: Debian's pgbouncer package (the fleet tests and `make bench --pooler` run
 ## one), installed with apt-get when missing
@@ -42,4 +46,4 @@ torture: $(STAMP)
 	$(BIN)/python -m tests.torture $(TORTURE_ARGS)
 
 clean:
-	rm -rf $(VENV) .idemproxy .pytest_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) .idemproxy .pytest_cache .mypy_cache *.egg-info site

@@ -1,5 +1,5 @@
 """`idemproxy keys generate|usage|reencrypt|purge` and `idemproxy tenant-hash`: the
-operator's side of data at rest (issue #15; README "Data at rest").
+operator's side of data at rest (issue #15; docs/security.md "Data at rest").
 
     keys generate [ID]              a new key as ID:BASE64, for $IDEMPROXY_ENCRYPTION_KEYS
     keys usage                      records sealed and fingerprinted by each key

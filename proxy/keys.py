@@ -5,7 +5,7 @@ needs (and the database's time, for bucketed body keys).
 
     key.header  Idempotency-Key: "abc"       -> abc    (bare token or RFC 8941 sf-string)
     key.path    PUT /orders/{order_id}       -> 42     (the parameter as routed)
-    key.body    {"to": .., "template": ..}   -> body:<SHA-256 of the canonical values>
+    key.body    {"to": .., "template": ..}   -> body:<HMAC-SHA-256 of the canonical values>
     key.raw     {"id": "evt_1"}              -> evt_1  (one value, used as it is)
 
 Every key is 1-255 printable ASCII characters, whatever its source.

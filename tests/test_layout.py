@@ -1,4 +1,4 @@
-"""The code's shape (README "How the code is laid out"): imports point one way, with no
+"""The code's shape (docs/architecture.md): imports point one way, with no
 cycle between proxy's modules even through imports inside functions, and asyncpg is
 imported only under proxy/store/."""
 

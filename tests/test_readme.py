@@ -1,5 +1,5 @@
-"""Every curl line in README.md, run against `make run` (scripts/run-demo.sh on random
-ports, the demo upstream and config/example.yaml): each gets the answer its comment
+"""Every curl line in README.md and docs/*.md, run against `make run` (scripts/run-demo.sh
+on random ports, the demo upstream and config/example.yaml): each gets the answer its comment
 documents (a block for another config says "not make run" in a comment and is left
 out). And a second `make run` says the demo is already running."""
 
@@ -28,6 +28,7 @@ from tests.conftest import ROOT, free_port
 pytestmark = pytest.mark.slow
 
 README = ROOT / "README.md"
+DOCUMENTED = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the manual too
 SH_BLOCK = re.compile(r"```sh\n(.*?)```", re.S)
 STATUS = re.compile(r"^#\s*(\d{3})\b")
 DEMO_PORTS = {"8080": "proxy", "9090": "admin"}
@@ -78,9 +79,10 @@ def parse_curl(line: str, comment: str) -> Call | None:
 
 
 def documented_blocks() -> list[list[Call]]:
-    """The README's sh blocks that talk to the demo, each a list of calls in order."""
+    """The sh blocks of the README and docs/ that talk to the demo, each a list of calls
+    in order."""
     blocks = []
-    for block in SH_BLOCK.findall(README.read_text()):
+    for block in (b for page in DOCUMENTED for b in SH_BLOCK.findall(page.read_text())):
         if "not make run" in block:  # an example for another config, said so in the block
             continue
         calls: list[Call] = []
@@ -102,11 +104,13 @@ def documented_blocks() -> list[list[Call]]:
 
 
 def test_the_readme_documents_demo_calls():
-    """The quick start and the key-source examples are there to be checked."""
+    """The quick start (README and getting started) and the key-source examples (keys and
+    tenancy) are there to be checked."""
     blocks = documented_blocks()
     paths = {c.path for b in blocks for c in b}
-    assert {"/v1/charges", "/orders/42", "/v1/emails"} <= paths
+    assert {"/v1/charges", "/orders/42", "/v1/emails", "/healthz"} <= paths
     assert any(c.replayed for b in blocks for c in b)
+    assert any("order-1834" in c.line for c in blocks[0]), "the README's block comes first"
 
 
 @pytest.fixture
@@ -149,9 +153,9 @@ async def wait_ready(admin: str, proc: subprocess.Popen[bytes], log: Path) -> No
 
 
 async def test_every_readme_curl_line_answers_as_documented(tmp_path, empty_db):
-    """Against `make run` on random ports, each README curl line gets its documented
-    status, replays say Idempotent-Replayed: true and repeat the first answer's body;
-    a second `make run` exits 1 saying the demo is already running."""
+    """Against `make run` on random ports, each README and docs curl line gets its
+    documented status, replays say Idempotent-Replayed: true and repeat the first answer's
+    body; a second `make run` exits 1 saying the demo is already running."""
     port, admin, up = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMPROXY_")}
     env.update(IDEMPROXY_LISTEN=f"127.0.0.1:{port}", IDEMPROXY_ADMIN_LISTEN=f"127.0.0.1:{admin}",

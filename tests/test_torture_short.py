@@ -1,7 +1,8 @@
 """The torture harness in CI: the checker's own rules on synthetic histories, the fault
 link's cut-after-commit against real Postgres, and a short bounded run with faults.
 
-The long run is `make torture` (python -m tests.torture); see README "How we try to break it".
+The long run is `make torture` (python -m tests.torture); see docs/guarantees.md, "How we
+try to break it".
 """
 
 from __future__ import annotations

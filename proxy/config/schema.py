@@ -65,7 +65,7 @@ class TrailingSlash(enum.Enum):
 class Tenant:
     """Whose keys these are: keys only ever match inside route name + tenant."""
 
-    mode: TenantMode = TenantMode.AUTHORIZATION  # default: SHA-256 of Authorization
+    mode: TenantMode = TenantMode.AUTHORIZATION  # default: HMAC of Authorization
     header: str = "Authorization"  # the header hashed for mode header (X-Api-Key, ...)
     missing: MissingCredential = MissingCredential.REJECT  # default reject: a 400
 
@@ -78,7 +78,7 @@ class KeySource:
     path: str | None = None  # default none; a {param} of match.path
     body: tuple[str, ...] = ()  # default none; JSON pointers (or /form-field names)
     bucket: float | None = None  # default none; seconds of the database clock folded in
-    raw: bool = False  # default false: body keys are a SHA-256; true: the one value itself
+    raw: bool = False  # default false: body keys are an HMAC; true: the one value itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +109,7 @@ class Route:
     key: KeySource = KeySource()  # default: the Idempotency-Key header
     preset: str | None = None  # default none; github | shopify | standard-webhooks | stripe
     require_key: bool = False  # default false: no key streams through unguarded
-    tenant: Tenant = Tenant()  # default: SHA-256 of Authorization
+    tenant: Tenant = Tenant()  # default: HMAC of Authorization
     fingerprint: Fingerprint = Fingerprint()  # default: method, path, query and body
     ttl: float = 86400.0  # default 24h
     lock_timeout: float = 60.0  # default 60s: the lease of a claim
