@@ -158,6 +158,11 @@ def _section_fp(r: Reader, data: dict[str, Any], prefix: str) -> None:
                                         FINGERPRINT_FIELDS)
 
 
+# A route with every default: where the loader takes the defaults of fields a layer leaves
+# unset, so each is written once, in schema.py.
+_ROUTE = Route(name="", methods=frozenset(), path=PathPattern.compile("/"))
+
+
 def _parse_route(r: Reader, layers: _Layers, *, check_params: bool = True) -> Route | None:
     d, at = layers.values, layers.at
     name = r.get(d, "name", at("name"), _name, "")
@@ -167,8 +172,9 @@ def _parse_route(r: Reader, layers: _Layers, *, check_params: bool = True) -> Ro
         r.report(f"{at('match')}.path: missing")
         return None
     trailing = r.get(match, "trailing_slash", f"{at('match')}.trailing_slash",
-                     enum_(TrailingSlash), TrailingSlash.IGNORE)
-    fold = r.get(match, "case_insensitive", f"{at('match')}.case_insensitive", bool_, False)
+                     enum_(TrailingSlash), _ROUTE.trailing_slash)
+    fold = r.get(match, "case_insensitive", f"{at('match')}.case_insensitive", bool_,
+                 _ROUTE.case_insensitive)
     pattern = r.get(match, "path", f"{at('match')}.path", _pattern(
         trailing_slash=trailing is TrailingSlash.IGNORE, case_insensitive=fold),
         PathPattern.compile("/"))
@@ -196,7 +202,7 @@ def _policies(r: Reader, layers: _Layers) -> dict[str, Any]:
         "replay_set_cookie": bool_, "replay_header": _response_header,
         "mismatch_status": _mismatch_status, "upstream": upstream_ref,
     }
-    dflt = Route(name="", methods=frozenset(), path=PathPattern.compile("/"))
+    dflt = _ROUTE
     out = {f: r.get(d, f, at(f), parse, getattr(dflt, f)) for f, parse in parsers.items()}
     expires = d.get("expires_header", dflt.expires_header)
     out["expires_header"] = None if expires is None or expires is False else \
@@ -210,7 +216,8 @@ def _parse_upstream_key(r: Reader, raw: object, path: str) -> UpstreamKey:
     d = r.section(raw, path, {"header"})
     if raw is not None and "header" not in d:
         r.report(f"{path}.header: missing (the header the upstream dedupes on)")
-    return UpstreamKey(header=r.get(d, "header", f"{path}.header", parse_header_name, None))
+    return UpstreamKey(header=r.get(d, "header", f"{path}.header", parse_header_name,
+                                    UpstreamKey().header))
 
 
 def _check_route(r: Reader, route: Route, layers: _Layers) -> None:
@@ -262,10 +269,11 @@ def _parse_key(r: Reader, raw: object, path: str, pattern: PathPattern | None) -
 def _parse_body_key(r: Reader, d: dict[str, Any], path: str) -> KeySource:
     whole: tuple[str, ...] = ("",)
     pointers = r.get(d, "body", f"{path}.body", _pointers, whole)
+    dflt = KeySource()
     src = KeySource(header=None, body=pointers,
                     bucket=r.get(d, "bucket", f"{path}.bucket", _positive(parse_duration),
-                                 None),
-                    raw=r.get(d, "raw", f"{path}.raw", bool_, False))
+                                 dflt.bucket),
+                    raw=r.get(d, "raw", f"{path}.raw", bool_, dflt.raw))
     if src.raw and (len(src.body) != 1 or src.body[0] == "" or src.bucket is not None):
         r.report(f"{path}.raw: true needs exactly one pointer to a value and no bucket "
                  f"(got body: {list(src.body)}"
@@ -281,7 +289,7 @@ def _parse_tenant(r: Reader, raw: object, path: str) -> Tenant:
     if isinstance(raw, dict):
         d = r.section(raw, path, {"header", "missing"})
         missing = r.get(d, "missing", f"{path}.missing", enum_(MissingCredential),
-                        MissingCredential.REJECT)
+                        Tenant().missing)
         if "header" not in d:  # {missing: share}: the Authorization header still
             return Tenant(missing=missing)
         header = r.get(d, "header", f"{path}.header", parse_header_name, "")

@@ -1,6 +1,8 @@
 """The configuration schema: frozen dataclasses whose field comments state the defaults.
 
-docs/configuration.md is kept in step with these classes by a test.
+Each default is stated here once: the loader takes the default of every field a file
+leaves unset from these classes, and docs/configuration.md and docs/config.schema.json are
+kept in step with them by tests.
 """
 
 from __future__ import annotations
