@@ -3,6 +3,7 @@ listener only (never the proxied port). Every error is problem+json."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -15,6 +16,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.config import Config
+from proxy.config.values import parse_duration
 from proxy.context import Services
 from proxy.errors import (
     AdminUnauthorized,
@@ -26,12 +28,14 @@ from proxy.errors import (
     store_unavailable,
 )
 from proxy.framing import internal_error, problem_response, refused
+from proxy.lifecycle import Phase
 
 log = logging.getLogger("idemproxy.app")
 
 CONFIG = web.AppKey("config", Config)
 DEPS = web.AppKey("deps", Services)
-STATE = web.AppKey("state", dict)
+STORE_PROBE_S = 2.0  # a scrape or /readyz?store=1 waits this long for the store at most
+MAX_WAIT_S = 600.0  # ?wait= on the drain endpoints
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -50,11 +54,11 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 
-def create_admin_app(cfg: Config, deps: Services, *, state: dict[str, bool] | None = None
-                     ) -> web.Application:
-    """Health, readiness, metrics and key operations on the admin listener.
+def create_admin_app(cfg: Config, deps: Services) -> web.Application:
+    """Health, readiness, drain, metrics and key operations on the admin listener.
 
-    /healthz, /readyz and /metrics are open (probes and Prometheus); everything else needs
+    /healthz, /readyz, /drainz and /metrics are open (probes, preStop hooks and
+    Prometheus); everything else needs
     `Authorization: Bearer <token>` when the listener is beyond loopback. Every error is
     problem+json.
     """
@@ -62,10 +66,11 @@ def create_admin_app(cfg: Config, deps: Services, *, state: dict[str, bool] | No
                                        _admin_auth(cfg)])
     app[CONFIG] = cfg
     app[DEPS] = deps
-    app[STATE] = state if state is not None else {"shutting_down": False}
     deps.metrics.declare_routes(r.name for r in cfg.routes)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/drainz", _drainz)
+    app.router.add_post("/admin/drain", _drain)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/admin/keys", _key_show)
     app.router.add_delete("/admin/keys", _key_delete)
@@ -75,7 +80,7 @@ def create_admin_app(cfg: Config, deps: Services, *, state: dict[str, bool] | No
     return app
 
 
-OPEN_ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+OPEN_ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/drainz", "/metrics"})
 
 
 def _admin_auth(cfg: Config) -> Middleware:
@@ -125,12 +130,65 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    """Readiness: not shutting down, the store reachable and migrated."""
-    if request.app[STATE].get("shutting_down"):
-        return web.json_response({"status": "shutting down"}, status=503)
-    if not await request.app[DEPS].store.ready():
+    """Readiness: serving and not draining, whatever the shared store's state (a store
+    outage must not take every replica out of its Service at once: guarded requests
+    answer 503 themselves). `?store=1` also needs the store reachable and migrated."""
+    deps = request.app[DEPS]
+    if deps.life.draining:
+        return web.json_response({"status": deps.life.phase.value}, status=503)
+    if request.query.get("store") in ("1", "true") and not await _store_ready(deps):
         return web.json_response({"status": "store unavailable or not migrated"}, status=503)
     return web.json_response({"status": "ready"})
+
+
+async def _store_ready(deps: Services) -> bool:
+    try:
+        up = await asyncio.wait_for(deps.store.ready(), STORE_PROBE_S)
+    except TimeoutError:
+        up = False
+    deps.metrics.store_up.set(1 if up else 0)
+    return up
+
+
+def _wait_of(request: web.Request) -> float | None:
+    """?wait=DURATION (e.g. 30s): how long to hold the answer until the drain is done."""
+    text = request.query.get("wait")
+    if text is None:
+        return None
+    try:
+        wait = parse_duration(text)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= MAX_WAIT_S:
+        raise BadRequest(f"wait must be a duration like 30s, at most {MAX_WAIT_S:g}s.")
+    return wait
+
+
+async def _drain_answer(request: web.Request, wait: float | None, *,
+                        pending: int) -> web.Response:
+    """200 once the drain is done, else `pending` (its counts in the body)."""
+    life = request.app[DEPS].life
+    if wait:
+        await life.wait(wait)
+    done = life.phase is Phase.DRAINED
+    return web.json_response(life.status(), status=200 if done else pending)
+
+
+async def _drainz(request: web.Request) -> web.Response:
+    """GET /drainz[?wait=30s]: 200 once a drain is done, else 503; never starts one (an
+    app container's preStop hook waits here for the proxy's drain)."""
+    return await _drain_answer(request, _wait_of(request), pending=503)
+
+
+async def _drain(request: web.Request) -> web.Response:
+    """POST /admin/drain[?wait=30s]: start draining (lifecycle.py); 200 once done, 202
+    with the counts still in flight otherwise."""
+    wait = _wait_of(request)
+    life = request.app[DEPS].life
+    if not life.draining:
+        log.warning("drain requested: refusing new claims, finishing in-flight requests")
+    life.start_drain()
+    return await _drain_answer(request, wait, pending=202)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -139,6 +197,7 @@ async def _metrics(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     deps.metrics.observe_pool(deps.store.pool)
     deps.metrics.observe_cache(deps.cache)
+    await _store_ready(deps)
     body = generate_latest(deps.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

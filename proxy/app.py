@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 from yarl import URL
 
-from proxy import idempotency, logs, routing
+from proxy import idempotency, logs, routing, websocket
 from proxy.admin import create_admin_app
 from proxy.cache import ReplayCache
 from proxy.config import SAFE_METHODS, Config
@@ -29,6 +30,7 @@ from proxy.errors import (
     ProblemError,
 )
 from proxy.framing import check_framing, internal_error, refused
+from proxy.lifecycle import Lifecycle
 from proxy.limits import BodyBudget
 from proxy.metrics import Metrics
 from proxy.store import Store
@@ -46,7 +48,7 @@ class App:
     an admin-only process (the supervisor's)."""
 
     admin: web.Application
-    state: dict[str, bool]  # "shutting_down": /readyz turns unready
+    life: Lifecycle  # requests in flight and the drain (/readyz, /drainz)
     deps: Deps | None = None
     handler: ProxyHandler | None = None
 
@@ -64,10 +66,9 @@ async def create_app(cfg: Config, *, store: Store, metrics: Metrics,
     `proxied=False`: the admin application only (the supervisor's process, whose workers
     serve the proxied port): no upstream session, cache or LISTEN connection is opened.
     """
-    state = {"shutting_down": False}
     if not proxied:
-        yield App(create_admin_app(cfg, Services(store=store, metrics=metrics),
-                                   state=state), state)
+        services = Services(store=store, metrics=metrics)
+        yield App(create_admin_app(cfg, services), services.life)
         return
     listens = store.listen_url is not None
     if not listens:
@@ -82,7 +83,7 @@ async def create_app(cfg: Config, *, store: Store, metrics: Metrics,
         deps = Deps(store=store, forwarder=upstreams.default, metrics=metrics,
                     notifier=notifier, cache=cache,
                     db_clock_offset=await store.clock_offset(), upstreams=upstreams)
-        yield App(create_admin_app(cfg, deps, state=state), state, deps,
+        yield App(create_admin_app(cfg, deps), deps.life, deps,
                   create_proxy_handler(cfg, deps))
 
 
@@ -90,10 +91,16 @@ def create_proxy_handler(cfg: Config, deps: Deps) -> ProxyHandler:
     """The proxied port's one handler, for every path and method (see ProxyRunner)."""
     routes = cfg.routes
     budget = BodyBudget(cfg.client.max_body_memory)
+    life, metrics = deps.life, deps.metrics
 
     async def proxy_handler(request: web.BaseRequest) -> web.StreamResponse:
         logs.begin_request()
+        started = time.perf_counter()
+        metrics.begin_request()
         ticket = budget.ticket(request)
+        # A WebSocket tunnel may live for hours: a drain does not wait for it.
+        counted = not websocket.wants_tunnel(request)
+        life.requests += counted
         try:
             check_framing(request)
             m = None
@@ -114,5 +121,7 @@ def create_proxy_handler(cfg: Config, deps: Deps) -> ProxyHandler:
             return internal_error()
         finally:
             ticket.release()
+            life.requests -= counted
+            metrics.request_done(time.perf_counter() - started)
 
     return proxy_handler

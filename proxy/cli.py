@@ -1,4 +1,4 @@
-"""The `idemproxy` command: serve, check-config, migrate, keys, purge.
+"""The `idemproxy` command: serve, check-config, migrate, keys, purge, drain.
 
 Exit codes: 0 success, 1 runtime failure (database unreachable, port in use, ...), 2 bad
 usage or config. Errors are one clear line each, never a traceback or a bare exception
@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("value", help="e.g. 'Bearer sk_live_...' (its header: --header)")
     th.add_argument("--header", default="Authorization")
     th.set_defaults(fn=cmd_tenant_hash)
+    from proxy import drain
+    drain.add_parser(sub, with_config=with_config)
     return p
 
 

@@ -19,6 +19,7 @@ from proxy.cache import ReplayCache
 from proxy.config import Concurrent, Route
 from proxy.errors import StoreError
 from proxy.forward import Forwarder
+from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics, Outcome
 from proxy.store import Store
 from proxy.store.notify import Notifier
@@ -35,6 +36,7 @@ class Services:
     store: Store
     metrics: Metrics
     cache: ReplayCache | None = None  # completed small responses (proxy/cache.py)
+    life: Lifecycle = field(default_factory=Lifecycle)  # requests in flight, the drain
 
 
 @dataclass(kw_only=True)
@@ -50,6 +52,7 @@ class Deps(Services):
 
     def __post_init__(self) -> None:
         self.leases = Leases(self.store)
+        self.life.background = self.tasks.__len__
 
     def forwarder_for(self, route: Route) -> Forwarder:
         return self.forwarder if self.upstreams is None else self.upstreams.for_route(route)

@@ -33,6 +33,7 @@
         ├── UpstreamFailed          502 reset after sending: outcome unknown
         ├── ServiceUnavailable      503 the store is down and the route fails closed
         ├── ProxyBusy               503 request-body memory (client.max_body_memory) is full
+        ├── Draining                503 this replica drains: no new claims (lifecycle.py)
         └── UpstreamTimeout         504 no answer in time: outcome unknown
 
 Foreign exceptions are translated at exactly one boundary each: asyncpg's in `store/`
@@ -269,6 +270,12 @@ class ProxyBusy(ProblemError):
     status = 503
     slug = "proxy-busy"
     title = "Too many request bodies in progress"
+
+
+class Draining(ProblemError):
+    status = 503
+    slug = "draining"
+    title = "Proxy draining"
 
 
 class UpstreamError(IdemproxyError):

@@ -22,6 +22,7 @@ from proxy.config import Route
 from proxy.context import Deps, Guarded, finish, log
 from proxy.decide import OnClaim, OnStoreDown
 from proxy.errors import (
+    Draining,
     KeyInFlight,
     KeyReused,
     ProblemError,
@@ -67,6 +68,11 @@ async def handle(request: web.BaseRequest, m: Match, deps: Deps) -> web.StreamRe
             _match_fingerprint(deps, g, rec)
             return await _answer(request, deps, g, Claim(ClaimOutcome.EXISTING, rec))
         seen = cache.version
+    if deps.life.draining:  # nothing claimed: the retry is safe on another replica
+        finish(deps, g, route, Outcome.DRAINING, 503)
+        raise Draining("This proxy is draining and takes no new requests with a key; "
+                       "nothing was done. Retry (another replica will serve it).",
+                       headers={"Retry-After": "1"})
     try:
         claim = await _claim(deps, g)
     except StoreError as exc:

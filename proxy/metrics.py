@@ -5,6 +5,8 @@ fixed store operation names. Never a key, a tenant or a path. Gauges sum over li
 processes when `workers: N` runs prometheus_client's multiprocess mode (no pid label).
 
     idemproxy_requests_total{route,outcome}      every request the proxy answered
+    idemproxy_request_seconds{route,outcome}     end to end, arrival to the answer handed
+                                                 over (route "-": no route matched)
     idemproxy_upstream_seconds{route}            time to the upstream's response headers
     idemproxy_store_seconds{op}                  one store round trip (claim, complete, ...)
     idemproxy_store_batch_size{op}               calls per statement when calls queued (batch.py)
@@ -15,17 +17,22 @@ processes when `workers: N` runs prometheus_client's multiprocess mode (no pid l
     idemproxy_sweeper_deleted_total              expired records the sweeper deleted
     idemproxy_records_unreadable_total{key_id}   sealed pieces that could not be opened
     idemproxy_db_pool_size / _idle / _max        the database pool, refreshed on scrape
+    idemproxy_store_up                           1 if the store answered at the last
+                                                 scrape (migrated), else 0
     idemproxy_build_info{version}                always 1
+    process_*                                    CPU, memory, file descriptors (with
+                                                 `workers: N`, the supervisor's)
 """
 
 from __future__ import annotations
 
+import contextvars
 import enum
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from proxy import __version__
 
@@ -42,6 +49,7 @@ class Outcome(enum.Enum):
     RELEASED = "released"  # upstream answered a release status; not stored
     UPSTREAM_ERROR = "upstream_error"
     STORE_ERROR = "store_error"
+    DRAINING = "draining"  # 503: this replica drains and takes no new claims
 
 
 class PoolStats(Protocol):
@@ -113,6 +121,11 @@ class _Children(dict[tuple[str, ...], Any]):
 
 _LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 UNROUTED = "-"  # the route label of requests no route matched
+# The (route, outcome) this request was counted under, for its duration (one task per
+# request: a context variable is per request). None: refused before routing.
+_COUNTED: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "idemproxy_counted", default=None)
+_UNCOUNTED = (UNROUTED, "rejected")
 
 
 class Metrics:
@@ -121,6 +134,13 @@ class Metrics:
         self.requests = Counter(
             "idemproxy_requests", "Requests by route and outcome.", ["route", "outcome"],
             registry=registry)
+        self.request_seconds = Histogram(
+            "idemproxy_request_seconds", "Proxied requests from arrival until the answer "
+            "was handed over, by route and outcome.", ["route", "outcome"],
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.store_up = Gauge(
+            "idemproxy_store_up", "1 if the store was reachable and migrated at the last "
+            "scrape, else 0.", multiprocess_mode="livemax", registry=registry)
         self.upstream_seconds = Histogram(
             "idemproxy_upstream_seconds", "Time to the upstream's response headers.",
             ["route"], buckets=_LATENCY_BUCKETS, registry=registry)
@@ -170,6 +190,7 @@ class Metrics:
             "idemproxy_db_pool_max", "The database pool's maximum size (database.pool_max).",
             multiprocess_mode="livesum", registry=registry)
         self._requests = _Children(self.requests, _inc_of)
+        self._durations = _Children(self.request_seconds, _Observe)
         self._upstream = _Children(self.upstream_seconds, _Observe)
         self._store_ops = _Children(self.store_seconds, _Observe)
         self._batch_sizes = _Children(self.store_batch_size, _Observe)
@@ -178,6 +199,7 @@ class Metrics:
         Gauge("idemproxy_build_info", "The running idemproxy version (always 1).",
               ["version"], multiprocess_mode="livemax", registry=registry
               ).labels(__version__).set(1)
+        ProcessCollector(registry=registry)
 
     def declare_routes(self, names: Iterable[str]) -> None:
         """Create every route × outcome series at zero, so rate() sees the first event."""
@@ -192,6 +214,15 @@ class Metrics:
 
     def count(self, route: str, outcome: Outcome) -> None:
         self._requests[route, outcome.value](1)
+        _COUNTED.set((route, outcome.value))
+
+    @staticmethod
+    def begin_request() -> None:
+        _COUNTED.set(None)
+
+    def request_done(self, seconds: float) -> None:
+        """The request's duration, under the route and outcome it was counted as."""
+        self._durations[_COUNTED.get() or _UNCOUNTED](seconds)
 
     def executing(self, delta: int) -> None:
         """A claim starts (+1) or stops (-1) executing here (idemproxy_claims_in_flight)."""

@@ -1,9 +1,12 @@
 """`idemproxy serve`: wire the store, the upstream session and both listeners, then run
 until SIGTERM/SIGINT and shut down gracefully.
 
-Shutdown: /readyz turns unready, the listeners stop accepting, in-flight requests get
-`shutdown_grace` to finish; requests cut off before reaching the upstream release their
-claims (a sent request keeps its claim until its lease ends: its outcome is unknown).
+Shutdown (SIGTERM, or after `POST /admin/drain`): the drain of proxy/lifecycle.py, up to
+`shutdown_grace` (/readyz unready, no new claims, in-flight requests and completion
+retries finish; the listener still accepts meanwhile, for the clients that have not yet
+seen the endpoint go), then the listeners stop; requests cut off before reaching the
+upstream release their claims (a sent request keeps its claim until its lease ends: its
+outcome is unknown).
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ async def open_sealer(cfg: Config, store: PostgresStore, *,
 async def _run_listeners(cfg: Config, app: App, store: PostgresStore, *,
                          worker: bool) -> int:
     deps, handler = app.proxied()
-    state = app.state
+    life = app.life
     proxy_runner = ProxyRunner(handler, shutdown_timeout=cfg.shutdown_grace,
                                client=cfg.client)
     admin_runner = web.AppRunner(app.admin, access_log=None)
@@ -134,9 +137,11 @@ async def _run_listeners(cfg: Config, app: App, store: PostgresStore, *,
             "upstream": redact_url(cfg.upstream.url), "routes": len(cfg.routes),
             "pid": os.getpid()}})
         await stop.wait()
-        log.info("shutting down: finishing in-flight requests",
-                 extra={"fields": {"grace_s": cfg.shutdown_grace}})
-        state["shutting_down"] = True
+        log.info("shutting down: draining", extra={"fields": {"grace_s": cfg.shutdown_grace}})
+        life.start_drain()
+        if not await life.wait(cfg.shutdown_grace):
+            log.warning("the drain did not finish within shutdown_grace",
+                        extra={"fields": life.status()})
     finally:
         for task in (sweeper, orphan_watch, pool_gauges, clock, log_flusher):
             if task is not None:

@@ -29,12 +29,13 @@ from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from prometheus_client import CollectorRegistry, multiprocess
+from prometheus_client import CollectorRegistry, ProcessCollector, multiprocess
 
 from proxy import logs
 from proxy.app import create_app
 from proxy.config import Config
 from proxy.errors import RuntimeFailure
+from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
 from proxy.server import open_sealer
 from proxy.store.open import open_store
@@ -160,9 +161,12 @@ async def _run_admin(cfg: Config, store: PostgresStore, workers: Workers) -> int
     multiprocess.MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
     own = Metrics(CollectorRegistry())  # this process's values go to the shared files too
     own.registry = scrape
+    ProcessCollector(registry=scrape)  # the supervisor's own process_* series
     async with create_app(cfg, store=store, metrics=own, proxied=False) as app:
-        state = app.state
-        app.admin.middlewares.append(_workers_ready(workers, state))
+        life = app.life
+        # A drain here is the workers' own: each drains on SIGTERM, and none is restarted.
+        life.work = lambda: workers.stop(grace=cfg.shutdown_grace)
+        app.admin.middlewares.append(_workers_ready(workers, life))
         runner = web.AppRunner(app.admin, access_log=None)
         await runner.setup()
         stop = asyncio.Event()
@@ -179,8 +183,9 @@ async def _run_admin(cfg: Config, store: PostgresStore, workers: Workers) -> int
                 "workers": cfg.workers, "proxy": str(cfg.listen),
                 "admin": str(cfg.admin.listen)}})
             await stop.wait()
-            state["shutting_down"] = True
             log.info("shutting down: stopping workers")
+            life.start_drain()
+            await life.wait(None)
         finally:
             for t in tasks:
                 t.cancel()
@@ -191,11 +196,14 @@ async def _run_admin(cfg: Config, store: PostgresStore, workers: Workers) -> int
     return 0
 
 
-def _workers_ready(workers: Workers, state: dict[str, bool]) -> Middleware:
-    """/readyz: every worker serves; /healthz (liveness): at least one does."""
+def _workers_ready(workers: Workers, life: Lifecycle) -> Middleware:
+    """/readyz: every worker serves; /healthz (liveness): at least one does, or a drain
+    stopped them."""
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path == "/readyz" and not workers.ready and not state["shutting_down"]:
+        if life.draining:
+            return await handler(request)
+        if request.path == "/readyz" and not workers.ready:
             return web.json_response({"status": "workers not all ready"}, status=503)
         if request.path == "/healthz" and not workers.any_serving:
             return web.json_response({"status": "no worker serving"}, status=503)

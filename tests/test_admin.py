@@ -123,13 +123,19 @@ async def test_admin_errors_are_problem_json(make_proxy, client, method, path, p
 
 
 async def test_admin_answers_503_problem_when_the_store_is_down(make_proxy, client):
-    """Key operations with the store unreachable answer 503 problem+json, /readyz 503."""
+    """Key operations with the store unreachable answer 503 problem+json; /readyz stays
+    200 (readiness never depends on the shared store), /readyz?store=1 is 503 and
+    idemproxy_store_up 0."""
     p = await make_proxy()
     await p.deps.store.pool.close()
     s, h, doc = await call(client, "GET", p.admin_url + "/admin/in-flight")
     assert s == 503 and h["Content-Type"] == PROBLEM and "Retry-After" in h
     async with client.get(p.admin_url + "/readyz") as r:
+        assert r.status == 200
+    async with client.get(p.admin_url + "/readyz", params={"store": "1"}) as r:
         assert r.status == 503
+    async with client.get(p.admin_url + "/metrics") as r:
+        assert "idemproxy_store_up 0.0" in await r.text()
 
 
 async def test_loopback_admin_needs_no_token(make_proxy, client):

@@ -128,8 +128,9 @@ async def test_zombie_proxy_cannot_overwrite_the_new_owners_result(
 async def test_postgres_outage_fails_closed_and_recovers(tmp_path: Path, own_pg,
                                                          upstream: TestUpstream, client):
     """Postgres stopped under traffic: guarded 503 + Retry-After, fail-open routes pass
-    through marked unguarded, unguarded traffic is untouched, /readyz unready; when it
-    comes back the same process recovers on its own."""
+    through marked unguarded, unguarded traffic is untouched, and /readyz stays 200 (no
+    cascade) while /readyz?store=1 and idemproxy_store_up show the outage; when it comes
+    back the same process recovers on its own."""
     cluster = Cluster(tmp_path, own_pg.url)
     try:
         p = await cluster.start(ROUTES, upstream=upstream.url,
@@ -143,9 +144,15 @@ async def test_postgres_outage_fails_closed_and_recovers(tmp_path: Path, own_pg,
         assert s == 200 and h["Idempotency-Status"] == "unguarded"
         async with client.get(p.url + "/plain") as r:
             assert r.status == 200
-        await wait_ready(p, status=503, timeout=10)
+        async with client.post(p.url + "/plain", data=b"{}") as r:  # unrouted POST
+            assert r.status == 200
+        assert await _readiness(client, p.admin_url) == (200, 503, 0.0)
         await asyncio.to_thread(own_pg.start)
-        await wait_ready(p, timeout=20)
+        for _ in range(200):
+            if await _readiness(client, p.admin_url) == (200, 200, 1.0):
+                break
+            await asyncio.sleep(0.1)
+        assert await _readiness(client, p.admin_url) == (200, 200, 1.0)
         key = new_key()
         assert (await post(client, p.url + "/exec/after", key=key))[0] == 201
         _, h, _ = await post(client, p.url + "/exec/after", key=key)
@@ -153,6 +160,18 @@ async def test_postgres_outage_fails_closed_and_recovers(tmp_path: Path, own_pg,
         assert p.proc.poll() is None
     finally:
         cluster.stop_all()
+
+
+async def _readiness(client: aiohttp.ClientSession, admin: str) -> tuple[int, int, float]:
+    """(/readyz status, /readyz?store=1 status, idemproxy_store_up)."""
+    async with client.get(admin + "/readyz") as r:
+        plain = r.status
+    async with client.get(admin + "/readyz?store=1") as r:
+        deep = r.status
+    async with client.get(admin + "/metrics") as r:
+        up = next(float(ln.split()[-1]) for ln in (await r.text()).splitlines()
+                  if ln.startswith("idemproxy_store_up "))
+    return plain, deep, up
 
 
 async def test_lost_completion_write_is_retried_within_the_lease(tmp_path: Path, own_pg,
