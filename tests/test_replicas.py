@@ -276,9 +276,10 @@ GATE_1S = """
 
 async def _answered_with_the_store_down(cluster: Cluster, own_pg, upstream: TestUpstream,
                                         client, key: str):
-    """A proxy (lease 1 s) whose upstream answers `key` while Postgres is stopped."""
+    """A proxy (lease 1 s; a drain waits 3 s for its completion retries) whose upstream
+    answers `key` while Postgres is stopped."""
     p = await cluster.start(GATE_1S, upstream=upstream.url,
-                            extra="database:\n  timeout: 1s\n")
+                            extra="database:\n  timeout: 1s\nshutdown_grace: 3s\n")
     call = asyncio.create_task(post(client, p.url + f"/gate/{key}", key=key))
     while upstream.count(f"/gate/{key}") == 0:
         await asyncio.sleep(0.01)
@@ -320,14 +321,15 @@ async def test_completion_lands_after_an_outage_longer_than_the_lease(
 
 async def test_completion_given_up_at_shutdown_is_logged_as_lost(
         tmp_path: Path, own_pg, upstream: TestUpstream, client):
-    """A proxy stopped while its completion retry still waits for the store says the
-    answer was lost, and why, before it exits."""
+    """A proxy stopped while its completion retry still waits for the store drains for
+    shutdown_grace, then says the answer was lost, and why, before it exits 0."""
     cluster = Cluster(tmp_path, own_pg.url)
     try:
         p = await _answered_with_the_store_down(cluster, own_pg, upstream, client, new_key())
         await _wait_for_line(p, "storing a result failed, retrying")
         p.signal(signal.SIGTERM)
-        await asyncio.to_thread(p.proc.wait, 30)
+        assert await asyncio.to_thread(p.proc.wait, 30) == 0
+        assert "the drain did not finish within shutdown_grace" in p.output()
         assert "record lost" in p.output()
         assert "shut down before the store came back" in p.output()
     finally:
