@@ -10,8 +10,16 @@ either way, since after a framing error the byte stream cannot be trusted.
 The same handler bounds slow clients (`client:`): a request's head must arrive within
 `header_timeout` of its first byte (or of the connection opening), a body may pause at
 most `body_timeout` between bytes, an idle keep-alive connection lasts
-`keepalive_timeout`, and at most `max_connections` are open per process. One timer per
+`keepalive_timeout`, a write to the client may make no progress for at most
+`write_timeout`, and at most `max_connections` are open per process. One timer per
 connection checks the deadlines; nothing is re-armed per byte.
+
+A client that stops reading its answer pauses the transport's writes (its buffer is
+over the high-water mark) and every `await write` on it waits: without a bound, that
+held the flow's database connection (a replay), its upstream connection (a
+pass-through) or its key (a first request) for as long as the client liked (issue #25).
+Past `write_timeout` with no byte taken, the connection is aborted: the waiting write
+raises ConnectionError, which the flow treats as a client that hung up.
 """
 
 from __future__ import annotations
@@ -118,9 +126,13 @@ AIOHTTP_PRIVATES = {
 class _ProblemRequestHandler(web_protocol.RequestHandler):
     """aiohttp's handler with problem+json parser errors and the `client:` limits."""
 
-    def __init__(self, manager: Any, *, client: Client, **kwargs: Any) -> None:
+    def __init__(self, manager: Any, *, client: Client,
+                 on_write_timeout: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(manager, keepalive_timeout=client.keepalive_timeout, **kwargs)
         self._limits = client
+        self._on_write_timeout = on_write_timeout
+        self._write_since: float | None = None  # writes paused, no progress since then
+        self._write_left = 0  # bytes buffered for the client when last looked at
         self._head_since: float | None = None  # a request head is pending since then
         self._head_bytes = False  # ... and some of it has arrived
         self._last_byte = 0.0
@@ -137,6 +149,20 @@ class _ProblemRequestHandler(web_protocol.RequestHandler):
             return
         self._head_since = self._last_byte = time.monotonic()
         self._arm(self._head_since + self._limits.header_timeout)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._write_since = time.monotonic()
+        self._write_left = self._buffered()
+        self._arm(self._write_since + self._limits.write_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._write_since = None
+
+    def _buffered(self) -> int:
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._watch is not None:
@@ -181,9 +207,15 @@ class _ProblemRequestHandler(web_protocol.RequestHandler):
 
     def _check(self) -> None:
         self._watch = None
-        if self._force_close or self.transport is None:
+        if self.transport is None:
             return
         now, lim = time.monotonic(), self._limits
+        # Before the _force_close test: a closing transport still waits for its buffer
+        # to drain, which a client that reads nothing never lets happen.
+        if self._write_since is not None and self._write_timed_out(now):
+            return
+        if self._force_close:
+            return
         if self._head_since is not None:
             if now - self._head_since >= lim.header_timeout:
                 self._header_timed_out()
@@ -207,6 +239,28 @@ class _ProblemRequestHandler(web_protocol.RequestHandler):
             self._arm(self._last_byte + lim.body_timeout)
             return
         self._arm(now + min(lim.header_timeout, lim.body_timeout))
+
+    def _write_timed_out(self, now: float) -> bool:
+        """Abort the connection if the client took no byte for write_timeout (True),
+        else arm the check for when it would be due."""
+        assert self._write_since is not None
+        left, limit = self._buffered(), self._limits.write_timeout
+        if left < self._write_left:  # the client took bytes since we last looked
+            self._write_since = now
+        self._write_left = left
+        if now - self._write_since < limit:
+            self._arm(self._write_since + limit)
+            return False
+        log.info("client write timed out", extra={"fields": {
+            "write_timeout_s": limit, "buffered_bytes": left}})
+        if self._on_write_timeout is not None:
+            self._on_write_timeout()
+        self._write_since = None
+        if self.transport is not None:
+            # Not force_close(): its close() would wait for the buffer to drain. Aborted,
+            # connection_lost follows and fails the waiting write.
+            self.transport.abort()
+        return True
 
     def _header_timed_out(self) -> None:
         transport = self.transport
@@ -248,12 +302,15 @@ def _log_sparsely(msg: str, *args: Any) -> None:
 
 
 class _ProblemServer(web_server.Server):
-    def __init__(self, handler: Any, *, client: Client, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, client: Client,
+                 on_write_timeout: Callable[[], None] | None, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._client = client
+        self._on_write_timeout = on_write_timeout
 
     def __call__(self) -> web_protocol.RequestHandler:
         return _ProblemRequestHandler(self, client=self._client, loop=self._loop,
+                                      on_write_timeout=self._on_write_timeout,
                                       **self._kwargs)
 
 
@@ -263,8 +320,10 @@ class ProxyRunner(web.ServerRunner):
     answered as problem+json."""
 
     def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
-                 *, shutdown_timeout: float, client: Client | None = None) -> None:
+                 *, shutdown_timeout: float, client: Client | None = None,
+                 on_write_timeout: Callable[[], None] | None = None) -> None:
         server = _ProblemServer(handler, client=client or Client(),
+                                on_write_timeout=on_write_timeout,
                                 handler_cancellation=False, access_log=None,
                                 max_field_size=16384, max_line_size=16384)
         super().__init__(server, shutdown_timeout=shutdown_timeout)

@@ -15,6 +15,7 @@ processes when `workers: N` runs prometheus_client's multiprocess mode (no pid l
     idemproxy_claims_taken_over_total{route}     claims taken over after their lease ended
     idemproxy_records_lost_total{route}          answers given but never stored
     idemproxy_sweeper_deleted_total              expired records the sweeper deleted
+    idemproxy_client_write_timeouts_total        client connections ended by write_timeout
     idemproxy_records_unreadable_total{key_id}   sealed pieces that could not be opened
     idemproxy_db_pool_size / _idle / _max        the database pool, refreshed on scrape
     idemproxy_store_up                           1 if the store answered at the last
@@ -180,6 +181,9 @@ class Metrics:
         self.swept = Counter(
             "idemproxy_sweeper_deleted", "Expired records deleted by the sweeper.",
             registry=registry)
+        self.write_timeouts = Counter(
+            "idemproxy_client_write_timeouts", "Client connections ended because a write "
+            "to them made no progress for client.write_timeout.", registry=registry)
         self.pool_size = Gauge(
             "idemproxy_db_pool_size", "Open connections in the database pool.",
             multiprocess_mode="livesum", registry=registry)

@@ -99,7 +99,8 @@ async def _run_listeners(cfg: Config, app: App, store: PostgresStore, *,
     deps, handler = app.proxied()
     life = app.life
     proxy_runner = ProxyRunner(handler, shutdown_timeout=cfg.shutdown_grace,
-                               client=cfg.client)
+                               client=cfg.client,
+                               on_write_timeout=deps.metrics.write_timeouts.inc)
     admin_runner = web.AppRunner(app.admin, access_log=None)
     await proxy_runner.setup()
     await admin_runner.setup()

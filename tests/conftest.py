@@ -131,6 +131,7 @@ class ProxyHandle:
     admin_url: str
     deps: Deps
     config: Config
+    runner: ProxyRunner | None = None  # the proxied port's (its server's connections)
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.deps.metrics.registry.get_sample_value(name, labels)
@@ -145,12 +146,12 @@ async def make_proxy(db: str, upstream: TestUpstream
 
     async def start(routes: str = DEFAULT_ROUTES, *, extra: str = "",
                     upstream_url: str | None = None, upstream_timeout: str = "5s",
-                    encryption_keys: str = "") -> ProxyHandle:
+                    encryption_keys: str = "", pool_max: int = 20) -> ProxyHandle:
         cfg = config_for(upstream_url or upstream.url, routes, extra=extra,
                          upstream_timeout=upstream_timeout)
         registry = CollectorRegistry()
         metrics = Metrics(registry)
-        st = await PostgresStore.connect(db, min_size=1, max_size=20, timeout=5,
+        st = await PostgresStore.connect(db, min_size=1, max_size=pool_max, timeout=5,
                                          observe=metrics.observe_store,
                                          observe_batch=metrics.observe_batch)
         stack.push_async_callback(st.close)
@@ -159,7 +160,8 @@ async def make_proxy(db: str, upstream: TestUpstream
         app = await stack.enter_async_context(create_app(cfg, store=st, metrics=metrics))
         deps, handler = app.proxied()
         assert deps.notifier is not None
-        proxy_runner = ProxyRunner(handler, shutdown_timeout=2, client=cfg.client)
+        proxy_runner = ProxyRunner(handler, shutdown_timeout=2, client=cfg.client,
+                                   on_write_timeout=metrics.write_timeouts.inc)
         admin_runner = web.AppRunner(app.admin, access_log=None)
         for runner in (proxy_runner, admin_runner):
             await runner.setup()
@@ -167,7 +169,8 @@ async def make_proxy(db: str, upstream: TestUpstream
             await web.TCPSite(runner, "127.0.0.1", 0).start()
         await asyncio.wait_for(deps.notifier.connected.wait(), 5)
         return ProxyHandle(f"http://127.0.0.1:{proxy_runner.addresses[0][1]}",
-                           f"http://127.0.0.1:{admin_runner.addresses[0][1]}", deps, cfg)
+                           f"http://127.0.0.1:{admin_runner.addresses[0][1]}", deps, cfg,
+                           proxy_runner)
 
     async with stack:
         yield start

@@ -115,8 +115,8 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
     lg = r.section(top.get("logging"), "logging", {"format", "level"})
     enc = r.section(top.get("encryption"), "encryption", {"keys_env"})
     cl = r.section(top.get("client"), "client", {"header_timeout", "body_timeout",
-                                                 "keepalive_timeout", "max_connections",
-                                                 "max_body_memory"})
+                                                 "keepalive_timeout", "write_timeout",
+                                                 "max_connections", "max_body_memory"})
     db_url = env.get("IDEMPROXY_DATABASE_URL") or r.get(db, "url", "database.url", str_, "")
     listen_url = (env.get("IDEMPROXY_DATABASE_LISTEN_URL")
                   or r.get(db, "listen_url", "database.listen_url", str_, ""))
@@ -166,7 +166,8 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
 def _parse_client(r: Reader, cl: dict[str, Any]) -> Client:
     d = Client()
     timeouts = {f: r.get(cl, f, f"client.{f}", _positive_duration, getattr(d, f))
-                for f in ("header_timeout", "body_timeout", "keepalive_timeout")}
+                for f in ("header_timeout", "body_timeout", "keepalive_timeout",
+                          "write_timeout")}
     return Client(**timeouts,
                   max_connections=r.get(cl, "max_connections", "client.max_connections",
                                         int_in(1, 1000000), d.max_connections),

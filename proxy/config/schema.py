@@ -176,6 +176,10 @@ class Client:
     header_timeout: float = 10.0  # default 10s: a connection's first byte to its last header
     body_timeout: float = 30.0  # default 30s: at most between two reads of a request body
     keepalive_timeout: float = 75.0  # default 75s: an idle connection between requests
+    # default 30s: the longest a write to the client may make no progress (the client
+    # reads nothing) before the connection is ended, so a reader that never reads cannot
+    # hold a key, a database connection or an upstream connection
+    write_timeout: float = 30.0
     max_connections: int = 10000  # default 10000 open client connections per process
     max_body_memory: int = 256 * 2**20  # default 256MiB of request bodies held at once
 

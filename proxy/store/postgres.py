@@ -18,7 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
-from proxy.errors import StoreError, StoreUnavailable
+from proxy.errors import StoreError, StoreFailed, StoreUnavailable
 from proxy.sealing import BODY, CHUNK, HEADERS, DataKey, Sealer, sealed_by
 from proxy.store import (
     Claim,
@@ -70,8 +70,11 @@ _PURGE_ORPHANS = """
              LIMIT $1))
         RETURNING 1)
     SELECT count(*) FROM gone"""
-_READ_CHUNKS_SEQ = ("SELECT seq, data FROM idemproxy_chunks WHERE scope = $1 AND key = $2 "
-                    "AND lock_token = $3 ORDER BY seq")
+_READ_CHUNKS_FROM = ("SELECT seq, data FROM idemproxy_chunks WHERE scope = $1 AND key = $2 "
+                     "AND lock_token = $3 AND seq >= $4 ORDER BY seq LIMIT $5")
+# Chunk rows one read of a streamed body fetches (store/sizes CHUNK each: 1 MiB), on a
+# connection taken for that one statement and given back before a byte goes out.
+READ_AHEAD = 4
 
 
 @contextlib.contextmanager
@@ -227,15 +230,29 @@ class PostgresStore:
 
     async def read_chunks(self, *, scope: str, key: str, token: UUID,
                           sealed: bool = False) -> AsyncIterator[bytes]:
-        """Stream a body's chunks in order from a cursor: bounded memory for any size.
-        A sealed record's chunks are opened as they come (StoredAnswerUnreadable)."""
-        async with self.connection() as conn, conn.transaction(readonly=True):
-            async for row in conn.cursor(_READ_CHUNKS_SEQ, scope, key, token, prefetch=2):
+        """Stream a body's chunks in order, READ_AHEAD rows per statement: bounded memory
+        for any size. No connection (and no transaction) is held while the caller writes
+        them out: a client that reads slowly, or not at all, must not hold the pool
+        (issue #25: `pool_max` stalled replays made every guarded request 503). A
+        completed record's chunks never change, so reading them in several statements
+        reads one body; one deleted meanwhile shows as a gap or a short body (StoreFailed
+        here, or the replay's size check). A sealed record's chunks are opened as they
+        come (StoredAnswerUnreadable)."""
+        seq = 0
+        while True:
+            rows = await self._call("chunks", "fetch", _READ_CHUNKS_FROM, scope, key, token,
+                                    seq, READ_AHEAD)
+            for row in rows:
+                if row["seq"] != seq:
+                    raise StoreFailed(f"stored body chunk {seq} is missing")
                 data = row["data"]
                 if sealed:
                     data = self.sealer.open(data, kind=CHUNK, scope=scope, key=key,
-                                            token=token, seq=row["seq"])
+                                            token=token, seq=seq)
+                seq += 1
                 yield data
+            if len(rows) < READ_AHEAD:
+                return
 
     @property
     def sealer(self) -> Sealer:
