@@ -36,6 +36,7 @@ from proxy.errors import (
     UpstreamTLSFailed,
     UpstreamUnreachable,
 )
+from proxy.forwarded import Forwarding
 from proxy.sizes import CHUNK
 
 log = logging.getLogger("idemproxy.upstream")
@@ -178,11 +179,13 @@ class Forwarder:
         self._lean = lean_pool
         self.head_timeout: float | None = None  # connect + upstream.timeout (open sets it)
         self.host = base.raw_authority  # what the upstream sees as Host
+        # X-Forwarded-* trust and Location rewriting (Upstreams.open sets the config's)
+        self.forwarding = Forwarding.build(base)
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, cfg: Upstream, *, where: str = "upstream"
-                   ) -> AsyncIterator[Forwarder]:
+    async def open(cls, cfg: Upstream, *, where: str = "upstream",
+                   trusted: tuple[str, ...] = ()) -> AsyncIterator[Forwarder]:
         url = URL(cfg.url)
         tls = None
         if url.scheme == "https":
@@ -217,6 +220,8 @@ class Forwarder:
                                 server_name=cfg.tls.server_name or None,
                                 connect_timeout=cfg.connect_timeout)
                 forwarder.head_timeout = cfg.connect_timeout + cfg.timeout
+                forwarder.forwarding = Forwarding.build(
+                    url, trusted=trusted, rewrite_location=cfg.rewrite_location)
                 yield forwarder
             finally:
                 if pool is not None:

@@ -39,16 +39,19 @@ def end_to_end(headers: Headers, *, without: frozenset[str] = frozenset()
 
 # Set by for_upstream itself (or the client library), whatever the client sent.
 _REWRITTEN = frozenset({"content-length", "x-forwarded-for", "x-forwarded-proto",
-                        "x-forwarded-host"})
+                        "x-forwarded-host", "forwarded"})
 
 
 def for_upstream(headers: Headers, *, client_ip: str | None, scheme: str,
-                 upstream_host: str) -> CIMultiDict[str]:
+                 upstream_host: str, trusted: bool = False) -> CIMultiDict[str]:
     """Request headers to send upstream: end-to-end ones plus X-Forwarded-*.
 
     `Host` is rewritten to the upstream's: the client's Host never selects another upstream
     (it is passed on as X-Forwarded-Host). Content-Length is set by the client library from
-    the body we actually send.
+    the body we actually send. The client's X-Forwarded-* and Forwarded are replaced by
+    what the proxy saw, unless the client is `trusted` (in trusted_proxies: a load
+    balancer in front of the proxy): then X-Forwarded-For is appended to and the others
+    kept (proxy/forwarded.py).
     """
     drop = hop_by_hop(headers)
     kept: list[tuple[str, str]] = []
@@ -59,17 +62,18 @@ def for_upstream(headers: Headers, *, client_ip: str | None, scheme: str,
             continue
         if lk == "host":
             host = v
-        elif lk not in _REWRITTEN:
+        elif lk not in _REWRITTEN or (trusted and lk == "forwarded"):
             kept.append((k, v))
     out: CIMultiDict[str] = CIMultiDict(kept)
-    prior = headers.get("X-Forwarded-For")
+    prior = ", ".join(headers.getall("X-Forwarded-For", ())) if trusted else ""
     if client_ip:
         out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
     elif prior:
         out["X-Forwarded-For"] = prior
-    out["X-Forwarded-Proto"] = headers.get("X-Forwarded-Proto", scheme)
-    if host:
-        out["X-Forwarded-Host"] = headers.get("X-Forwarded-Host", host)
+    out["X-Forwarded-Proto"] = headers.get("X-Forwarded-Proto", scheme) if trusted else scheme
+    forwarded_host = headers.get("X-Forwarded-Host") if trusted else None
+    if forwarded_host or host:
+        out["X-Forwarded-Host"] = forwarded_host or host
     out["Host"] = upstream_host
     return out
 

@@ -76,9 +76,7 @@ def _small_upload(request: web.BaseRequest, forwarder: Forwarder) -> bool:
 
 
 def upstream_request_headers(request: web.BaseRequest, forwarder: Forwarder) -> CIMultiDict[str]:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return hdrs.for_upstream(request.headers, client_ip=peer[0] if peer else None,
-                             scheme=request.scheme, upstream_host=forwarder.host)
+    return forwarder.forwarding.request_headers(request, upstream_host=forwarder.host)
 
 
 async def open_upstream(request: web.BaseRequest, forwarder: Forwarder, *,
@@ -91,8 +89,10 @@ async def open_upstream(request: web.BaseRequest, forwarder: Forwarder, *,
     if isinstance(data, _ReadWhole):
         data = await read_body(request, limit=SMALL_UPLOAD)
     url = request.rel_url
-    return await forwarder.send(method=request.method, raw_path=url.raw_path,
-                                raw_query=url.raw_query_string, headers=headers, body=data)
+    up = await forwarder.send(method=request.method, raw_path=url.raw_path,
+                              raw_query=url.raw_query_string, headers=headers, body=data)
+    up.headers = forwarder.forwarding.response_headers(request, up.headers)
+    return up
 
 
 class _ReadWhole:
@@ -235,6 +235,7 @@ async def pass_through(request: web.BaseRequest, forwarder: Forwarder, *,
     url = request.rel_url
     up = await forwarder.send(method=request.method, raw_path=url.raw_path,
                               raw_query=url.raw_query_string, headers=headers, body=data)
+    up.headers = forwarder.forwarding.response_headers(request, up.headers)
     try:
         if small_enough(request, up):
             whole = up.arrived()

@@ -48,10 +48,12 @@ class Upstreams:
     @contextlib.asynccontextmanager
     async def open(cls, cfg: Config) -> AsyncIterator[Upstreams]:
         async with contextlib.AsyncExitStack() as stack:
-            default = await stack.enter_async_context(Forwarder.open(cfg.upstream))
+            trusted = cfg.trusted_proxies
+            default = await stack.enter_async_context(Forwarder.open(cfg.upstream,
+                                                                     trusted=trusted))
             named = {}
             for name, up in cfg.upstreams.items():
                 where = f"upstreams.{name}" if "://" not in name else "routes[].upstream"
                 named[name] = await stack.enter_async_context(
-                    Forwarder.open(up, where=where))
+                    Forwarder.open(up, where=where, trusted=trusted))
             yield cls(default, named, cfg.routes)

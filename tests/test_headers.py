@@ -51,9 +51,24 @@ def test_forwarded_request_headers():
                             ("X-Hop", "1"), ("TE", "trailers"), ("Content-Length", "3"),
                             ("X-Forwarded-For", "10.0.0.1"), ("Accept", "*/*")])
     out = headers.for_upstream(incoming, client_ip="127.0.0.1", scheme="http",
-                               upstream_host="127.0.0.1:9000")
+                               upstream_host="127.0.0.1:9000", trusted=True)
     assert out["Host"] == "127.0.0.1:9000" and out["X-Forwarded-Host"] == "api.example"
     assert out["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
     assert out["X-Forwarded-Proto"] == "http" and out["Accept"] == "*/*"
     for gone in ("Connection", "X-Hop", "TE", "Content-Length"):
         assert gone not in out
+
+
+def test_forwarded_headers_from_an_untrusted_client_are_replaced():
+    """A client not in trusted_proxies cannot choose X-Forwarded-For/-Proto/-Host or
+    Forwarded: they are what the proxy saw."""
+    incoming = CIMultiDict([("Host", "api.example"), ("X-Forwarded-For", "6.6.6.6"),
+                            ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "bank"),
+                            ("Forwarded", "for=6.6.6.6;proto=https")])
+    for trusted, want in ((False, ("10.1.1.1", "http", "api.example", None)),
+                          (True, ("6.6.6.6, 10.1.1.1", "https", "bank",
+                                  "for=6.6.6.6;proto=https"))):
+        out = headers.for_upstream(incoming, client_ip="10.1.1.1", scheme="http",
+                                   upstream_host="up:1", trusted=trusted)
+        assert (out["X-Forwarded-For"], out["X-Forwarded-Proto"], out["X-Forwarded-Host"],
+                out.get("Forwarded")) == want

@@ -35,6 +35,7 @@ from proxy.config.values import (
     int_in,
     parse_duration,
     parse_listen,
+    parse_network,
     parse_size,
     str_,
 )
@@ -82,7 +83,8 @@ def loads(text: str, *, env: Mapping[str, str], source: str = "<string>") -> Con
     top = r.section(raw, "", {"listen", "admin", "upstream", "database", "defaults", "routes",
                               "data_dir", "workers", "shutdown_grace", "sweep_interval",
                               "replay_cache", "logging", "encryption",
-                              "allow_python_parser", "client", "upstreams"})
+                              "allow_python_parser", "client", "upstreams",
+                              "trusted_proxies"})
     cfg = _parse_top(r, top, env, source)
     cfg = dataclasses.replace(cfg, upstreams=upstreams.resolve(
         r, cfg.routes, upstreams.parse_upstreams(r, top.get("upstreams")), cfg.upstream))
@@ -159,8 +161,24 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
                                              _env_name, d.encryption.keys_env)),
         allow_python_parser=r.get(top, "allow_python_parser", "allow_python_parser",
                                   bool_, d.allow_python_parser),
+        trusted_proxies=r.get(top, "trusted_proxies", "trusted_proxies", _networks,
+                              d.trusted_proxies),
         source=source,
     )
+
+
+def _networks(value: object) -> tuple[str, ...]:
+    """trusted_proxies: a list of addresses or CIDRs (10.0.0.0/8, fd00::/8)."""
+    if not isinstance(value, list):
+        raise ValueError(f"{value!r} is not a list of addresses or CIDRs")
+    out = []
+    for item in value:
+        try:
+            out.append(str(parse_network(str_(item))))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR like 10.0.0.0/8"
+                             ) from None
+    return tuple(out)
 
 
 def _parse_client(r: Reader, cl: dict[str, Any]) -> Client:

@@ -167,6 +167,9 @@ class Upstream:
     timeout: float = 30.0  # whole upstream exchange, response body included
     max_connections: int = 100
     tls: UpstreamTLS = UpstreamTLS()
+    # default true: Location / Content-Location on this upstream's origin are rewritten
+    # to the client's before they are stored (proxy/forwarded.py)
+    rewrite_location: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +228,9 @@ class Config:
     logging: Logging = Logging()
     encryption: Encryption = Encryption()
     allow_python_parser: bool = False  # refuse to start without aiohttp's C parser
+    # default none: clients (CIDRs) whose X-Forwarded-* are kept and appended to; from
+    # anyone else they are replaced by what the proxy saw (proxy/forwarded.py)
+    trusted_proxies: tuple[str, ...] = ()
     source: str = field(default="<defaults>", compare=False)
     # Not a field: what check-config prints and serve logs about a config that loads but
     # looks wrong (a partly shadowed route, a lease longer than the window, ...).

@@ -23,7 +23,8 @@ from typing import Any
 from proxy.config.schema import Route, Upstream, UpstreamTLS
 from proxy.config.values import Reader, bool_, int_in, parse_duration, str_
 
-UPSTREAM_FIELDS = {"url", "connect_timeout", "timeout", "max_connections", "tls"}
+UPSTREAM_FIELDS = {"url", "connect_timeout", "timeout", "max_connections", "tls",
+                   "rewrite_location"}
 TLS_FIELDS = {"ca_file", "cert_file", "key_file", "server_name", "verify"}
 _URL = re.compile(r"^https?://[^/\s?#]+(/[^\s?#]*)?$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -57,7 +58,9 @@ def parse_upstream(r: Reader, raw: object, path: str) -> Upstream:
         timeout=r.get(d, "timeout", f"{path}.timeout", parse_duration, dflt.timeout),
         max_connections=r.get(d, "max_connections", f"{path}.max_connections",
                               int_in(1, 100000), dflt.max_connections),
-        tls=_parse_tls(r, d.get("tls"), f"{path}.tls"))
+        tls=_parse_tls(r, d.get("tls"), f"{path}.tls"),
+        rewrite_location=r.get(d, "rewrite_location", f"{path}.rewrite_location", bool_,
+                               dflt.rewrite_location))
     if "tls" in d and not up.url.startswith("https:"):
         r.report(f"{path}.tls: only applies to an https:// url (url is {up.url!r})")
     return up

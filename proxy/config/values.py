@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -175,3 +176,8 @@ def choice(*options: str) -> Callable[[object], str]:
             raise ValueError(f"{value!r} is not one of: {', '.join(options)}")
         return str(value)
     return parse
+
+
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """`10.0.0.0/8`, `192.168.1.7` or `fd00::/8` (host bits set are allowed and dropped)."""
+    return ipaddress.ip_network(text.strip(), strict=False)
