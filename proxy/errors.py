@@ -98,6 +98,9 @@ class ProblemError(IdemproxyError):
     status: int = 500
     slug: str = "internal"
     title: str = "Internal error"
+    # What the SDKs' retry hints say (RETRY_HINTS): True for "nothing was done, the same
+    # request later will work", False for a definite answer, None for no hint.
+    retry: bool | None = None
 
     def __init__(self, detail: str, *, headers: dict[str, str] | None = None,
                  close: bool = False) -> None:
@@ -187,6 +190,7 @@ class KeyInFlight(ProblemError):
     status = 409
     slug = "key-in-flight"
     title = "A request with this idempotency key is in progress"
+    retry = True
 
 
 class BodyTooLarge(ProblemError):
@@ -199,6 +203,7 @@ class KeyReused(ProblemError):
     status = 422
     slug = "key-reused"
     title = "Idempotency key reused with a different request"
+    retry = False  # whatever its status (mismatch_status may be 409): never retry it
 
     def __init__(self, detail: str, *, status: int = 422,
                  headers: dict[str, str] | None = None) -> None:
@@ -258,6 +263,7 @@ class ServiceUnavailable(ProblemError):
     status = 503
     slug = "store-unavailable"
     title = "Idempotency store unavailable"
+    retry = True
 
 
 class UpstreamTimeout(ProblemError):
@@ -270,6 +276,7 @@ class ProxyBusy(ProblemError):
     status = 503
     slug = "proxy-busy"
     title = "Too many request bodies in progress"
+    retry = True
 
 
 class Draining(ProblemError):
@@ -288,6 +295,24 @@ class UpstreamError(IdemproxyError):
         self.problem = problem
         self.sent = sent
         self.answered = answered
+
+
+# The retry hints clients read besides the status: Stainless-generated SDKs (OpenAI,
+# Anthropic, Increase, Orb, Modern Treasury, ...) `x-should-retry`, Stripe's own
+# `Stripe-Should-Retry`. Either overrides the SDK's own choice by status: without them,
+# some retry a 409 only a couple of times, or not at all, and report a request that in
+# fact ran as failed (issue #25). `framing.problem_response` sets them from `retry`.
+RETRY_HINTS = ("x-should-retry", "Stripe-Should-Retry")
+
+
+def retry_headers(retry: bool | None) -> dict[str, str]:
+    """The headers a problem with this `retry` carries: the hints, and Retry-After (1 s)
+    when the same request later will work."""
+    if retry is None:
+        return {}
+    flag = "true" if retry else "false"
+    hints = dict.fromkeys(RETRY_HINTS, flag)
+    return {"Retry-After": "1", **hints} if retry else hints
 
 
 def store_unavailable() -> ServiceUnavailable:

@@ -41,6 +41,7 @@ from proxy.errors import (
     HeaderTimeout,
     InternalError,
     ProblemError,
+    retry_headers,
 )
 
 log = logging.getLogger("idemproxy.framing")
@@ -51,6 +52,7 @@ def problem_response(exc: ProblemError, *, instance: str | None = None) -> web.R
     """The one place a problem becomes an HTTP answer (proxied port, admin, parser)."""
     resp = web.Response(status=exc.status, body=exc.body(instance=instance),
                         content_type=PROBLEM_JSON)
+    resp.headers.update(retry_headers(exc.retry))
     resp.headers.update(exc.headers)
     if exc.close:
         resp.force_close()

@@ -114,6 +114,7 @@ async def test_request_body_memory_is_capped(make_proxy, upstream, client):
     second = await raw(port, "POST", "/exec/mem", body=b"b" * 614400, headers={
         "Authorization": AUTH, "Idempotency-Key": new_key()})
     assert second.status == 503 and b"proxy-busy" in second.body
+    assert b"\r\nx-should-retry: true\r\n" in second.head
     writer.write(b"a" * (614400 - 1000))
     assert (await read_answer(reader)).status == 201
     writer.close()

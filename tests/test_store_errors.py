@@ -116,8 +116,9 @@ async def test_a_store_call_failing_becomes_its_store_error(
 async def test_a_failed_claim_is_a_503_and_nothing_is_forwarded(
         kind: str, faults: asyncpg.Connection, make_proxy, upstream: TestUpstream,
         client: aiohttp.ClientSession):
-    """The claim fails: 503 problem+json with Retry-After, the upstream never called, the
-    key as it was (no row); once the fault is gone the retry executes, once."""
+    """The claim fails: 503 problem+json with Retry-After and the SDKs' retry hints, the
+    upstream never called, the key as it was (no row); once the fault is gone the retry
+    executes, once."""
     p = await make_proxy(ROUTES)
     key = f"fault-{uuid.uuid4().hex}"
     path = f"/exec/{key}"
@@ -126,6 +127,7 @@ async def test_a_failed_claim_is_a_503_and_nothing_is_forwarded(
     doc = body_json(body)
     assert (s, h["Content-Type"], doc["status"]) == (503, "application/problem+json", 503)
     assert doc["type"].endswith("/store-unavailable") and h["Retry-After"]
+    assert h["x-should-retry"] == h["Stripe-Should-Retry"] == "true"
     assert "nothing was stored" not in doc["detail"]
     assert upstream.count(path) == 0 and await _rows(faults, key) == 0
     await _clear(faults, key)
