@@ -13,7 +13,6 @@ from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.config import Config
 from proxy.config.values import parse_duration
@@ -29,6 +28,7 @@ from proxy.errors import (
 )
 from proxy.framing import internal_error, problem_response, refused
 from proxy.lifecycle import Phase
+from proxy.metrics import exposition
 
 log = logging.getLogger("idemproxy.app")
 
@@ -198,8 +198,8 @@ async def _metrics(request: web.Request) -> web.Response:
     deps.metrics.observe_pool(deps.store.pool)
     deps.metrics.observe_cache(deps.cache)
     await _store_ready(deps)
-    body = generate_latest(deps.metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body, content_type = exposition(deps.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def _scope_key(request: web.Request) -> tuple[str, str]:

@@ -25,7 +25,7 @@ from proxy import idempotency, logs, routing, websocket
 from proxy.admin import create_admin_app
 from proxy.cache import ReplayCache
 from proxy.config import SAFE_METHODS, Config
-from proxy.context import Deps, Services
+from proxy.context import Deps, Services, default_observer
 from proxy.errors import (
     ProblemError,
 )
@@ -33,6 +33,7 @@ from proxy.framing import check_framing, internal_error, refused
 from proxy.lifecycle import Lifecycle
 from proxy.limits import BodyBudget
 from proxy.metrics import Metrics
+from proxy.observe import Observer
 from proxy.store import Store
 from proxy.store.notify import Notifier
 from proxy.upstreams import Upstreams
@@ -60,14 +61,17 @@ class App:
 
 @contextlib.asynccontextmanager
 async def create_app(cfg: Config, *, store: Store, metrics: Metrics,
+                     observer: Observer | None = None,
                      proxied: bool = True) -> AsyncIterator[App]:
     """Assemble the proxy for `cfg` on `store` and `metrics`, for the life of the block.
+    The flow reports to `observer` (default: `metrics` and the request log).
 
     `proxied=False`: the admin application only (the supervisor's process, whose workers
     serve the proxied port): no upstream session, cache or LISTEN connection is opened.
     """
+    observer = observer or default_observer(metrics)
     if not proxied:
-        services = Services(store=store, metrics=metrics)
+        services = Services(store=store, metrics=metrics, observer=observer)
         yield App(create_admin_app(cfg, services), services.life)
         return
     listens = store.listen_url is not None
@@ -81,7 +85,7 @@ async def create_app(cfg: Config, *, store: Store, metrics: Metrics,
         notifier = (await stack.enter_async_context(
             Notifier(store.acquire_listener, cache=cache)) if listens else None)
         deps = Deps(store=store, forwarder=upstreams.default, metrics=metrics,
-                    notifier=notifier, cache=cache,
+                    observer=observer, notifier=notifier, cache=cache,
                     db_clock_offset=await store.clock_offset(), upstreams=upstreams)
         yield App(create_admin_app(cfg, deps), deps.life, deps,
                   create_proxy_handler(cfg, deps))
@@ -122,6 +126,6 @@ def create_proxy_handler(cfg: Config, deps: Deps) -> ProxyHandler:
         finally:
             ticket.release()
             life.requests -= counted
-            metrics.request_done(time.perf_counter() - started)
+            metrics.request_ended(time.perf_counter() - started)
 
     return proxy_handler

@@ -20,13 +20,19 @@ from proxy.config import Concurrent, Route
 from proxy.errors import StoreError
 from proxy.forward import Forwarder
 from proxy.lifecycle import Lifecycle
-from proxy.metrics import Metrics, Outcome
+from proxy.metrics import Metrics
+from proxy.observe import Fanout, Observer, Outcome, Verdict
 from proxy.store import Store
 from proxy.store.notify import Notifier
 from proxy.upstreams import Upstreams
 
 log = logging.getLogger("idemproxy.request")
 request_log = logs.RequestLog(log)
+
+
+def default_observer(metrics: Metrics) -> Observer:
+    """What watches a process by default: its metrics and the request log."""
+    return Fanout((metrics, logs.RequestLogObserver(request_log)))
 
 
 @dataclass(kw_only=True)
@@ -37,6 +43,12 @@ class Services:
     metrics: Metrics
     cache: ReplayCache | None = None  # completed small responses (proxy/cache.py)
     life: Lifecycle = field(default_factory=Lifecycle)  # requests in flight, the drain
+    # what the flow reports to (proxy/observe.py); default: the metrics and the request log
+    observer: Observer = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.observer is None:
+            self.observer = default_observer(self.metrics)
 
 
 @dataclass(kw_only=True)
@@ -51,6 +63,7 @@ class Deps(Services):
     leases: Leases = field(init=False)  # renews the leases of claims executing here
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.leases = Leases(self.store)
         self.life.background = self.tasks.__len__
 
@@ -184,8 +197,10 @@ class Guarded:
 
 
 def finish(deps: Deps, g: Guarded | None, route: Route, outcome: Outcome, status: int) -> None:
-    deps.metrics.count(route.name, outcome)
-    if g is not None:
-        request_log(route=route.name, outcome=outcome.value, status=status,
-                    key_hash=g.key_hash, tenant=g.scope.split(":", 1)[1],
-                    duration_ms=round((time.perf_counter() - g.started) * 1000, 2))
+    """A request is done: its verdict goes to the observers (counted, logged)."""
+    if g is None:
+        deps.observer.request_done(Verdict(route.name, outcome, status))
+    else:
+        deps.observer.request_done(Verdict(
+            route.name, outcome, status, True, g.key_hash, g.scope.split(":", 1)[1],
+            g.started))

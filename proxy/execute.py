@@ -15,7 +15,7 @@ from proxy.context import Deps, Guarded, finish, log
 from proxy.decide import OnAnswer, OnFailure
 from proxy.errors import ProblemError, StoreError, UpstreamError, UpstreamFailed
 from proxy.forward import UpstreamResponse
-from proxy.metrics import Outcome
+from proxy.observe import Outcome
 from proxy.recorder import Recorder
 from proxy.relay import (
     ClientSink,
@@ -31,7 +31,7 @@ from proxy.store import Claim, Completion, Record, State
 
 async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
                   claim: Claim) -> web.StreamResponse:
-    deps.metrics.executing(1)
+    deps.observer.executing(1)
     sent = False
     deps.leases.hold(g)  # renewed by the process's one lease timer while it runs
     try:
@@ -43,7 +43,7 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
             sent = exc.sent
             return await _upstream_failed(deps, g, claim, exc)
         sent = True
-        deps.metrics.observe_upstream(g.route.name, time.perf_counter() - start)
+        deps.observer.upstream_timed(g.route.name, start, time.perf_counter())
         try:
             if decide.on_answer(up.status, release_statuses=g.route.release_statuses
                                 ) is OnAnswer.RELEASE:
@@ -59,7 +59,7 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
         raise
     finally:
         deps.leases.drop(g)
-        deps.metrics.executing(-1)
+        deps.observer.executing(-1)
 
 
 def _upstream_key(deps: Deps, g: Guarded) -> dict[str, str] | None:
@@ -258,6 +258,6 @@ async def complete_retrying(deps: Deps, g: Guarded, done: Completion, *,
 
 def _lost(deps: Deps, g: Guarded, why: str) -> None:
     """An answer the client got that no retry will replay: a metric and an error line."""
-    deps.metrics.records_lost.labels(g.route.name).inc()
+    deps.observer.record_lost(g.route.name)
     log.error("record lost: the upstream answered but the result was not stored: %s", why,
               extra={"fields": {"route": g.route.name, "key_hash": g.key_hash}})

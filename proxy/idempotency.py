@@ -33,7 +33,7 @@ from proxy.errors import (
     store_unavailable,
 )
 from proxy.execute import execute, fail_dead_claim
-from proxy.metrics import Outcome
+from proxy.observe import UNROUTED_PASS_THROUGH, Outcome
 from proxy.relay import pass_through, read_body
 from proxy.replay import guard_headers, replay
 from proxy.routing import Match
@@ -64,7 +64,7 @@ async def handle(request: web.BaseRequest, m: Match, deps: Deps) -> web.StreamRe
     if cache is not None and cache.live:
         rec = cache.get(g.scope, g.key, db_now=time.time() + deps.db_clock_offset)
         if rec is not None:  # a completed record: what the claim would return
-            deps.metrics.cache_hits.inc()
+            deps.observer.cache_hit()
             _match_fingerprint(deps, g, rec)
             return await _answer(request, deps, g, Claim(ClaimOutcome.EXISTING, rec))
         seen = cache.version
@@ -153,7 +153,7 @@ def _match_fingerprint(deps: Deps, g: Guarded, rec: Record) -> None:
 async def pass_through_unrouted(request: web.BaseRequest, deps: Deps) -> web.StreamResponse:
     """No route (or a safe method): stream through untouched; an upgrade (WebSocket)
     becomes a tunnel to the upstream."""
-    deps.metrics.count("-", Outcome.PASS_THROUGH)
+    deps.observer.request_done(UNROUTED_PASS_THROUGH)
     fwd = deps.forwarder_for_path(request.rel_url.raw_path)
     if websocket.wants_tunnel(request):
         return await websocket.tunnel(request, fwd)
@@ -199,7 +199,7 @@ async def _answer(request: web.BaseRequest, deps: Deps, g: Guarded,
     route, rec = g.route, claim.record
     verdict = _on_claim(g, claim)
     if claim.outcome is ClaimOutcome.TAKEN_OVER:
-        deps.metrics.takeovers.labels(route.name).inc()
+        deps.observer.takeover(route.name)
         log.warning("claim taken over after its lease ended",
                     extra={"fields": {"route": route.name, "key_hash": g.key_hash}})
     if verdict is OnClaim.FORWARD:
@@ -230,7 +230,7 @@ async def _wait(request: web.BaseRequest, deps: Deps, g: Guarded,
     """Hold a retry until the first completes; re-claim on each wake-up or poll."""
     deadline = time.monotonic() + g.route.wait_timeout
     poll = 0.05
-    deps.metrics.waiters.inc()
+    deps.observer.waiting(1)
     try:
         while (left := deadline - time.monotonic()) > 0:
             await _sleep_until_notified(deps, g, min(poll, left))
@@ -248,7 +248,7 @@ async def _wait(request: web.BaseRequest, deps: Deps, g: Guarded,
                               f"{g.route.wait_timeout:g}s.", headers={
                                   "Retry-After": "1", **guard_headers(g.route, rec.expires_at)})
     finally:
-        deps.metrics.waiters.dec()
+        deps.observer.waiting(-1)
     return await _answer(request, deps, g, claim)
 
 

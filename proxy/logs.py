@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
 from typing import TextIO
 
+from proxy.observe import BaseObserver, Verdict
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -191,6 +193,20 @@ class RequestLog:
             text = datetime.fromtimestamp(second, UTC).isoformat()[:19]
             self._second = (second, text)
         return f"{text}.{micros // 1000:03d}+00:00"
+
+
+class RequestLogObserver(BaseObserver):
+    """The observer that writes a guarded request's one line when it is done."""
+
+    def __init__(self, log: RequestLog) -> None:
+        self.log = log
+
+    def request_done(self, verdict: Verdict) -> None:
+        if verdict.guarded:
+            self.log(route=verdict.route, outcome=verdict.outcome.value,
+                     status=verdict.status, key_hash=verdict.key_hash,
+                     tenant=verdict.tenant,
+                     duration_ms=round((time.perf_counter() - verdict.started) * 1000, 2))
 
 
 def flush() -> None:

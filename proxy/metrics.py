@@ -1,4 +1,5 @@
-"""Prometheus collectors on a registry that is passed in (no global state).
+"""Prometheus collectors on a registry that is passed in (no global state), kept as an
+observer of the flow (proxy/observe.py). The one module that imports prometheus_client.
 
 Labels are low-cardinality only: route names from the config, fixed outcome names and
 fixed store operation names. Never a key, a tenant or a path. Gauges sum over live
@@ -28,29 +29,26 @@ processes when `workers: N` runs prometheus_client's multiprocess mode (no pid l
 from __future__ import annotations
 
 import contextvars
-import enum
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+)
 
 from proxy import __version__
+from proxy.observe import UNROUTED, BaseObserver, Outcome, Verdict
 
-
-class Outcome(enum.Enum):
-    """How a request ended, as counted and logged."""
-
-    FORWARDED = "forwarded"  # first request: executed upstream and stored
-    REPLAYED = "replayed"
-    CONFLICT = "conflict"  # 409: in flight
-    MISMATCH = "mismatch"  # 422: different fingerprint
-    REJECTED = "rejected"  # 4xx: bad key, too large, missing key
-    PASS_THROUGH = "pass_through"  # no route or no key: unguarded
-    RELEASED = "released"  # upstream answered a release status; not stored
-    UPSTREAM_ERROR = "upstream_error"
-    STORE_ERROR = "store_error"
-    DRAINING = "draining"  # 503: this replica drains and takes no new claims
+__all__ = ["UNROUTED", "CollectorRegistry", "Metrics", "Outcome", "exposition",
+           "mark_process_dead", "multiprocess_registry"]
 
 
 class PoolStats(Protocol):
@@ -121,7 +119,6 @@ class _Children(dict[tuple[str, ...], Any]):
 
 
 _LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
-UNROUTED = "-"  # the route label of requests no route matched
 # The (route, outcome) this request was counted under, for its duration (one task per
 # request: a context variable is per request). None: refused before routing.
 _COUNTED: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
@@ -129,7 +126,28 @@ _COUNTED: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVa
 _UNCOUNTED = (UNROUTED, "rejected")
 
 
-class Metrics:
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """A scrape of `registry`: the body and its Content-Type."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def multiprocess_registry() -> CollectorRegistry:
+    """A registry that scrapes every process's shared files (`workers: N`), and the
+    calling process's own process_* series (the supervisor's)."""
+    scrape = CollectorRegistry()
+    multiprocess.MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
+    ProcessCollector(registry=scrape)
+    return scrape
+
+
+def mark_process_dead(pid: int) -> None:
+    """A worker died: its live gauges leave the multiprocess sums."""
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+class Metrics(BaseObserver):
+    """The Prometheus collectors, and the observer that keeps them (proxy/observe.py)."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests = Counter(
@@ -174,11 +192,11 @@ class Metrics:
         self.cache_entries = Gauge(
             "idemproxy_replay_cache_entries", "Completed responses the replay caches hold.",
             multiprocess_mode="livesum", registry=registry)
-        self.unreadable = Counter(
+        self.records_unreadable = Counter(
             "idemproxy_records_unreadable", "Stored pieces that could not be opened (key "
             "not configured, or altered); each answered with an error, never re-executed.",
             ["key_id"], registry=registry)
-        self.swept = Counter(
+        self.sweeper_deleted = Counter(
             "idemproxy_sweeper_deleted", "Expired records deleted by the sweeper.",
             registry=registry)
         self.write_timeouts = Counter(
@@ -214,7 +232,7 @@ class Metrics:
             self.records_lost.labels(name)
 
     def count_unreadable(self, key_id: str) -> None:
-        self.unreadable.labels(key_id).inc()
+        self.records_unreadable.labels(key_id).inc()
 
     def count(self, route: str, outcome: Outcome) -> None:
         self._requests[route, outcome.value](1)
@@ -224,7 +242,7 @@ class Metrics:
     def begin_request() -> None:
         _COUNTED.set(None)
 
-    def request_done(self, seconds: float) -> None:
+    def request_ended(self, seconds: float) -> None:
         """The request's duration, under the route and outcome it was counted as."""
         self._durations[_COUNTED.get() or _UNCOUNTED](seconds)
 
@@ -240,6 +258,38 @@ class Metrics:
 
     def observe_batch(self, op: str, calls: int) -> None:
         self._batch_sizes[op,](calls)
+
+    # --- the observer (proxy/observe.py) --------------------------------------------------
+
+    def request_done(self, verdict: Verdict) -> None:
+        self.count(verdict.route, verdict.outcome)
+
+    def upstream_timed(self, route: str, start: float, end: float) -> None:
+        self._upstream[route,](end - start)
+
+    def store_timed(self, op: str, start: float, end: float) -> None:
+        self._store_ops[op,](end - start)
+
+    def store_batched(self, op: str, calls: int) -> None:
+        self._batch_sizes[op,](calls)
+
+    def takeover(self, route: str) -> None:
+        self.takeovers.labels(route).inc()
+
+    def record_lost(self, route: str) -> None:
+        self.records_lost.labels(route).inc()
+
+    def waiting(self, delta: int) -> None:
+        self.waiters.inc(delta)
+
+    def cache_hit(self) -> None:
+        self.cache_hits.inc()
+
+    def unreadable(self, key_id: str) -> None:
+        self.count_unreadable(key_id)
+
+    def swept(self, count: int) -> None:
+        self.sweeper_deleted.inc(count)
 
     def observe_cache(self, cache: CacheStats | None) -> None:
         """Refresh the replay cache gauges (with the pool's)."""

@@ -21,15 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from proxy import logs
 from proxy.app import App, create_app
 from proxy.config import Config
-from proxy.context import Deps
+from proxy.context import Deps, default_observer
 from proxy.errors import StoreError
 from proxy.framing import ProxyRunner
-from proxy.metrics import Metrics
+from proxy.metrics import CollectorRegistry, Metrics
 from proxy.sealing import keys_from_env
 from proxy.store.open import open_store
 from proxy.store.postgres import PostgresStore
@@ -65,14 +64,15 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
     check_parser(cfg)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    async with open_store(cfg, wait=30, observe=metrics.observe_store,
-                          observe_batch=metrics.observe_batch) as store:
+    observer = default_observer(metrics)
+    async with open_store(cfg, wait=30, observe=observer.store_timed,
+                          observe_batch=observer.store_batched) as store:
         if not worker:
             applied = await store.migrate()
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
-        await open_sealer(cfg, store, on_unreadable=metrics.count_unreadable, quiet=worker)
-        async with create_app(cfg, store=store, metrics=metrics) as app:
+        await open_sealer(cfg, store, on_unreadable=observer.unreadable, quiet=worker)
+        async with create_app(cfg, store=store, metrics=metrics, observer=observer) as app:
             return await _run_listeners(cfg, app, store, worker=worker)
 
 
@@ -113,7 +113,7 @@ async def _run_listeners(cfg: Config, app: App, store: PostgresStore, *,
     orphan_watch: asyncio.Task[None] | None = None
     pool_gauges: asyncio.Task[None] | None = None
     sweeper = None if worker else asyncio.create_task(run_sweeper(
-        store, interval=cfg.sweep_interval, on_deleted=deps.metrics.swept.inc))
+        store, interval=cfg.sweep_interval, on_deleted=deps.observer.swept))
     # Everything built so far lives as long as the process: out of the collector's sight,
     # full collections only walk what requests create (the start-up objects alone made
     # each one ~15 ms).

@@ -29,14 +29,18 @@ from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from prometheus_client import CollectorRegistry, ProcessCollector, multiprocess
 
 from proxy import logs
 from proxy.app import create_app
 from proxy.config import Config
 from proxy.errors import RuntimeFailure
 from proxy.lifecycle import Lifecycle
-from proxy.metrics import Metrics
+from proxy.metrics import (
+    CollectorRegistry,
+    Metrics,
+    mark_process_dead,
+    multiprocess_registry,
+)
 from proxy.server import open_sealer
 from proxy.store.open import open_store
 from proxy.store.postgres import PostgresStore
@@ -102,7 +106,7 @@ class Workers:
             for i, proc in enumerate(self.procs):
                 if proc.poll() is None or self.stopping:
                     continue
-                multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+                mark_process_dead(proc.pid)
                 now = loop.time()
                 lived = now - self.started.pop(proc.pid, now)
                 if lived < FAST_EXIT_S:
@@ -157,11 +161,9 @@ async def supervise(cfg: Config) -> int:
 
 
 async def _run_admin(cfg: Config, store: PostgresStore, workers: Workers) -> int:
-    scrape = CollectorRegistry()
-    multiprocess.MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
+    scrape = multiprocess_registry()
     own = Metrics(CollectorRegistry())  # this process's values go to the shared files too
     own.registry = scrape
-    ProcessCollector(registry=scrape)  # the supervisor's own process_* series
     async with create_app(cfg, store=store, metrics=own, proxied=False) as app:
         life = app.life
         # A drain here is the workers' own: each drains on SIGTERM, and none is restarted.
@@ -175,7 +177,7 @@ async def _run_admin(cfg: Config, store: PostgresStore, workers: Workers) -> int
             loop.add_signal_handler(sig, stop.set)
         tasks = [asyncio.create_task(workers.watch(stop)),
                  asyncio.create_task(run_sweeper(store, interval=cfg.sweep_interval,
-                                                 on_deleted=own.swept.inc)),
+                                                 on_deleted=own.swept)),
                  asyncio.create_task(logs.flush_periodically())]
         try:
             await web.TCPSite(runner, cfg.admin.listen.host, cfg.admin.listen.port).start()

@@ -152,11 +152,11 @@ async def make_proxy(db: str, upstream: TestUpstream
         registry = CollectorRegistry()
         metrics = Metrics(registry)
         st = await PostgresStore.connect(db, min_size=1, max_size=pool_max, timeout=5,
-                                         observe=metrics.observe_store,
-                                         observe_batch=metrics.observe_batch)
+                                         observe=metrics.store_timed,
+                                         observe_batch=metrics.store_batched)
         stack.push_async_callback(st.close)
         await st.load_sealer(keys=parse_keys(encryption_keys, source="test"),
-                             on_unreadable=metrics.count_unreadable)
+                             on_unreadable=metrics.unreadable)
         app = await stack.enter_async_context(create_app(cfg, store=st, metrics=metrics))
         deps, handler = app.proxied()
         assert deps.notifier is not None

@@ -108,3 +108,11 @@ def test_asyncpg_only_under_store():
     for module in MODULES:
         if not module.startswith("proxy.store"):
             assert "asyncpg" not in _third_party(module), module
+
+
+def test_prometheus_client_only_in_metrics():
+    """prometheus_client has one owning module, proxy/metrics.py; everything else reports
+    to an observer (proxy/observe.py) or asks metrics.py."""
+    for module in MODULES:
+        if module != "proxy.metrics":
+            assert "prometheus_client" not in _third_party(module), module

@@ -55,7 +55,7 @@ class Batcher(Generic[T, R]):
                  one: Callable[[Conn, T], Awaitable[R]],
                  many: Callable[[Conn, list[T]], Awaitable[Sequence[R]]],
                  order: Callable[[T], tuple[Any, ...]],
-                 observe: Callable[[str, float], None],
+                 observe: Callable[[str, float, float], None],
                  observe_batch: Callable[[str, int], None],
                  max_batch: int = MAX_BATCH, limit: int = LIMIT) -> None:
         self._pool = pool
@@ -96,7 +96,7 @@ class Batcher(Generic[T, R]):
             self._kick()
             return await fut  # a cancelled caller cancels fut: the flusher drops it
         finally:
-            self._observe(self._op, time.perf_counter() - start)
+            self._observe(self._op, start, time.perf_counter())
 
     async def close(self) -> None:
         """Stop the flushers; every call still queued fails with StoreUnavailable."""

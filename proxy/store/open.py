@@ -20,7 +20,7 @@ log = logging.getLogger("idemproxy")
 
 @contextlib.asynccontextmanager
 async def open_store(cfg: Config, *, wait: float = 0.0,
-                     observe: Callable[[str, float], None] | None = None,
+                     observe: Callable[[str, float, float], None] | None = None,
                      observe_batch: Callable[[str, int], None] | None = None
                      ) -> AsyncIterator[PostgresStore]:
     """The store for `cfg`, retrying an unreachable database for up to `wait` seconds."""

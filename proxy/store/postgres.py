@@ -94,7 +94,7 @@ class PostgresStore:
 
     def __init__(self, pool: Pool, *, url: str, timeout: float,
                  listen_url: str | None = None,
-                 observe: Callable[[str, float], None] | None = None,
+                 observe: Callable[[str, float, float], None] | None = None,
                  observe_batch: Callable[[str, int], None] | None = None) -> None:
         self.pool = pool
         self.url = url
@@ -102,7 +102,8 @@ class PostgresStore:
         # session's LISTEN); None when there is none (waiters poll, replay cache off).
         self.listen_url = listen_url
         self.timeout = timeout
-        self._observe = observe or (lambda op, seconds: None)
+        # each statement's (op, start, end) in perf_counter seconds (proxy/observe.py)
+        self._observe = observe or (lambda op, start, end: None)
         self._sealer: Sealer | None = None  # load_sealer(): after migrations, before traffic
         # Under load, claims (and quiet completions) that arrive while one of their kind
         # is running share the next statement and its commit (store/batch.py).
@@ -117,7 +118,7 @@ class PostgresStore:
     async def connect(cls, url: str, *, min_size: int = 2, max_size: int = 10,
                       timeout: float = 5.0, transaction_pooler: bool = False,
                       listen_url: str | None = None,
-                      observe: Callable[[str, float], None] | None = None,
+                      observe: Callable[[str, float, float], None] | None = None,
                       observe_batch: Callable[[str, int], None] | None = None
                       ) -> PostgresStore:
         """A store on `url`. `transaction_pooler`: `url` is a transaction-mode pooler, so
@@ -158,7 +159,7 @@ class PostgresStore:
                 raise
             raise err from exc
         finally:
-            self._observe(op, time.perf_counter() - start)
+            self._observe(op, start, time.perf_counter())
         pool.release(conn)
         return result
 
