@@ -91,9 +91,9 @@ async def test_admin_erases_a_tenant_and_validates_the_hash(make_proxy, upstream
 
 
 def test_generated_key_lines_parse(capsys):
-    """`keys generate ID` prints one ID:BASE64 line the key list accepts."""
+    """`encryption-keys generate ID` prints one ID:BASE64 line the key list accepts."""
     import argparse
-    keyops.generate(argparse.Namespace(scope="k9"))
+    keyops.generate(argparse.Namespace(key_id="k9"))
     line = capsys.readouterr().out.strip()
     assert [k.id for k in parse_keys(line, source="test")] == ["k9"]
 

@@ -41,6 +41,14 @@ def keys_cmd(verb: str, *rest: str) -> tuple[str, ...]:
     return ("keys", verb, *rest, "--config", "config/example.yaml")
 
 
+def routes_config(tmp_path: Path, *names: str) -> str:
+    """A config file with one route per name (tenant by Authorization); its path."""
+    cfg = tmp_path / f"routes-{uuid.uuid4().hex[:6]}.yaml"
+    cfg.write_text("upstream: {url: 'http://127.0.0.1:9'}\nroutes:\n" + "".join(
+        f"  - {{name: {n}, match: {{path: /{n}}}}}\n" for n in names))
+    return str(cfg)
+
+
 async def claim(store: PostgresStore, scope: str, key: str, *, ttl: float = 60) -> None:
     await store.claim(scope=scope, key=key, fingerprint=b"f" * 32, token=uuid.uuid4(),
                       lease=min(60, ttl), ttl=ttl)  # a live lease outlives its window
@@ -279,11 +287,13 @@ async def test_the_image_refuses_a_private_embedded_database(tmp_path):
     assert "IDEMPROXY_EMBEDDED_DATABASE=1" in err and not (tmp_path / "state").exists()
 
 
-async def test_keys_list_shows_stored_keys_newest_first_with_their_scope(db, store):
+async def test_keys_list_shows_stored_keys_newest_first_with_their_scope(db, store,
+                                                                         tmp_path):
     """`keys list` lists completed keys too, newest first, filtered by route, state and
     age, bounded by --limit; each row's scope is what `keys show` takes."""
     from proxy.store import Completion
     route = "cli-list-" + uuid.uuid4().hex[:6]
+    cfg = routes_config(tmp_path, route, f"{route}-other")
     keys = [uuid.uuid4().hex for _ in range(3)]
     for k in keys:
         token = uuid.uuid4()
@@ -294,22 +304,21 @@ async def test_keys_list_shows_stored_keys_newest_first_with_their_scope(db, sto
                 status=201, headers=(), body=b"{}", body_chunks=0, body_size=2,
                 body_omitted=False), notify=False)
     await claim(store, f"{route}-other:t1", uuid.uuid4().hex)
-    code, out, _ = await cli(*keys_cmd("list", "--route", route), db=db)
-    rows = json.loads(out)
-    assert code == 0 and [r["key"] for r in rows] == keys[::-1]
+
+    async def ls(*extra: str) -> list[dict[str, object]]:
+        code, out, err = await cli("keys", "list", "-c", cfg, "--route", route, *extra, db=db)
+        assert code == 0, err
+        rows: list[dict[str, object]] = json.loads(out)
+        return rows
+    rows = await ls()
+    assert [r["key"] for r in rows] == keys[::-1]
     assert {r["scope"] for r in rows} == {f"{route}:t1"}
-    code, out, _ = await cli(*keys_cmd("list", "--route", route, "--state", "completed"),
+    assert [r["key"] for r in await ls("--state", "completed")] == [keys[2], keys[0]]
+    assert [r["key"] for r in await ls("--limit", "1")] == [keys[2]]
+    assert await ls("--older-than", "1h") == []
+    assert len(await ls("--newer-than", "1h")) == 3
+    code, out, _ = await cli(*keys_cmd("show", str(rows[0]["scope"]), str(rows[0]["key"])),
                              db=db)
-    assert [r["key"] for r in json.loads(out)] == [keys[2], keys[0]]
-    code, out, _ = await cli(*keys_cmd("list", "--route", route, "--limit", "1"), db=db)
-    assert [r["key"] for r in json.loads(out)] == [keys[2]]
-    code, out, _ = await cli(*keys_cmd("list", "--route", route, "--older-than", "1h"),
-                             db=db)
-    assert json.loads(out) == []
-    code, out, _ = await cli(*keys_cmd("list", "--route", route, "--newer-than", "1h"),
-                             db=db)
-    assert len(json.loads(out)) == 3
-    code, out, _ = await cli(*keys_cmd("show", rows[0]["scope"], rows[0]["key"]), db=db)
     assert code == 0 and json.loads(out)["state"] == "completed"
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import parse_qs, urlsplit
 
 from proxy.config import Config, Pooler
 from proxy.errors import StoreUnavailable
@@ -34,22 +35,39 @@ async def open_store(cfg: Config, *, wait: float = 0.0,
             transaction_pooler=cfg.database.pooler is Pooler.TRANSACTION,
             listen_url=cfg.database.listen_url or None,
             observe=observe, observe_batch=observe_batch),
-            wait=wait)
+            wait=wait, where=where(url))
         try:
             yield store
         finally:
             await store.close()
 
 
+def where(url: str) -> str:
+    """`host:port/dbname` of a DSN for messages (each host of a multi-host one), never the
+    user or the password."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    hosts = parts.netloc.rpartition("@")[2] or query.get("host", ["localhost"])[0]
+    port = query.get("port", ["5432"])[0]
+    named = [h if not h.startswith("/") and ":" in h.rpartition("]")[2] else f"{h}:{port}"
+             for h in hosts.split(",")]  # a socket directory gets its port too
+    return ",".join(named) + (parts.path if parts.path not in ("", "/") else "")
+
+
 async def _connect_retrying(connect: Callable[[], Awaitable[PostgresStore]], *,
-                            wait: float) -> PostgresStore:
+                            wait: float, where: str) -> PostgresStore:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
+    attempt = 0
     while True:
+        attempt += 1
         try:
             return await connect()
         except StoreUnavailable as exc:
-            if loop.time() >= deadline:
-                raise
-            log.warning("database not reachable yet, retrying: %s", exc)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise StoreUnavailable(f"at {where}: {exc}") from exc
+            # One line per attempt, so a start-up that waits says what for.
+            log.warning("waiting for the database at %s (attempt %d, giving up in %.0fs): "
+                        "%s", where, attempt, left, exc)
             await asyncio.sleep(1)
