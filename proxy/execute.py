@@ -26,6 +26,7 @@ from proxy.relay import (
     whole_response,
 )
 from proxy.replay import guard_headers
+from proxy.responses import with_reason
 from proxy.store import Claim, Completion, Record, State
 
 
@@ -142,9 +143,10 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
     except UpstreamError as exc:  # nothing reached the client yet: answer the problem
         exc.problem.headers.update(guard_headers(route, claim.record.expires_at))
         finish(deps, g, route, Outcome.UPSTREAM_ERROR, exc.problem.status)
-        await _after_failure(deps, g, exc.problem, sent=True)
+        await _after_failure(deps, g, exc.problem, sent=True, answered=exc.answered)
         raise exc.problem from exc
     reply, stored = hdrs.reply_and_store(up.headers, keep_set_cookie=route.replay_set_cookie)
+    stored = with_reason(up.status, up.reason, stored)
     seen = deps.cache.version if deps.cache is not None else 0
     if await _complete(deps, g, Completion(up.status, stored, body, 0, len(body), False)
                        ) and deps.cache is not None:
@@ -173,15 +175,16 @@ async def _stream_and_record(request: web.BaseRequest, deps: Deps, g: Guarded, c
     try:
         held = await pump(up.chunks(), sink, record=rec.add)
     except UpstreamError as exc:
-        # The upstream acted but its answer is incomplete: the outcome is unknown.
+        # The upstream acted but its answer is incomplete: its failure is the verdict.
         log.error("upstream failed mid-body: %s", exc)
         finish(deps, g, route, Outcome.UPSTREAM_ERROR, up.status)
         sink.abort()
         await rec.discard()
-        await _after_failure(deps, g, exc.problem, sent=True)
+        await _after_failure(deps, g, exc.problem, sent=True, answered=exc.answered)
         return sink.response
     stored = hdrs.to_store(up.headers, keep_set_cookie=route.replay_set_cookie)
-    done = await rec.finish(status=up.status, headers=tuple(stored))
+    done = await rec.finish(status=up.status,
+                            headers=with_reason(up.status, up.reason, tuple(stored)))
     await _complete(deps, g, done)  # the client gets it anyway
     finish(deps, g, route, Outcome.FORWARDED, up.status)
     await sink.write(held)

@@ -25,11 +25,12 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy import transfer, upstream_tls
 from proxy import upstream_client as lean
-from proxy import upstream_tls
 from proxy.config import Upstream
 from proxy.errors import (
     BodyTimeout,
+    ProblemError,
     UpstreamError,
     UpstreamFailed,
     UpstreamTimeout,
@@ -37,6 +38,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.forwarded import Forwarding
+from proxy.responses import relayable_reason
 from proxy.sizes import CHUNK
 
 log = logging.getLogger("idemproxy.upstream")
@@ -132,34 +134,76 @@ class _AiohttpBody:
 
 @dataclass(slots=True)
 class UpstreamResponse:
+    """A final answer's head has arrived: the upstream acted, whatever happens to its body,
+    so every failure from here on is `answered` (design §9: one verdict per answer)."""
+
     status: int
     reason: str | None
     headers: CIMultiDictProxy[str]
     content_length: int | None
     body: _Body
+    decoder: transfer.Decoder | None = None  # transfer codings to undo (gzip, deflate)
+
+    @classmethod
+    def of(cls, status: int, reason: str | None, headers: CIMultiDictProxy[str],
+           content_length: int | None, body: _Body) -> UpstreamResponse:
+        """The answer as relayed: a reason phrase that can be written, transfer codings
+        understood (or refused: UpstreamError, answered)."""
+        try:
+            applied = transfer.codings(headers)
+        except transfer.CodingError as exc:
+            body.close()
+            raise _broken_off(lean.BadAnswer(str(exc))) from exc
+        decoder = transfer.Decoder(applied) if applied else None
+        return cls(status, relayable_reason(reason), headers,
+                   None if decoder else content_length, body, decoder)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; failures mid-body raise UpstreamError(sent=True)."""
+        """The body as it arrives; failures mid-body raise UpstreamError(answered)."""
         try:
             async for chunk in self.body.chunks(CHUNK):
-                yield chunk
-        except _FAILURES as exc:
-            raise _translate(exc) from exc
+                if self.decoder is None:
+                    yield chunk
+                    continue
+                for piece in self.decoder.feed(chunk):
+                    yield piece
+            if self.decoder is not None:
+                self.decoder.finish()
+        except (*_FAILURES, transfer.CodingError) as exc:
+            raise _broken_off(exc) from exc
 
     def arrived(self) -> bytes | None:
         """The whole body if it has all arrived already (then as `read` would give it,
         without an await), else None."""
-        return self.body.arrived()
+        return self.body.arrived() if self.decoder is None else None
 
     async def read(self) -> bytes:
         """The whole body (for small ones of known length); failures as in `chunks`."""
+        if self.decoder is not None:
+            return b"".join([chunk async for chunk in self.chunks()])
         try:
             return await self.body.read()
         except _FAILURES as exc:
-            raise _translate(exc) from exc
+            raise _broken_off(exc) from exc
 
     def close(self) -> None:
         self.body.close()
+
+
+def _broken_off(exc: BaseException) -> UpstreamError:
+    """A failure after the answer's head arrived: the upstream acted, so the outcome is
+    known (executed) even though the answer cannot be relayed whole."""
+    if isinstance(exc, (lean.BadAnswer, aiohttp.ClientResponseError, transfer.CodingError)):
+        problem: ProblemError = UpstreamFailed(
+            "The upstream answered with a response the proxy cannot relay (malformed "
+            "framing or transfer coding); the request was executed.")
+    elif isinstance(exc, (lean.ReadTimeout, asyncio.TimeoutError)):
+        problem = UpstreamTimeout("The upstream stopped sending its answer before its end; "
+                                  "the request was executed.")
+    else:
+        problem = UpstreamFailed("The upstream's answer broke off before its end; the "
+                                 "request was executed.")
+    return UpstreamError(problem, sent=True, answered=True)
 
 
 class Forwarder:
@@ -248,7 +292,7 @@ class Forwarder:
             except _FAILURES as exc:
                 raise _translate(exc) from exc
             else:
-                return UpstreamResponse(r.status, r.reason, r.headers, r.content_length, r)
+                return UpstreamResponse.of(r.status, r.reason, r.headers, r.content_length, r)
         # aiohttp's sock_read restarts with every byte, so an upstream sending 1xx after
         # 1xx would hold the request for ever: one deadline for the final head, as our own
         # client keeps. Not for streamed uploads, whose sending may rightly take longer.
@@ -261,8 +305,8 @@ class Forwarder:
                     server_hostname=self.server_name)
         except _FAILURES as exc:
             raise _translate(exc, tls=self.tls is not None) from exc
-        return UpstreamResponse(raw.status, raw.reason, raw.headers, raw.content_length,
-                                _AiohttpBody(raw))
+        return UpstreamResponse.of(raw.status, raw.reason, raw.headers, raw.content_length,
+                                   _AiohttpBody(raw))
 
 
 _AIOHTTP_ONLY = frozenset({"HEAD", "CONNECT"})  # not in the lean client's scope

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from urllib.parse import parse_qs
 
 FORM = "application/x-www-form-urlencoded"
@@ -24,10 +24,18 @@ def media_type(content_type: str) -> str:
 
 
 def parse_json(body: bytes) -> object:
-    """One JSON text, exactly: numbers kept exact (Decimal); NaN, Infinity and duplicate
-    member names refused (a duplicate means different things to different parsers)."""
-    return json.loads(body, parse_float=Decimal, parse_constant=_no_constant,
+    """One JSON text, exactly: numbers kept exact (Decimal); NaN, Infinity, numbers past
+    Decimal's exponent range and duplicate member names refused with ValueError (a
+    duplicate means different things to different parsers)."""
+    return json.loads(body, parse_float=_decimal, parse_constant=_no_constant,
                       object_pairs_hook=_unique_members)
+
+
+def _decimal(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except InvalidOperation:  # an exponent past ±999999999999999999: an ArithmeticError
+        raise ValueError("a number is out of range") from None
 
 
 def _no_constant(name: str) -> object:

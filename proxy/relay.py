@@ -18,6 +18,7 @@ from proxy.errors import BadRequest, BodyTooLarge, UpstreamError
 from proxy.forward import Forwarder, UpstreamResponse
 from proxy.framing import continue_if_expected
 from proxy.limits import fits, reserve
+from proxy.responses import Relayed, RelayedWhole, typed
 from proxy.sizes import SMALL_BODY, SMALL_UPLOAD
 
 log = logging.getLogger("idemproxy.relay")
@@ -164,7 +165,7 @@ class ClientSink:
 def response_for(up: UpstreamResponse, *, extra: dict[str, str] | None = None
                  ) -> web.StreamResponse:
     """A streamed response carrying the upstream's status and end-to-end headers."""
-    resp = web.StreamResponse(status=up.status, reason=up.reason)
+    resp = Relayed(status=up.status, reason=up.reason, typed=typed(up.headers))
     for k, v in hdrs.end_to_end(up.headers):
         resp.headers.add(k, v)
     for k, v in (extra or {}).items():
@@ -212,7 +213,8 @@ def whole_response(up: UpstreamResponse, body: bytes, extra: dict[str, str] | No
                    headers: Iterable[tuple[str, str]] | None = None) -> web.Response:
     """A response with the upstream's status and end-to-end headers (or `headers`, when
     the caller has already sorted them), body in one piece."""
-    resp = web.Response(status=up.status, reason=up.reason, body=body)
+    resp = RelayedWhole(status=up.status, reason=up.reason, body=body,
+                        typed=typed(up.headers))
     resp.headers.extend(hdrs.end_to_end(up.headers, without=_LENGTH) if headers is None
                         else headers)
     if extra:

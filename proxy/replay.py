@@ -13,6 +13,7 @@ from proxy import cors
 from proxy.config import Route
 from proxy.errors import StoredAnswerUnreadable, StoreError
 from proxy.relay import ClientSink, pump
+from proxy.responses import Relayed, RelayedWhole, stored_reason, typed
 from proxy.store import Record, Store
 
 log = logging.getLogger("idemproxy.replay")
@@ -41,13 +42,15 @@ async def replay(request: web.BaseRequest, record: Record, *, route: Route, scop
     extra = {route.replay_header: "true", **guard_headers(route, record.expires_at)}
     if record.body_omitted:
         extra["Idempotency-Body"] = "omitted"
+    reason, headers = stored_reason(record.headers)
     resp: web.StreamResponse
     if record.body_chunks == 0:
-        resp = web.Response(status=record.status, body=record.body or b"")
+        resp = RelayedWhole(status=record.status, reason=reason, body=record.body or b"",
+                            typed=typed(headers))
     else:
-        resp = web.StreamResponse(status=record.status)
+        resp = Relayed(status=record.status, reason=reason, typed=typed(headers))
         resp.content_length = record.body_size
-    for k, v in record.headers:
+    for k, v in headers:
         if k.lower() != "content-length":
             resp.headers.add(k, v)
     resp.headers.update(extra)

@@ -118,6 +118,11 @@ def _framing_name(name: str) -> bool:
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
+def _chunked_last(values: list[str]) -> bool:
+    codings = [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
+    return bool(codings) and codings[-1] == "chunked"
+
+
 def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
@@ -292,9 +297,12 @@ class _Conn(asyncio.Protocol):
         length = headers.get("Content-Length")
         self.status, self.content_length = status, None if length is None else int(length)
         self.headers = CIMultiDictProxy(headers)
-        # EOF ends a body only if the head has no framing at all. (It also does for llhttp
-        # under a Transfer-Encoding other than chunked; we call that EOF a truncation.)
-        self.close_delimited = not framed and status not in (204, 304)
+        # EOF ends a body if the head has no framing at all, or (RFC 9112 §6.3) a
+        # Transfer-Encoding whose last coding is not chunked (`gzip`): llhttp reads such a
+        # body to EOF as well. proxy/transfer.py undoes the coding.
+        te = headers.getall("Transfer-Encoding", [])
+        self.close_delimited = status not in (204, 304) and (
+            not _chunked_last(te) if te else "Content-Length" not in headers)
         self.head_done = True
         self.wake()
 

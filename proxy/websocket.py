@@ -1,16 +1,23 @@
-"""Protocol upgrades (WebSocket, and any other `Upgrade:`) on unguarded requests.
+"""WebSocket upgrades on unguarded requests: the one protocol the proxy tunnels.
 
 RFC 9110 §7.8: `Upgrade` and `Connection` are hop-by-hop, so the ordinary proxy path
-drops them and the upstream answers as if no upgrade was asked for. For a request no
-route guards (a GET to a sidecar's app, say), the proxy instead opens a connection of its
-own to the upstream, sends the request with `Connection: Upgrade` and the client's
-`Upgrade` value, and:
+drops them and the upstream answers as if no upgrade was asked for. For a WebSocket
+upgrade no route guards (a GET to a sidecar's app, say), the proxy instead opens a
+connection of its own to the upstream, sends the request with `Connection: Upgrade` and
+`Upgrade: websocket`, and:
 
-- the upstream answers `101 Switching Protocols`: the 101 goes to the client, and from
-  then on bytes are copied both ways unchanged (the frames, their masking and the
-  WebSocket close handshake are the two ends' business) until either side closes; then
-  the other is closed too;
+- the upstream answers `101 Switching Protocols` to WebSocket: the 101 goes to the
+  client, and from then on bytes are copied both ways unchanged (the frames, their
+  masking and the WebSocket close handshake are the two ends' business) until either
+  side closes; then the other is closed too;
+- it answers a 101 to any other protocol: a 502 problem, nothing is piped;
 - it answers anything else: that answer goes to the client as a normal response.
+
+Only WebSocket: a tunnel is never seen by the guard, so a protocol that can carry HTTP
+requests (h2c, or one the proxy does not know) would let guarded requests through it
+unguarded, each executed as often as it is sent. Any other `Upgrade` is not a tunnel:
+the request passes through as an ordinary one, its upgrade fields dropped as the
+hop-by-hop fields they are (`wants_tunnel` is false).
 
 Guarded requests never upgrade: a route's method with `Upgrade` is refused before this
 module is reached (`errors.UpgradeRefused`), since a tunnel cannot be recorded or replayed.
@@ -38,6 +45,7 @@ from proxy.errors import (
 )
 from proxy.forward import Forwarder
 from proxy.relay import upstream_request_headers
+from proxy.responses import RelayedWhole, relayable_reason
 
 log = logging.getLogger("idemproxy.upgrade")
 
@@ -57,10 +65,19 @@ def asks_upgrade(request: web.BaseRequest) -> bool:
 
 
 def wants_tunnel(request: web.BaseRequest) -> bool:
-    """An upgrade request to tunnel. One with a body (h2c's POST upgrade, say) is not: it
-    passes through as an ordinary request, `Upgrade` dropped as the hop-by-hop field it
-    is, which RFC 9110 §7.8 lets a server (and so a proxy) do."""
-    return asks_upgrade(request) and not request.body_exists
+    """A WebSocket upgrade to tunnel: `Upgrade` offers WebSocket and nothing else, and the
+    request has no body. Anything else passes through as an ordinary request, `Upgrade`
+    dropped as the hop-by-hop field it is, which RFC 9110 §7.8 lets a server (and so a
+    proxy) do."""
+    return asks_upgrade(request) and not request.body_exists and \
+        _only_websocket(request.headers.getall("Upgrade"))
+
+
+def _only_websocket(values: list[str]) -> bool:
+    """Every protocol offered is WebSocket (RFC 6455 §4.2.1: case-insensitive; a
+    version suffix like `websocket/13` is not WebSocket's spelling)."""
+    offered = [t.strip().lower() for v in values for t in v.split(",")]
+    return bool(offered) and all(t == "websocket" for t in offered)
 
 
 async def tunnel(request: web.BaseRequest, forwarder: Forwarder) -> web.StreamResponse:
@@ -72,11 +89,14 @@ async def tunnel(request: web.BaseRequest, forwarder: Forwarder) -> web.StreamRe
         tail = await _read_head(reader, head, timeout=forwarder.head_timeout)
         if head.status != 101:
             return await _refusal(reader, head, tail)
-        resp = web.StreamResponse(status=101, reason=head.reason or "Switching Protocols")
+        if not _only_websocket(head.headers.getall("Upgrade", [])):
+            raise UpstreamFailed("The upstream switched to a protocol other than WebSocket; "
+                                 "only WebSocket is tunnelled.")
+        resp = web.StreamResponse(status=101, reason="Switching Protocols")
         for k, v in hdrs.end_to_end(head.headers):
             resp.headers.add(k, v)
         resp.headers["Connection"] = "Upgrade"
-        resp.headers["Upgrade"] = head.headers.get("Upgrade", request.headers["Upgrade"])
+        resp.headers["Upgrade"] = "websocket"
         await resp.prepare(request)
         await _pipe(request, resp, reader, writer, tail)
         return resp
@@ -200,8 +220,8 @@ async def _refusal(reader: asyncio.StreamReader, head: _Head, tail: bytes
                         head.parser.feed_eof()
                     break
                 head.parser.feed_data(data)
-    resp = web.Response(status=head.status, reason=head.reason or None,
-                        body=bytes(head.body))
+    resp = RelayedWhole(status=head.status, reason=relayable_reason(head.reason or None),
+                        body=bytes(head.body), typed="Content-Type" in head.headers)
     for k, v in hdrs.end_to_end(head.headers):
         if k.lower() != "content-length":
             resp.headers.add(k, v)

@@ -256,6 +256,15 @@ async def test_close_delimited_body_runs_to_eof_and_its_connection_is_not_reused
     assert srv.connections == 2
 
 
+async def test_a_transfer_coding_not_ending_in_chunked_runs_to_eof(serve):
+    """RFC 9112 §6.3: `Transfer-Encoding: gzip` without chunked is read to EOF as a whole
+    body, not a truncated one (its coding is undone by proxy/transfer.py)."""
+    srv, pool = await serve(respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"
+                                    b"coded bytes", then_close=True))
+    assert await get(pool) == (200, b"coded bytes")
+    assert len(srv.requests) == 1
+
+
 @pytest.mark.parametrize("status", [204, 304])
 async def test_204_and_304_have_no_body_and_keep_the_connection(serve, status):
     """A 204 or 304 without framing headers has an empty body and its connection is reused."""
@@ -309,7 +318,6 @@ async def test_malformed_response_is_sent_failure_and_its_connection_closed(serv
 @pytest.mark.parametrize("response", [
     b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot chunked",
     b"HTTP/1.1 200 OK\r\nContent-Len",
     b"",
 ])
