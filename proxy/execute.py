@@ -171,7 +171,7 @@ async def _stream_and_record(request: web.BaseRequest, deps: Deps, g: Guarded, c
     cors.expose_for(route, sink.response.headers)
     await sink.start()
     rec = Recorder(deps.store, scope=g.scope, key=g.key, token=g.token,
-                   limit=route.max_stored_body)
+                   limit=route.max_stored_body, spawn=deps.spawn)
     try:
         held = await pump(up.chunks(), sink, record=rec.add)
     except UpstreamError as exc:

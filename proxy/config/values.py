@@ -17,6 +17,11 @@ T = TypeVar("T")
 _DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$")  # 30s, 1.5h, 1h30m
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# The longest duration any field accepts: 5 years. A key's window ends at the database's
+# now() + ttl, read back as a Python datetime (year 9999 at most) and computed in
+# PostgreSQL (`make_interval`, timestamps to year 294276): `ttl: 3000000d` passed and then
+# every request on its route got a 503 (issue 25). No timeout, lease or window needs more.
+MAX_DURATION = 1825 * 86400.0
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
                "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
@@ -25,7 +30,8 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token (header
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from `500ms`, `30s`, `15m`, `24h`, `7d` or a sum like `1h30m`; `0` is zero."""
+    """Seconds from `500ms`, `30s`, `15m`, `24h`, `7d` or a sum like `1h30m`; `0` is zero.
+    At most MAX_DURATION (5 years)."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"{value!r} is not a duration like 30s, 15m, 24h, 7d")
     text = "".join(str(value).split())  # `1h 30m` and `30 s` read as written
@@ -33,7 +39,11 @@ def parse_duration(value: object) -> float:
         return 0.0
     if not _DURATION.match(text):
         raise ValueError(f"{value!r} is not a duration like 30s, 15m, 24h, 7d")
-    return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+    seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+    if not seconds <= MAX_DURATION:  # `not <=`: an overflow to inf is refused too
+        raise ValueError(f"{value!r} is longer than {format_duration(MAX_DURATION)} "
+                         "(5 years), the longest duration accepted")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

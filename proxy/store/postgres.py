@@ -61,12 +61,18 @@ _PURGE = """
         DELETE FROM idemproxy_chunks c USING gone
          WHERE c.scope = gone.scope AND c.key = gone.key)
     SELECT count(*) FROM gone"""
+# A chunk belongs to an answer only while its record has the chunk's token and is either
+# still being recorded (in flight) or completed with the chunk inside its body_chunks. The
+# rest is garbage: a claim taken over, or a recording the store failed under (issue 25: a
+# database outage mid-recording completes the key as omitted and left 25 MB of chunks
+# until the key expired).
 _PURGE_ORPHANS = """
     WITH gone AS (
         DELETE FROM idemproxy_chunks WHERE ctid = ANY(ARRAY(
             SELECT c.ctid FROM idemproxy_chunks c WHERE NOT EXISTS (
                 SELECT 1 FROM idemproxy_keys k WHERE k.scope = c.scope
-                   AND k.key = c.key AND k.lock_token = c.lock_token)
+                   AND k.key = c.key AND k.lock_token = c.lock_token
+                   AND (k.state = 1 OR c.seq < k.body_chunks))
              LIMIT $1))
         RETURNING 1)
     SELECT count(*) FROM gone"""
@@ -363,7 +369,8 @@ class PostgresStore:
         return await self._purge(_PURGE, batch, conn)
 
     async def purge_orphans(self, *, batch: int = 1000, conn: Any = None) -> int:
-        """Delete chunks no record points at (left by a claim that was taken over)."""
+        """Delete one batch of chunks no answer points at (left by a claim that was taken
+        over, or by a recording the store failed under); the number of chunks gone."""
         return await self._purge(_PURGE_ORPHANS, batch, conn)
 
     async def _purge(self, query: str, batch: int, conn: Any) -> int:

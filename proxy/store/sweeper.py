@@ -12,24 +12,40 @@ from proxy.store.postgres import PostgresStore
 log = logging.getLogger("idemproxy.sweeper")
 
 _LOCK_ID = 0x1DE3_5EE9
+BATCH = 1000  # rows per transaction: short locks, and a pass that yields between them
 
 
-async def sweep_once(store: PostgresStore, *, batch: int = 1000, max_batches: int = 100) -> int:
-    """One pass: expired rows, then orphaned chunks, in batches of `batch`.
+async def sweep_once(store: PostgresStore, *, batch: int = BATCH) -> int:
+    """One pass: every expired row due, then every orphaned chunk, in batches of `batch`
+    until a batch comes back short; the number of expired rows deleted.
 
+    A pass drains everything due: it used to stop at 100 batches (100 k rows), below one
+    proxy's first-request rate per `sweep_interval`, so expired rows piled up (issue 25).
     Each batch is one transaction that first tries a transaction-scoped advisory lock, so
     one replica at a time deletes and the others skip the pass (pooler-safe: nothing
     outlives the transaction). A replica that finds the lock taken stops its pass."""
+    expired = await _drain(store, store.purge, batch)
+    if expired is None:
+        return 0
+    chunks = await _drain(store, store.purge_orphans, batch)
+    if chunks:
+        log.info("removed orphaned body chunks", extra={"fields": {"chunks": chunks}})
+    return expired
+
+
+async def _drain(store: PostgresStore, purge: Callable[..., Awaitable[int]],
+                 batch: int) -> int | None:
+    """Batches of `purge` until one deletes fewer than `batch` (nothing more due, or the
+    rest locked by a claim); None if another replica holds the sweep lock at the start."""
     total = 0
-    for _ in range(max_batches):
-        n = await _locked(store, store.purge, batch)
+    while True:
+        n = await _locked(store, purge, batch)
         if n is None:
-            return total
+            return total or None
         total += n
         if n < batch:
-            break
-    await _locked(store, store.purge_orphans, batch)
-    return total
+            return total
+        await asyncio.sleep(0)  # between batches, the requests on this loop go first
 
 
 async def _locked(store: PostgresStore, purge: Callable[..., Awaitable[int]],
