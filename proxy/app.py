@@ -85,7 +85,7 @@ async def create_app(cfg: Config, *, store: Store, metrics: Metrics,
         notifier = (await stack.enter_async_context(
             Notifier(store.acquire_listener, cache=cache)) if listens else None)
         deps = Deps(store=store, forwarder=upstreams.default, metrics=metrics,
-                    observer=observer, notifier=notifier, cache=cache,
+                    observer=observer, sealer=store.sealer, notifier=notifier, cache=cache,
                     db_clock_offset=await store.clock_offset(), upstreams=upstreams)
         yield App(create_admin_app(cfg, deps), deps.life, deps,
                   create_proxy_handler(cfg, deps))

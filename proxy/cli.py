@@ -134,15 +134,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from proxy.store.sweeper import sweep_once
-
     cfg = _config(args)
     require_database(cfg, create=False)
 
     async def go() -> int:
         async with open_store(cfg) as store:
             await _require_schema(store)
-            n = await sweep_once(store)
+            n = await store.sweep()
         print(f"deleted {n} expired records")
         return 0
     return _run(go())

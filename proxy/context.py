@@ -22,6 +22,7 @@ from proxy.forward import Forwarder
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
 from proxy.observe import Fanout, Observer, Outcome, Verdict
+from proxy.sealing import Sealer
 from proxy.store import Store
 from proxy.store.notify import Notifier
 from proxy.upstreams import Upstreams
@@ -56,6 +57,8 @@ class Deps(Services):
     """What the flow needs besides: assembled once, by app.create_app."""
 
     forwarder: Forwarder
+    # seals pieces and keys hashes (proxy/sealing.py): loaded by the runtime, handed in
+    sealer: Sealer = None  # type: ignore[assignment]
     notifier: Notifier | None = None
     db_clock_offset: float = 0.0  # database clock minus local clock, for key buckets
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)

@@ -69,7 +69,7 @@ def _upstream_key(deps: Deps, g: Guarded) -> dict[str, str] | None:
     name = g.route.upstream_key.header
     if name is None:
         return None
-    secret = deps.store.sealer.upstream_key_secret
+    secret = deps.sealer.upstream_key_secret
     return {name: upstream_key.derive(g.scope, g.key, secret=secret)}
 
 

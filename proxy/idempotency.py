@@ -92,7 +92,7 @@ async def _identify(request: web.BaseRequest, m: Match, deps: Deps
     route, body = m.route, None
     if route.key.body:
         body = await read_body(request, limit=route.max_request_body)
-    sealer = deps.store.sealer
+    sealer = deps.sealer
     key = keys.read_key(route, headers=request.headers, params=m.params, body=body,
                         now=time.time() + deps.db_clock_offset, keyed=sealer.body_key)
     if key is None:
@@ -141,7 +141,7 @@ def _match_fingerprint(deps: Deps, g: Guarded, rec: Record) -> None:
     compared: an error, never a re-execution or a false mismatch."""
     if rec.fingerprint == g.fingerprint:
         return
-    sealer = deps.store.sealer
+    sealer = deps.sealer
     alt = sealer.fingerprint_as(rec.fingerprint, g.digest)
     if alt is None:
         finish(deps, g, g.route, Outcome.STORE_ERROR, 500)

@@ -30,8 +30,8 @@ from proxy.errors import StoreError
 from proxy.framing import ProxyRunner
 from proxy.metrics import CollectorRegistry, Metrics
 from proxy.sealing import keys_from_env
+from proxy.store import OpenedStore
 from proxy.store.open import open_store
-from proxy.store.postgres import PostgresStore
 from proxy.store.sweeper import run_sweeper
 
 log = logging.getLogger("idemproxy.server")
@@ -76,7 +76,7 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
             return await _run_listeners(cfg, app, store, worker=worker)
 
 
-async def open_sealer(cfg: Config, store: PostgresStore, *,
+async def open_sealer(cfg: Config, store: OpenedStore, *,
                       on_unreadable: Callable[[str], None] | None = None,
                       quiet: bool = False) -> None:
     """Keys from `encryption.keys_env` and the installation secret, into the store; says
@@ -94,7 +94,7 @@ async def open_sealer(cfg: Config, store: PostgresStore, *,
             "primary_key": sealer.primary.id, "keys": [k.id for k in sealer.keys]}})
 
 
-async def _run_listeners(cfg: Config, app: App, store: PostgresStore, *,
+async def _run_listeners(cfg: Config, app: App, store: OpenedStore, *,
                          worker: bool) -> int:
     deps, handler = app.proxied()
     life = app.life

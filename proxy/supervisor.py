@@ -42,8 +42,8 @@ from proxy.metrics import (
     multiprocess_registry,
 )
 from proxy.server import open_sealer
+from proxy.store import OpenedStore
 from proxy.store.open import open_store
-from proxy.store.postgres import PostgresStore
 from proxy.store.sweeper import run_sweeper
 
 log = logging.getLogger("idemproxy.supervisor")
@@ -160,7 +160,7 @@ async def supervise(cfg: Config) -> int:
             shutil.rmtree(workers.ready_dir, ignore_errors=True)
 
 
-async def _run_admin(cfg: Config, store: PostgresStore, workers: Workers) -> int:
+async def _run_admin(cfg: Config, store: OpenedStore, workers: Workers) -> int:
     scrape = multiprocess_registry()
     own = Metrics(CollectorRegistry())  # this process's values go to the shared files too
     own.registry = scrape

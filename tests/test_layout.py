@@ -116,3 +116,24 @@ def test_prometheus_client_only_in_metrics():
     for module in MODULES:
         if module != "proxy.metrics":
             assert "prometheus_client" not in _third_party(module), module
+
+
+def test_only_the_store_package_names_the_postgres_store():
+    """Outside proxy/store/ nothing imports or names PostgresStore: the backend is chosen
+    in store/open.py, and everything else is typed against the store's protocols."""
+    for module, path in MODULES.items():
+        if not module.startswith("proxy.store"):
+            assert "proxy.store.postgres" not in imports_of(module), module
+            assert "PostgresStore" not in path.read_text(), module
+
+
+def test_store_protocols_name_no_driver_type_and_no_any():
+    """The store's protocols (flow, admin, runtime) use neither `Any` nor a driver type."""
+    tree = ast.parse(MODULES["proxy.store"].read_text())
+    protocols = [n for n in tree.body if isinstance(n, ast.ClassDef)
+                 and any(ast.unparse(b).endswith("Protocol") for b in n.bases)]
+    assert {"FlowStore", "AdminStore", "RuntimeStore"} <= {p.name for p in protocols}
+    for proto in protocols:
+        names = {n.id for n in ast.walk(proto) if isinstance(n, ast.Name)}
+        names |= {n.attr for n in ast.walk(proto) if isinstance(n, ast.Attribute)}
+        assert not names & {"Any", "asyncpg", "Connection", "Pool"}, proto.name

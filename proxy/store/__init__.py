@@ -1,20 +1,23 @@
 """The store: what the flow needs from durable state, and the records it returns.
 
-`Store` is the protocol the flow and the admin API are typed against; the only
-implementation is `PostgresStore` (store/postgres.py), and tests of the contract run
-against real PostgreSQL. Every failure a store method raises is an `errors.StoreError`.
+The protocols are split by who uses them: `FlowStore` (the flow), `AdminStore` (the admin
+API and the CLI), `RuntimeStore` (a process's life); `Store` is what `create_app` takes
+and `OpenedStore` what `open_store` (store/open.py, the one place a backend is chosen)
+yields. None names a driver type. The only implementation is `PostgresStore`
+(store/postgres.py), and tests of the contract run against real PostgreSQL. Every failure
+a store method raises is an `errors.StoreError`.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 from uuid import UUID
 
-from proxy.sealing import Sealer
+from proxy.sealing import DataKey, Sealer
 
 
 class State(enum.IntEnum):
@@ -91,11 +94,10 @@ class PoolSizes(Protocol):
     def get_max_size(self) -> int: ...
 
 
-class Store(Protocol):
-    """What the flow (claim, complete, release, bodies) and the admin API need."""
+class FlowStore(Protocol):
+    """What the flow needs: claims, their answers and bodies, and the LISTEN connection
+    that wakes waiters (opaque outside store/: store/notify.py drives it)."""
 
-    @property
-    def pool(self) -> PoolSizes: ...
     @property
     def listen_url(self) -> str | None: ...  # None: no LISTEN (waiters poll, no cache)
 
@@ -110,12 +112,47 @@ class Store(Protocol):
     async def delete_chunks(self, *, scope: str, key: str, token: UUID) -> None: ...
     def read_chunks(self, *, scope: str, key: str, token: UUID,
                     sealed: bool = False) -> AsyncIterator[bytes]: ...
-    @property
-    def sealer(self) -> Sealer: ...  # seals pieces, keys hashes (proxy/sealing.py)
     async def clock_offset(self) -> float: ...
+    async def acquire_listener(self) -> object: ...
+
+
+class AdminStore(Protocol):
+    """What the admin API and the CLI's key commands need."""
+
+    @property
+    def pool(self) -> PoolSizes: ...
     async def ready(self) -> bool: ...
-    async def show(self, *, scope: str, key: str) -> dict[str, Any] | None: ...
+    async def show(self, *, scope: str, key: str) -> dict[str, object] | None: ...
     async def delete(self, *, scope: str, key: str) -> bool: ...
     async def force_release(self, *, scope: str, key: str) -> bool: ...
-    async def in_flight(self, *, limit: int = 100) -> list[dict[str, Any]]: ...
-    async def acquire_listener(self) -> Any: ...
+    async def in_flight(self, *, limit: int = 100) -> list[dict[str, object]]: ...
+    async def list_keys(self, *, limit: int, route: str | None = None,
+                        state: State | None = None, newer_than: float | None = None,
+                        older_than: float | None = None) -> list[dict[str, object]]: ...
+
+
+class RuntimeStore(Protocol):
+    """What a process's life needs: migrations, readiness, the sealer, sweeping."""
+
+    @property
+    def url(self) -> str: ...  # where the supervisor's workers open the same store
+
+    @property
+    def sealer(self) -> Sealer: ...  # seals pieces, keys hashes (proxy/sealing.py)
+    async def load_sealer(self, *, keys: tuple[DataKey, ...],
+                          on_unreadable: Callable[[str], None] | None = None) -> Sealer: ...
+    async def migrate(self) -> list[str]: ...
+    async def ready(self) -> bool: ...
+    async def sweep(self) -> int: ...  # one sweeper pass: the expired records deleted
+
+
+class Store(FlowStore, AdminStore, Protocol):
+    """What `create_app` assembles the proxy on: the flow's and the admin API's store,
+    and the sealer the runtime loaded into it (handed to the flow as `Deps.sealer`)."""
+
+    @property
+    def sealer(self) -> Sealer: ...
+
+
+class OpenedStore(Store, RuntimeStore, Protocol):
+    """What `open_store` yields: every protocol above, whatever the backend."""

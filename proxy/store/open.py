@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from proxy.config import Config, Pooler
 from proxy.errors import StoreUnavailable
+from proxy.store import OpenedStore
 from proxy.store.postgres import PostgresStore
 
 log = logging.getLogger("idemproxy")
@@ -23,7 +24,7 @@ log = logging.getLogger("idemproxy")
 async def open_store(cfg: Config, *, wait: float = 0.0,
                      observe: Callable[[str, float, float], None] | None = None,
                      observe_batch: Callable[[str, int], None] | None = None
-                     ) -> AsyncIterator[PostgresStore]:
+                     ) -> AsyncIterator[OpenedStore]:
     """The store for `cfg`, retrying an unreachable database for up to `wait` seconds."""
     from proxy.embedded import embedded_postgres  # only when no URL: it starts a server
 

@@ -277,6 +277,12 @@ class PostgresStore:
                               on_unreadable=on_unreadable)
         return self._sealer
 
+    async def sweep(self) -> int:
+        """One sweeper pass (store/sweeper.py); the expired records deleted."""
+        from proxy.store.sweeper import sweep_once
+
+        return await sweep_once(self)
+
     async def migrate(self) -> list[str]:
         """Apply missing migrations (under a transaction-scoped advisory lock, so through
         a transaction-mode pooler too); the names applied."""
@@ -302,7 +308,7 @@ class PostgresStore:
 
     # --- operations (admin API, CLI, sweeper) ---
 
-    async def show(self, *, scope: str, key: str) -> dict[str, Any] | None:
+    async def show(self, *, scope: str, key: str) -> dict[str, object] | None:
         row = await self._call("admin", "fetchrow", """
             SELECT scope, key, state, status, created_at, completed_at, expires_at,
                    locked_until, body_size, body_omitted, takeovers,
@@ -332,7 +338,7 @@ class PostgresStore:
         return token is not None and await self.release(scope=scope, key=key, token=token,
                                                         notify=True)
 
-    async def in_flight(self, *, limit: int = 100) -> list[dict[str, Any]]:
+    async def in_flight(self, *, limit: int = 100) -> list[dict[str, object]]:
         rows = await self._call("admin", "fetch", """
             SELECT scope, key, state, status, created_at, completed_at, expires_at,
                    locked_until, body_size, body_omitted, takeovers,
@@ -342,7 +348,7 @@ class PostgresStore:
 
     async def list_keys(self, *, limit: int, route: str | None = None,
                         state: State | None = None, newer_than: float | None = None,
-                        older_than: float | None = None) -> list[dict[str, Any]]:
+                        older_than: float | None = None) -> list[dict[str, object]]:
         """Stored keys and claims, newest first, at most `limit` (the CLI's `keys list`).
 
         `route` keeps one route's scopes (`ROUTE:TENANT`); `newer_than`/`older_than` are
@@ -429,8 +435,8 @@ async def _complete_many(conn: Any, batch: list[_CompleteArgs]) -> list[bool]:
     return [row["ok"] for row in rows]
 
 
-def _admin_row(row: Any) -> dict[str, Any]:
-    doc = dict(row)
+def _admin_row(row: Any) -> dict[str, object]:
+    doc: dict[str, Any] = dict(row)
     doc["state"] = State(doc["state"]).name.lower()
     for k in ("created_at", "completed_at", "expires_at", "locked_until"):
         doc[k] = doc[k].isoformat() if doc[k] else None

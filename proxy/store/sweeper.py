@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 from proxy.errors import StoreError
-from proxy.store.postgres import PostgresStore
+from proxy.store import RuntimeStore
 
 log = logging.getLogger("idemproxy.sweeper")
 
@@ -15,7 +17,15 @@ _LOCK_ID = 0x1DE3_5EE9
 BATCH = 1000  # rows per transaction: short locks, and a pass that yields between them
 
 
-async def sweep_once(store: PostgresStore, *, batch: int = BATCH) -> int:
+class Sweepable(Protocol):
+    """What a pass needs of PostgresStore (not imported: its `sweep` calls this module)."""
+
+    def connection(self) -> AbstractAsyncContextManager[Any]: ...
+    async def purge(self, *, batch: int = ..., conn: Any = ...) -> int: ...
+    async def purge_orphans(self, *, batch: int = ..., conn: Any = ...) -> int: ...
+
+
+async def sweep_once(store: Sweepable, *, batch: int = BATCH) -> int:
     """One pass: every expired row due, then every orphaned chunk, in batches of `batch`
     until a batch comes back short; the number of expired rows deleted.
 
@@ -33,7 +43,7 @@ async def sweep_once(store: PostgresStore, *, batch: int = BATCH) -> int:
     return expired
 
 
-async def _drain(store: PostgresStore, purge: Callable[..., Awaitable[int]],
+async def _drain(store: Sweepable, purge: Callable[..., Awaitable[int]],
                  batch: int) -> int | None:
     """Batches of `purge` until one deletes fewer than `batch` (nothing more due, or the
     rest locked by a claim); None if another replica holds the sweep lock at the start."""
@@ -48,7 +58,7 @@ async def _drain(store: PostgresStore, purge: Callable[..., Awaitable[int]],
         await asyncio.sleep(0)  # between batches, the requests on this loop go first
 
 
-async def _locked(store: PostgresStore, purge: Callable[..., Awaitable[int]],
+async def _locked(store: Sweepable, purge: Callable[..., Awaitable[int]],
                   batch: int) -> int | None:
     """`purge(batch=..., conn=...)` under the sweep lock; None if another replica has it."""
     async with store.connection() as conn, conn.transaction():
@@ -57,12 +67,12 @@ async def _locked(store: PostgresStore, purge: Callable[..., Awaitable[int]],
         return await purge(batch=batch, conn=conn)
 
 
-async def run_sweeper(store: PostgresStore, *, interval: float,
+async def run_sweeper(store: RuntimeStore, *, interval: float,
                       on_deleted: Callable[[int], None]) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            n = await sweep_once(store)
+            n = await store.sweep()
             if n:
                 on_deleted(n)
                 log.info("swept expired records", extra={"fields": {"deleted": n}})
