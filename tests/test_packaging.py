@@ -268,13 +268,15 @@ def test_kubernetes_upstream_is_the_app_container_and_the_service_targets_the_pr
 
 
 def test_kubernetes_grace_user_and_files():
-    """Termination grace covers preStop plus shutdown_grace; the sidecar runs as the
-    image's user with a read-only root and data_dir on a writable volume; the
-    kustomization lists files that exist."""
+    """Termination grace covers the preStop drain (`idemproxy drain --wait`, bounded by
+    shutdown_grace); the sidecar runs as the image's user with a read-only root and
+    data_dir on a writable volume; the kustomization lists files that exist."""
     spec, side, cfg = k8s("Deployment")["spec"]["template"]["spec"], sidecar(), \
         sidecar_config()
-    pre_stop = int(side["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert spec["terminationGracePeriodSeconds"] > pre_stop + cfg.shutdown_grace
+    command = side["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:4] == [SCRIPT, "drain", "--wait", "--timeout"]
+    drain = int(command[4].rstrip("s"))
+    assert drain <= cfg.shutdown_grace < spec["terminationGracePeriodSeconds"]
     assert str(side["securityContext"]["runAsUser"]) == instr("USER")[-1].split(":")[0]
     assert side["securityContext"]["readOnlyRootFilesystem"] is True
     assert any(cfg.data_dir.startswith(m["mountPath"]) for m in side["volumeMounts"]
