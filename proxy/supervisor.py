@@ -30,21 +30,10 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from proxy import logs
-from proxy.app import create_app
 from proxy.config import Config
-from proxy.errors import RuntimeFailure
 from proxy.lifecycle import Lifecycle
-from proxy.metrics import (
-    CollectorRegistry,
-    Metrics,
-    mark_process_dead,
-    multiprocess_registry,
-)
-from proxy.server import open_sealer
-from proxy.store import OpenedStore
-from proxy.store.open import open_store
-from proxy.store.sweeper import run_sweeper
+from proxy.metrics import mark_process_dead
+from proxy.runtime import Role, run
 
 log = logging.getLogger("idemproxy.supervisor")
 
@@ -64,11 +53,10 @@ def worker_command(config_path: str) -> list[str]:
 class Workers:
     """The worker processes: started, watched, restarted, and stopped with SIGTERM."""
 
-    def __init__(self, cfg: Config, *, db_url: str) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.ready_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-        self.env = {**os.environ, WORKER_ENV: str(self.ready_dir),
-                    "IDEMPROXY_DATABASE_URL": db_url}
+        self.env = {**os.environ, WORKER_ENV: str(self.ready_dir)}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.started: dict[int, float] = {}  # pid -> loop time it was started
         self.fast_exits: deque[float] = deque()
@@ -81,8 +69,16 @@ class Workers:
         log.info("worker started", extra={"fields": {"pid": proc.pid}})
         return proc
 
-    def start(self) -> None:
+    def start(self, *, db_url: str) -> None:
+        """Start the workers, on the database the supervisor opened (maybe embedded)."""
+        self.env["IDEMPROXY_DATABASE_URL"] = db_url
         self.procs = [self.spawn() for _ in range(self.cfg.workers)]
+
+    def middleware(self, life: Lifecycle) -> Middleware:
+        return _workers_ready(self, life)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.ready_dir, ignore_errors=True)
 
     def _serving(self, proc: subprocess.Popen[bytes]) -> bool:
         """Alive and listening (each worker writes ready-PID once it has bound)."""
@@ -146,56 +142,8 @@ class Workers:
 
 
 async def supervise(cfg: Config) -> int:
-    async with open_store(cfg, wait=30) as store:
-        applied = await store.migrate()
-        if applied:
-            log.info("applied migrations: %s", ", ".join(applied))
-        await open_sealer(cfg, store)
-        workers = Workers(cfg, db_url=store.url)
-        workers.start()
-        try:
-            return await _run_admin(cfg, store, workers)
-        finally:  # _run_admin stops them first, with the admin still answering; this is
-            await workers.stop(grace=cfg.shutdown_grace)  # for a failure before that
-            shutil.rmtree(workers.ready_dir, ignore_errors=True)
-
-
-async def _run_admin(cfg: Config, store: OpenedStore, workers: Workers) -> int:
-    scrape = multiprocess_registry()
-    own = Metrics(CollectorRegistry())  # this process's values go to the shared files too
-    own.registry = scrape
-    async with create_app(cfg, store=store, metrics=own, proxied=False) as app:
-        life = app.life
-        # A drain here is the workers' own: each drains on SIGTERM, and none is restarted.
-        life.work = lambda: workers.stop(grace=cfg.shutdown_grace)
-        app.admin.middlewares.append(_workers_ready(workers, life))
-        runner = web.AppRunner(app.admin, access_log=None)
-        await runner.setup()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        tasks = [asyncio.create_task(workers.watch(stop)),
-                 asyncio.create_task(run_sweeper(store, interval=cfg.sweep_interval,
-                                                 on_deleted=own.swept)),
-                 asyncio.create_task(logs.flush_periodically())]
-        try:
-            await web.TCPSite(runner, cfg.admin.listen.host, cfg.admin.listen.port).start()
-            log.info("idemproxy supervisor running", extra={"fields": {
-                "workers": cfg.workers, "proxy": str(cfg.listen),
-                "admin": str(cfg.admin.listen)}})
-            await stop.wait()
-            log.info("shutting down: stopping workers")
-            life.start_drain()
-            await life.wait(None)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await workers.stop(grace=cfg.shutdown_grace)
-            await runner.cleanup()
-    if workers.gave_up:
-        raise RuntimeFailure(workers.gave_up)
-    return 0
+    """Run the supervisor (proxy/runtime.py's SUPERVISOR role) and its workers."""
+    return await run(cfg, role=Role.SUPERVISOR, pool=Workers(cfg))
 
 
 def _workers_ready(workers: Workers, life: Lifecycle) -> Middleware:

@@ -137,3 +137,14 @@ def test_store_protocols_name_no_driver_type_and_no_any():
         names = {n.id for n in ast.walk(proto) if isinstance(n, ast.Name)}
         names |= {n.attr for n in ast.walk(proto) if isinstance(n, ast.Attribute)}
         assert not names & {"Any", "asyncpg", "Connection", "Pool"}, proto.name
+
+
+def test_process_background_tasks_belong_to_the_runtimes_task_group():
+    """serve, the workers and the supervisor start their background tasks only in
+    runtime.py's one TaskGroup (`group.create_task`), never as loose tasks."""
+    for module in ("proxy.runtime", "proxy.server", "proxy.supervisor"):
+        tree = ast.parse(MODULES[module].read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in ("create_task", "ensure_future"):
+                assert ast.unparse(node.func.value) == "group", (module, ast.unparse(node))
