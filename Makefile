@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test install lint docs bench torture clean pgbouncer
+.PHONY: run test install lint docs bench torture clean pgbouncer citus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,9 +37,15 @@ deploy-tools: $(STAMP)
 	@scripts/install-helm.sh $(VENV)
 	@scripts/install-kubectl.sh
 
+## citus: build Citus into the venv's PostgreSQL for the Citus tests (once per version;
+## source: $(CITUS_SRC), else ../shared/vendor/citus-*.tar.gz beside the checkout, else GitHub)
+citus: $(STAMP)
+	@scripts/build-citus.sh $(BIN)/python
+
 ## test: lint, type check, then the whole suite against real PostgreSQL
-## (embedded unless IDEMPROXY_TEST_DATABASE_URL) and a PgBouncer the tests start
-test: lint pgbouncer deploy-tools
+## (embedded unless IDEMPROXY_TEST_DATABASE_URL), a PgBouncer and a Citus cluster the
+## tests start
+test: lint pgbouncer deploy-tools citus
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

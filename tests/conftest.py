@@ -86,6 +86,42 @@ async def store(db: str) -> AsyncIterator[PostgresStore]:
     await s.close()
 
 
+@pytest.fixture(scope="session")
+def citus_cluster() -> Iterator[Any]:
+    """A Citus coordinator and two workers for the whole session (tests/citus.py)."""
+    from tests.citus import CitusCluster
+
+    cluster = CitusCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+async def citus_db(citus_cluster: Any) -> str:
+    """The coordinator's URL, migrated with `database.sharding: citus` once."""
+    conn = await asyncpg.connect(citus_cluster.url)
+    try:
+        await migrate(conn, citus=True)
+    finally:
+        await conn.close()
+    url: str = citus_cluster.url
+    return url
+
+
+@pytest.fixture(params=["single", "citus"])
+async def layout_store(request: pytest.FixtureRequest) -> AsyncIterator[PostgresStore]:
+    """The store on one node and on the Citus cluster: a module that aliases `store` to
+    this runs its tests on both, so a migration Citus refuses fails here."""
+    citus = request.param == "citus"
+    url = request.getfixturevalue("citus_db" if citus else "db")
+    s = await PostgresStore.connect(url, min_size=1, max_size=20, timeout=5, citus=citus)
+    await s.load_sealer(keys=())
+    yield s
+    await s.close()
+
+
 @contextlib.asynccontextmanager
 async def serve_app(app: web.Application) -> AsyncIterator[str]:
     """Serve a test upstream's app on a loopback port 0; yields its base URL."""

@@ -16,6 +16,7 @@ from proxy.config.schema import (
     MissingCredential,
     Pooler,
     Route,
+    Sharding,
     StoreUnavailablePolicy,
     Tenant,
     TenantMode,
@@ -29,6 +30,6 @@ from proxy.config.schema import (
 __all__ = [
     "SAFE_METHODS", "Admin", "Client", "Concurrent", "Config", "Database", "Encryption",
     "Fingerprint", "KeySource", "Listen", "Logging", "MissingCredential", "Pooler", "Route",
-    "StoreUnavailablePolicy", "Tenant", "TenantMode", "TrailingSlash", "UnknownOutcome",
+    "Sharding", "StoreUnavailablePolicy", "Tenant", "TenantMode", "TrailingSlash", "UnknownOutcome",
     "Upstream", "UpstreamKey", "UpstreamTLS", "load", "loads",
 ]

@@ -26,6 +26,7 @@ from proxy.config.schema import (
     Encryption,
     Logging,
     Pooler,
+    Sharding,
 )
 from proxy.config.values import (
     Reader,
@@ -113,7 +114,7 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
     d = Config()
     adm = r.section(top.get("admin"), "admin", {"listen", "token_env"})
     db = r.section(top.get("database"), "database", {"url", "pool_min", "pool_max", "timeout",
-                                                    "pooler", "listen_url"})
+                                                    "pooler", "listen_url", "sharding"})
     lg = r.section(top.get("logging"), "logging", {"format", "level"})
     enc = r.section(top.get("encryption"), "encryption", {"keys_env"})
     cl = r.section(top.get("client"), "client", {"header_timeout", "body_timeout",
@@ -141,7 +142,9 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
                            d.database.pool_max),
             timeout=r.get(db, "timeout", "database.timeout", parse_duration,
                           d.database.timeout),
-            pooler=pooler, listen_url=listen_url),
+            pooler=pooler, listen_url=listen_url,
+            sharding=r.get(db, "sharding", "database.sharding", enum_(Sharding),
+                           d.database.sharding)),
         routes=parse_routes(r, top.get("routes"), top.get("defaults")),
         data_dir=r.get(top, "data_dir", "data_dir", str_, d.data_dir),
         # The one default that differs from the dataclass's (1, for a Config built in code):

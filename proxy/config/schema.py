@@ -43,6 +43,13 @@ class Pooler(enum.Enum):
     TRANSACTION = "transaction"  # PgBouncer (or alike) in transaction mode: no session state
 
 
+class Sharding(enum.Enum):
+    """How the store's tables are laid out (docs/citus.md)."""
+
+    NONE = "none"  # one PostgreSQL primary
+    CITUS = "citus"  # a Citus cluster: distributed by key, single-key calls on the worker
+
+
 class TenantMode(enum.Enum):
     AUTHORIZATION = "authorization"
     NONE = "none"
@@ -195,6 +202,7 @@ class Database:
     timeout: float = 5.0  # per statement; past it the store counts as unavailable
     pooler: Pooler = Pooler.NONE  # transaction: url is a transaction-mode pooler
     listen_url: str = ""  # direct URL for LISTEN; empty: url (none), no LISTEN (transaction)
+    sharding: Sharding = Sharding.NONE  # citus: url is a Citus coordinator (docs/citus.md)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,10 @@ transaction: all or none. The lock is transaction-scoped (`pg_advisory_xact_lock
 session lock would not survive a transaction-mode pooler, which may run the unlock on
 another server connection than the lock. (It still excludes an older replica holding
 the session-level lock of the same key.)
+
+With `citus` (database.sharding), the coordinator then distributes the tables and the
+single-key functions (store/citus.py); a migration applied to tables already distributed
+runs statement by statement, in Citus's sequential mode.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import re
 from importlib import resources
 
 import asyncpg
+
+from proxy.store import citus as citus_layout
 
 _LOCK_ID = 0x1DE3_9A0C  # advisory lock key for migrations
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -40,8 +46,11 @@ async def current_version(conn: asyncpg.Connection) -> int:
     return version or 0
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Apply every missing migration; return the names applied (empty when current)."""
+async def migrate(conn: asyncpg.Connection, *, citus: bool = False) -> list[str]:
+    """Apply every missing migration; return the names applied (empty when current).
+    `citus`: the database is a Citus coordinator; distribute what is not yet."""
+    await citus_layout.check(conn, citus=citus)
+    distributed = citus and await citus_layout.is_distributed(conn)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
         await conn.execute("""CREATE TABLE IF NOT EXISTS idemproxy_schema (
@@ -52,8 +61,17 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
         for version, name, sql in migrations():
             if version <= have:
                 continue
-            await conn.execute(sql)
+            if distributed:
+                await conn.execute("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'")
+                for statement in citus_layout.statements(sql):
+                    await conn.execute(statement)
+            else:
+                await conn.execute(sql)
             await conn.execute("INSERT INTO idemproxy_schema (version, name) "
                                "VALUES ($1, $2)", version, name)
             applied.append(name)
-        return applied
+    if citus:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+            applied += await citus_layout.distribute(conn)
+    return applied

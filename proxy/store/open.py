@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from proxy.config import Config, Pooler
+from proxy.config import Config, Pooler, Sharding
 from proxy.errors import StoreUnavailable
 from proxy.store import OpenedStore
 from proxy.store.postgres import PostgresStore
@@ -35,6 +35,7 @@ async def open_store(cfg: Config, *, wait: float = 0.0,
             timeout=cfg.database.timeout,
             transaction_pooler=cfg.database.pooler is Pooler.TRANSACTION,
             listen_url=cfg.database.listen_url or None,
+            citus=cfg.database.sharding is Sharding.CITUS,
             observe=observe, observe_batch=observe_batch),
             wait=wait, where=where(url))
         try:

@@ -18,7 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
-from proxy.errors import StoreError, StoreFailed, StoreUnavailable
+from proxy.errors import RuntimeFailure, StoreError, StoreFailed, StoreUnavailable
 from proxy.sealing import BODY, CHUNK, HEADERS, DataKey, Sealer, sealed_by
 from proxy.store import (
     Claim,
@@ -46,17 +46,25 @@ _COMPLETE_MANY = (
     "SELECT idemproxy_complete_many AS ok FROM idemproxy_complete_many"
     "($1, $2, $3, $4, $5, $6, $7, $8, $9)")
 _RELEASE = "SELECT idemproxy_release($1, $2, $3, $4)"
+_RENEW = "SELECT idemproxy_renew($1, $2, $3, $4)"  # citus: on the key's worker (0008)
+_NOTIFY = "SELECT pg_notify('idemproxy', $1)"
 _EXTEND = ("UPDATE idemproxy_keys SET locked_until = now() + make_interval(secs => $4) "
            "WHERE scope = $1 AND key = $2 AND lock_token = $3 AND state = 1")
 _CHUNK = ("INSERT INTO idemproxy_chunks (scope, key, lock_token, seq, data) "
           "VALUES ($1, $2, $3, $4, $5)")
+# Purges pick candidates, then delete them by key with the condition checked again (a
+# row taken over meanwhile is live again): Citus refuses FOR UPDATE across shards and
+# ctid, and it is one statement on a single node as before.
 _PURGE = """
-    WITH gone AS (
-        DELETE FROM idemproxy_keys WHERE ctid = ANY(ARRAY(
-            SELECT ctid FROM idemproxy_keys WHERE expires_at <= now()
-               AND (state = 1 AND locked_until > now()) IS NOT TRUE  -- 0005: a live lease
-             LIMIT $1 FOR UPDATE SKIP LOCKED))
-        RETURNING scope, key),
+    WITH candidates AS (
+        SELECT scope, key FROM idemproxy_keys WHERE expires_at <= now()
+           AND (state = 1 AND locked_until > now()) IS NOT TRUE  -- 0005: a live lease
+         LIMIT $1),
+      gone AS (
+        DELETE FROM idemproxy_keys k USING candidates g
+         WHERE k.scope = g.scope AND k.key = g.key AND k.expires_at <= now()
+           AND (k.state = 1 AND k.locked_until > now()) IS NOT TRUE
+        RETURNING k.scope, k.key),
       chunks AS (
         DELETE FROM idemproxy_chunks c USING gone
          WHERE c.scope = gone.scope AND c.key = gone.key)
@@ -67,13 +75,19 @@ _PURGE = """
 # database outage mid-recording completes the key as omitted and left 25 MB of chunks
 # until the key expired).
 _PURGE_ORPHANS = """
-    WITH gone AS (
-        DELETE FROM idemproxy_chunks WHERE ctid = ANY(ARRAY(
-            SELECT c.ctid FROM idemproxy_chunks c WHERE NOT EXISTS (
-                SELECT 1 FROM idemproxy_keys k WHERE k.scope = c.scope
-                   AND k.key = c.key AND k.lock_token = c.lock_token
-                   AND (k.state = 1 OR c.seq < k.body_chunks))
-             LIMIT $1))
+    WITH candidates AS (
+        SELECT c.scope, c.key, c.lock_token, c.seq FROM idemproxy_chunks c
+         WHERE NOT EXISTS (SELECT 1 FROM idemproxy_keys k WHERE k.scope = c.scope
+                              AND k.key = c.key AND k.lock_token = c.lock_token
+                              AND (k.state = 1 OR c.seq < k.body_chunks))
+         LIMIT $1),
+      gone AS (
+        DELETE FROM idemproxy_chunks c USING candidates g
+         WHERE c.scope = g.scope AND c.key = g.key AND c.lock_token = g.lock_token
+           AND c.seq = g.seq
+           AND NOT EXISTS (SELECT 1 FROM idemproxy_keys k WHERE k.scope = c.scope
+                              AND k.key = c.key AND k.lock_token = c.lock_token
+                              AND (k.state = 1 OR c.seq < k.body_chunks))
         RETURNING 1)
     SELECT count(*) FROM gone"""
 _READ_CHUNKS_FROM = ("SELECT seq, data FROM idemproxy_chunks WHERE scope = $1 AND key = $2 "
@@ -99,7 +113,7 @@ class PostgresStore:
     """Claims, completions and stored responses in PostgreSQL."""
 
     def __init__(self, pool: Pool, *, url: str, timeout: float,
-                 listen_url: str | None = None,
+                 listen_url: str | None = None, citus: bool = False,
                  observe: Callable[[str, float, float], None] | None = None,
                  observe_batch: Callable[[str, int], None] | None = None) -> None:
         self.pool = pool
@@ -108,22 +122,31 @@ class PostgresStore:
         # session's LISTEN); None when there is none (waiters poll, replay cache off).
         self.listen_url = listen_url
         self.timeout = timeout
+        # A Citus coordinator (database.sharding: citus, store/citus.py): single-key calls
+        # go to the key's worker as distributed functions, and NOTIFY is sent here, where
+        # the listeners are (a function's pg_notify would fire on the worker).
+        self.citus = citus
         # each statement's (op, start, end) in perf_counter seconds (proxy/observe.py)
         self._observe = observe or (lambda op, start, end: None)
         self._sealer: Sealer | None = None  # load_sealer(): after migrations, before traffic
         # Under load, claims (and quiet completions) that arrive while one of their kind
-        # is running share the next statement and its commit (store/batch.py).
+        # is running share the next statement and its commit (store/batch.py). Not on
+        # Citus: a batch spans workers, so it would run on the coordinator with two-phase
+        # commit, decide times on the coordinator's clock, and fail whole when one worker
+        # is down; each call runs alone on its key's worker instead.
+        alone = {"max_batch": 1, "limit": pool.get_max_size()} if citus else {}
         self._claims: Batcher[_ClaimArgs, Any] = Batcher(
             pool, op="claim", one=_claim_one, many=_claim_many, order=_scope_key,
-            observe=self._observe, observe_batch=observe_batch or _ignore)
+            observe=self._observe, observe_batch=observe_batch or _ignore, **alone)
         self._completions: Batcher[_CompleteArgs, bool] = Batcher(
-            pool, op="complete", one=_complete_one, many=_complete_many, order=_scope_key,
-            observe=self._observe, observe_batch=observe_batch or _ignore)
+            pool, op="complete", one=_complete_delegated if citus else _complete_one,
+            many=_complete_many, order=_scope_key, observe=self._observe,
+            observe_batch=observe_batch or _ignore, **alone)
 
     @classmethod
     async def connect(cls, url: str, *, min_size: int = 2, max_size: int = 10,
                       timeout: float = 5.0, transaction_pooler: bool = False,
-                      listen_url: str | None = None,
+                      listen_url: str | None = None, citus: bool = False,
                       observe: Callable[[str, float, float], None] | None = None,
                       observe_batch: Callable[[str, int], None] | None = None
                       ) -> PostgresStore:
@@ -140,7 +163,7 @@ class PostgresStore:
                 raise
         return cls(pool, url=url, timeout=timeout,
                    listen_url=listen_url or (None if transaction_pooler else url),
-                   observe=observe, observe_batch=observe_batch)
+                   citus=citus, observe=observe, observe_batch=observe_batch)
 
     async def close(self) -> None:
         await self._claims.close()
@@ -211,16 +234,26 @@ class PostgresStore:
         args: _CompleteArgs = (scope, key, token, done.status, headers, body,
                                done.body_chunks, done.body_size, done.body_omitted)
         if notify:
-            ok: bool = await self._call("complete", "fetchval", _COMPLETE, *args, True)
+            ok: bool = await self._call("complete", "fetchval", _COMPLETE, *args,
+                                        not self.citus)
+            if ok and self.citus:
+                await self._call("complete", "execute", _NOTIFY, notify_channel_id(scope, key))
             return ok
         return await self._completions.run(args)
 
     async def release(self, *, scope: str, key: str, token: UUID, notify: bool) -> bool:
-        ok: bool = await self._call("release", "fetchval", _RELEASE, scope, key, token, notify)
+        ok: bool = await self._call("release", "fetchval", _RELEASE, scope, key, token,
+                                    notify and not self.citus)
+        if ok and notify and self.citus:
+            await self._call("release", "execute", _NOTIFY, notify_channel_id(scope, key))
         return ok
 
     async def extend(self, *, scope: str, key: str, token: UUID, lease: float) -> bool:
         """Renew a live claim's lease (database clock); False if it is no longer ours."""
+        if self.citus:  # on the key's worker: the clock that set the lease
+            renewed: bool = await self._call("extend", "fetchval", _RENEW, scope, key, token,
+                                             lease)
+            return renewed
         status: str = await self._call("extend", "execute", _EXTEND, scope, key, token, lease)
         return status == "UPDATE 1"
 
@@ -288,9 +321,14 @@ class PostgresStore:
         a transaction-mode pooler too); the names applied."""
         from proxy.store.migrate import migrate
 
-        async with self.connection() as conn:
-            applied: list[str] = await migrate(conn)
-            return applied
+        try:
+            async with self.connection() as conn:
+                applied: list[str] = await migrate(conn, citus=self.citus)
+                return applied
+        except StoreError as exc:  # database.sharding refused (store/citus.py): as it is
+            if isinstance(exc.__cause__, RuntimeFailure):
+                raise exc.__cause__ from None
+            raise
 
     async def clock_offset(self) -> float:
         """Database clock minus ours, so time buckets follow the database's clock."""
@@ -428,6 +466,12 @@ async def _complete_one(conn: Any, args: _CompleteArgs) -> bool:
     # a first request's database instructions, measured with callgrind).
     status: str = await conn.execute(_COMPLETE_QUIETLY, *args)
     return status == "UPDATE 1"
+
+
+async def _complete_delegated(conn: Any, args: _CompleteArgs) -> bool:
+    # Citus: the function runs on the key's worker, completed_at on the worker's clock.
+    ok: bool = await conn.fetchval(_COMPLETE, *args, False)
+    return ok
 
 
 async def _complete_many(conn: Any, batch: list[_CompleteArgs]) -> list[bool]:
