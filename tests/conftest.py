@@ -78,9 +78,13 @@ async def db(pg_url: str) -> str:
     return pg_url
 
 
+CITUS_URLS: set[str] = set()  # databases that are Citus coordinators (citus_db)
+
+
 @pytest.fixture
 async def store(db: str) -> AsyncIterator[PostgresStore]:
-    s = await PostgresStore.connect(db, min_size=1, max_size=20, timeout=5)
+    s = await PostgresStore.connect(db, min_size=1, max_size=20, timeout=5,
+                                    citus=db in CITUS_URLS)
     await s.load_sealer(keys=())
     yield s
     await s.close()
@@ -107,19 +111,22 @@ async def citus_db(citus_cluster: Any) -> str:
     finally:
         await conn.close()
     url: str = citus_cluster.url
+    CITUS_URLS.add(url)
     return url
 
 
 @pytest.fixture(params=["single", "citus"])
-async def layout_store(request: pytest.FixtureRequest) -> AsyncIterator[PostgresStore]:
-    """The store on one node and on the Citus cluster: a module that aliases `store` to
-    this runs its tests on both, so a migration Citus refuses fails here."""
-    citus = request.param == "citus"
-    url = request.getfixturevalue("citus_db" if citus else "db")
-    s = await PostgresStore.connect(url, min_size=1, max_size=20, timeout=5, citus=citus)
-    await s.load_sealer(keys=())
-    yield s
-    await s.close()
+async def layout_db(request: pytest.FixtureRequest, pg_url: str, citus_db: str) -> str:
+    """One node, then the Citus cluster: a module whose `db` returns this runs its tests
+    (and its `store`, `make_proxy`) on both, so a migration Citus refuses fails there."""
+    if request.param == "citus":
+        return citus_db
+    conn = await asyncpg.connect(pg_url)  # what `db` does (a module overriding it asks)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return pg_url
 
 
 @contextlib.asynccontextmanager
@@ -188,6 +195,7 @@ async def make_proxy(db: str, upstream: TestUpstream
         registry = CollectorRegistry()
         metrics = Metrics(registry)
         st = await PostgresStore.connect(db, min_size=1, max_size=pool_max, timeout=5,
+                                         citus=db in CITUS_URLS,
                                          observe=metrics.store_timed,
                                          observe_batch=metrics.store_batched)
         stack.push_async_callback(st.close)

@@ -6,12 +6,19 @@ from __future__ import annotations
 import uuid
 
 import asyncpg
+import pytest
 
 from proxy import keyops
 from proxy.sealing import parse_keys
 from proxy.store.atrest import erase_tenant, key_usage, reencrypt_batch
 from tests.test_at_rest import K1, K2, ROUTES
 from tests.test_flow import post
+
+
+@pytest.fixture
+def db(layout_db: str) -> str:
+    """This module's tests run on one node and on a Citus cluster (issue #29)."""
+    return layout_db
 
 
 def new_key() -> str:

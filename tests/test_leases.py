@@ -7,10 +7,18 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
+
 from proxy.config import loads
 from proxy.context import Guarded, Leases
 from proxy.store import ClaimOutcome
 from proxy.store.postgres import PostgresStore
+
+
+@pytest.fixture
+def db(layout_db: str) -> str:
+    """This module's tests run on one node and on a Citus cluster (issue #29)."""
+    return layout_db
 
 
 def _guarded(lease: str) -> Guarded:

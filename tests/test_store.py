@@ -11,6 +11,12 @@ import pytest
 from proxy.store import ClaimOutcome, Completion, State
 from proxy.store.postgres import PostgresStore
 
+
+@pytest.fixture
+def db(layout_db: str) -> str:
+    """This module's tests run on one node and on a Citus cluster (issue #29)."""
+    return layout_db
+
 FP = b"\x01" * 32
 DONE = Completion(201, (("Content-Type", "text/plain"), ("X-Multi", "a"), ("X-Multi", "b")),
                   b"hello", 0, 5, False)

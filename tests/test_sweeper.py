@@ -6,10 +6,17 @@ import asyncio
 import uuid
 
 import asyncpg
+import pytest
 
 from proxy.store import Completion
 from proxy.store.postgres import PostgresStore
 from proxy.store.sweeper import _LOCK_ID, run_sweeper, sweep_once
+
+
+@pytest.fixture
+def db(layout_db: str) -> str:
+    """This module's tests run on one node and on a Citus cluster (issue #29)."""
+    return layout_db
 
 
 async def _expired_rows(store: PostgresStore, n: int) -> str:

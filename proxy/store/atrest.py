@@ -2,11 +2,12 @@
 the primary key, and erasure of one tenant's records.
 
 Re-encryption works in small batches, each its own short transaction over rows it locks
-with SKIP LOCKED, so traffic is never blocked: replays read without locks, and a row
-being re-sealed is skipped by nothing but another re-encryption. A record is re-sealed
-whole (headers, inline body, every chunk) in one transaction, so it is never half under
-one key and half under another. Fingerprints cannot be re-keyed (the request is gone):
-a key stays in use until the records fingerprinted under it expire.
+one at a time with SKIP LOCKED, so traffic is never blocked: replays read without locks,
+and a row being re-sealed is skipped by nothing but another re-encryption (one record
+per lock, and deletes by key rather than ctid: Citus refuses both across shards). A
+record is re-sealed whole (headers, inline body, every chunk) in one transaction, so it
+is never half under one key and half under another. Fingerprints cannot be re-keyed
+(the request is gone): a key stays in use until the records fingerprinted under it expire.
 """
 
 from __future__ import annotations
@@ -62,16 +63,23 @@ async def reencrypt_batch(store: Any, *, after: tuple[str, str],
     prefix = SEALED + bytes((len(sealer.primary.id),)) + sealer.primary.id.encode()
     async with store.connection() as conn, conn.transaction():
         rows = await conn.fetch("""
-            SELECT scope, key, lock_token, headers, body, body_chunks,
+            SELECT scope, key, lock_token,
                    substring(headers FROM 1 FOR $4) IS DISTINCT FROM $3 AS stale
               FROM idemproxy_keys
              WHERE (scope, key) > ($1, $2) AND state = 2 AND headers IS NOT NULL
-             ORDER BY scope, key LIMIT $5 FOR UPDATE SKIP LOCKED""",
+             ORDER BY scope, key LIMIT $5""",
                                 after[0], after[1], prefix, len(prefix), batch)
         done = 0
-        for row in rows:
-            if not row["stale"]:
+        for found in rows:
+            if not found["stale"]:
                 continue
+            row = await conn.fetchrow("""
+                SELECT scope, key, lock_token, headers, body, body_chunks
+                  FROM idemproxy_keys WHERE scope = $1 AND key = $2 AND lock_token = $3
+                   AND state = 2 FOR UPDATE SKIP LOCKED""",
+                                      found["scope"], found["key"], found["lock_token"])
+            if row is None:
+                continue  # gone, taken over, or another re-encryption has it
             try:  # a savepoint per record: one that cannot be opened is left as it is
                 async with conn.transaction():
                     await _reseal(conn, sealer, row)
@@ -127,20 +135,22 @@ async def erase_tenant(store: Any, tenant: str, *, batch: int = 1000) -> Erased:
     total = 0
     while True:
         async with store.connection() as conn, conn.transaction():
-            # FOR UPDATE re-checks `state = 2` on a row changed meanwhile, so a claim
+            # The DELETE re-checks `state = 2` on a row changed meanwhile, so a claim
             # taken over (state back to 1) under our feet is skipped, never deleted.
+            # Candidates then a delete by key (not ctid, not FOR UPDATE): Citus-safe.
             n: int = await conn.fetchval("""
-                WITH gone AS (
-                    DELETE FROM idemproxy_keys WHERE ctid = ANY(ARRAY(
-                        SELECT ctid FROM idemproxy_keys WHERE split_part(scope, ':', 2) = $1
-                           AND state = 2
-                         LIMIT $2 FOR UPDATE))
-                    RETURNING scope, key),
+                WITH candidates AS (
+                    SELECT scope, key FROM idemproxy_keys
+                     WHERE split_part(scope, ':', 2) = $1 AND state = 2 LIMIT $2),
+                  gone AS (
+                    DELETE FROM idemproxy_keys k USING candidates g
+                     WHERE k.scope = g.scope AND k.key = g.key AND k.state = 2
+                    RETURNING k.scope, k.key),
                   chunks AS (
                     DELETE FROM idemproxy_chunks c USING gone
                      WHERE c.scope = gone.scope AND c.key = gone.key),
-                  told AS (
-                    SELECT pg_notify($3, md5(scope || chr(31) || key)) FROM gone)
+                  told AS (  -- as text: Citus cannot keep a void column for the count
+                    SELECT pg_notify($3, md5(scope || chr(31) || key))::text FROM gone)
                 SELECT (SELECT count(*) FROM gone) + 0 * (SELECT count(*) FROM told)""",
                                         tenant, batch, FORGET_CHANNEL)
         total += n
