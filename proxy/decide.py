@@ -18,8 +18,14 @@ tests/test_decide.py checks every row without either.
 from __future__ import annotations
 
 import enum
+import functools
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import NamedTuple
 
-from proxy.config import Concurrent, StoreUnavailablePolicy, UnknownOutcome
+from proxy.config import Concurrent, Route, StoreUnavailablePolicy, UnknownOutcome
+from proxy.errors import Draining, KeyInFlight, KeyReused, ProblemError
+from proxy.observe import Outcome
 from proxy.store import ClaimOutcome, State
 
 
@@ -101,3 +107,64 @@ def on_store_down(policy: StoreUnavailablePolicy) -> OnStoreDown:
 def body_fits(size: int, *, limit: int) -> bool:
     """A request body of `size` bytes is accepted (over max_request_body: 413)."""
     return size <= limit
+
+
+# --- the whole answer of a request that ends without the upstream ---------------------
+
+def http_date(when: datetime) -> str:
+    """RFC 9110 HTTP-date (whole seconds)."""
+    return _http_date(int(when.timestamp()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _http_date(epoch: int) -> str:
+    # Cached by the second: keys claimed in the same second share their expiry's text,
+    # and every replay of a key formats the same instant.
+    return format_datetime(datetime.fromtimestamp(epoch, UTC), usegmt=True)
+
+
+def guard_headers(route: Route, expires_at: datetime) -> dict[str, str]:
+    """Headers every guarded response carries: when the key's window ends."""
+    return {route.expires_header: http_date(expires_at)} if route.expires_header else {}
+
+
+class Refusal(NamedTuple):
+    """How a guarded request ends when the decision alone answers it: what it is counted
+    as, the problem raised (its type, status and detail) and every header it carries
+    (the key's expiry, Retry-After; framing adds the retry hints the type implies)."""
+
+    outcome: Outcome
+    problem: type[ProblemError]
+    status: int
+    detail: str
+    headers: dict[str, str]
+
+    def error(self) -> ProblemError:
+        """The problem to raise: the proxied port's refusal handler answers it."""
+        exc = self.problem(self.detail, headers=dict(self.headers))
+        exc.status = self.status
+        return exc
+
+
+def refusal(verdict: OnClaim, *, route: Route, expires_at: datetime,
+            waited: bool = False) -> Refusal:
+    """The answer to MISMATCH or CONFLICT (`waited`: a retry held by `concurrent: wait`
+    whose wait_timeout ran out)."""
+    expiry = guard_headers(route, expires_at)
+    if verdict is OnClaim.MISMATCH:
+        return Refusal(Outcome.MISMATCH, KeyReused, route.mismatch_status,
+                       "This idempotency key was already used for a different request "
+                       "(method, path, query or body differ). Use a new key.", expiry)
+    if verdict is not OnClaim.CONFLICT:
+        raise ValueError(f"{verdict} is not answered by a refusal")
+    detail = (f"The first request with this key did not complete within "
+              f"{route.wait_timeout:g}s." if waited else
+              "A request with this idempotency key is still being processed. "
+              "Retry after it completes.")
+    return Refusal(Outcome.CONFLICT, KeyInFlight, 409, detail,
+                   {"Retry-After": "1", **expiry})
+
+
+DRAINING = Refusal(Outcome.DRAINING, Draining, 503,
+                   "This proxy is draining and takes no new requests with a key; nothing "
+                   "was done. Retry (another replica will serve it).", {"Retry-After": "1"})

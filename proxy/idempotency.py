@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -22,9 +23,6 @@ from proxy.config import Route
 from proxy.context import Deps, Guarded, finish, log
 from proxy.decide import OnClaim, OnStoreDown
 from proxy.errors import (
-    Draining,
-    KeyInFlight,
-    KeyReused,
     ProblemError,
     StoredAnswerUnreadable,
     StoreError,
@@ -35,7 +33,7 @@ from proxy.errors import (
 from proxy.execute import execute, fail_dead_claim
 from proxy.observe import UNROUTED_PASS_THROUGH, Outcome
 from proxy.relay import pass_through, read_body
-from proxy.replay import guard_headers, replay
+from proxy.replay import replay
 from proxy.routing import Match
 from proxy.store import Claim, ClaimOutcome, Record, State, notify_channel_id
 
@@ -69,10 +67,7 @@ async def handle(request: web.BaseRequest, m: Match, deps: Deps) -> web.StreamRe
             return await _answer(request, deps, g, Claim(ClaimOutcome.EXISTING, rec))
         seen = cache.version
     if deps.life.draining:  # nothing claimed: the retry is safe on another replica
-        finish(deps, g, route, Outcome.DRAINING, 503)
-        raise Draining("This proxy is draining and takes no new requests with a key; "
-                       "nothing was done. Retry (another replica will serve it).",
-                       headers={"Retry-After": "1"})
+        _refuse(deps, g, decide.DRAINING)
     try:
         claim = await _claim(deps, g)
     except StoreError as exc:
@@ -206,12 +201,6 @@ async def _answer(request: web.BaseRequest, deps: Deps, g: Guarded,
         return await execute(request, deps, g, claim)
     if verdict is OnClaim.FAIL_DEAD_CLAIM:
         return await fail_dead_claim(deps, g, claim)
-    if verdict is OnClaim.MISMATCH:
-        finish(deps, g, route, Outcome.MISMATCH, route.mismatch_status)
-        raise KeyReused("This idempotency key was already used for a different request "
-                        "(method, path, query or body differ). Use a new key.",
-                        status=route.mismatch_status,
-                        headers=guard_headers(route, rec.expires_at))
     if verdict is OnClaim.REPLAY:
         resp = await replay(request, rec, route=route, scope=g.scope, key=g.key,
                             store=deps.store)
@@ -219,10 +208,14 @@ async def _answer(request: web.BaseRequest, deps: Deps, g: Guarded,
         return resp
     if verdict is OnClaim.WAIT:
         return await _wait(request, deps, g, rec)
-    finish(deps, g, route, Outcome.CONFLICT, 409)
-    raise KeyInFlight("A request with this idempotency key is still being processed. "
-                      "Retry after it completes.",
-                      headers={"Retry-After": "1", **guard_headers(route, rec.expires_at)})
+    _refuse(deps, g, decide.refusal(verdict, route=route, expires_at=rec.expires_at))
+
+
+def _refuse(deps: Deps, g: Guarded, answer: decide.Refusal) -> NoReturn:
+    """End a guarded request the decision alone answers: counted, logged, then raised
+    for the proxied port's refusal handler to answer."""
+    finish(deps, g, g.route, answer.outcome, answer.status)
+    raise answer.error()
 
 
 async def _wait(request: web.BaseRequest, deps: Deps, g: Guarded,
@@ -243,10 +236,8 @@ async def _wait(request: web.BaseRequest, deps: Deps, g: Guarded,
             if _on_claim(g, claim) is not OnClaim.WAIT:
                 break
         else:  # decide.on_claim(..., may_wait=False): still in flight, so 409
-            finish(deps, g, g.route, Outcome.CONFLICT, 409)
-            raise KeyInFlight(f"The first request with this key did not complete within "
-                              f"{g.route.wait_timeout:g}s.", headers={
-                                  "Retry-After": "1", **guard_headers(g.route, rec.expires_at)})
+            _refuse(deps, g, decide.refusal(OnClaim.CONFLICT, route=g.route,
+                                            expires_at=rec.expires_at, waited=True))
     finally:
         deps.observer.waiting(-1)
     return await _answer(request, deps, g, claim)

@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-from datetime import UTC, datetime
-from email.utils import format_datetime
 
 from aiohttp import web
 
 from proxy import cors
 from proxy.config import Route
+from proxy.decide import guard_headers as guard_headers  # the flow imports it from here
 from proxy.errors import StoredAnswerUnreadable, StoreError
 from proxy.relay import ClientSink, pump
 from proxy.responses import Relayed, RelayedWhole, stored_reason, typed
 from proxy.store import Record, Store
 
 log = logging.getLogger("idemproxy.replay")
-
-
-def http_date(when: datetime) -> str:
-    """RFC 9110 HTTP-date (whole seconds)."""
-    return _http_date(int(when.timestamp()))
-
-
-@functools.lru_cache(maxsize=4096)
-def _http_date(epoch: int) -> str:
-    # Cached by the second: keys claimed in the same second share their expiry's text,
-    # and every replay of a key formats the same instant.
-    return format_datetime(datetime.fromtimestamp(epoch, UTC), usegmt=True)
-
-
-def guard_headers(route: Route, expires_at: datetime) -> dict[str, str]:
-    """Headers every guarded response carries: when the key's window ends."""
-    return {route.expires_header: http_date(expires_at)} if route.expires_header else {}
 
 
 async def replay(request: web.BaseRequest, record: Record, *, route: Route, scope: str, key: str,

@@ -4,6 +4,7 @@ row of design §2's table, as plain data in and a decision out. No sockets, no P
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
 from multidict import CIMultiDict
@@ -160,3 +161,53 @@ def test_client_gone_the_answer_is_still_recorded():
 
     held = asyncio.run(pump(chunks(), _GoneSink(), record=record))
     assert recorded == [b"a", b"b", b"c"] and held == b"c"
+
+
+# --- the whole answer of a request the decision alone answers --------------------------
+
+WHEN = datetime(2026, 12, 7, 1, 2, 3, tzinfo=UTC)
+EXPIRES = {"Idempotency-Expires": "Mon, 07 Dec 2026 01:02:03 GMT"}
+PLAIN = Route(name="r", methods=frozenset({"POST"}), path=PathPattern.compile("/r"))
+QUIET = Route(name="q", methods=frozenset({"POST"}), path=PathPattern.compile("/q"),
+              expires_header=None, mismatch_status=409, wait_timeout=2.5)
+
+# (design §2 row, verdict, route, waited, outcome, status, problem slug, headers)
+REFUSAL_ROWS = [
+    ("same key, different request", OnClaim.MISMATCH, PLAIN, False, "mismatch", 422,
+     "key-reused", EXPIRES),
+    ("same key, different request, mismatch_status: 409, no expiry header",
+     OnClaim.MISMATCH, QUIET, False, "mismatch", 409, "key-reused", {}),
+    ("in flight, concurrent: reject", OnClaim.CONFLICT, PLAIN, False, "conflict", 409,
+     "key-in-flight", {"Retry-After": "1", **EXPIRES}),
+    ("in flight, concurrent: wait, wait_timeout passed", OnClaim.CONFLICT, QUIET, True,
+     "conflict", 409, "key-in-flight", {"Retry-After": "1"}),
+]
+
+
+@pytest.mark.parametrize(("row", "verdict", "route", "waited", "outcome", "status", "slug",
+                          "headers"), REFUSAL_ROWS, ids=[r[0] for r in REFUSAL_ROWS])
+def test_refusals_are_whole_answers(row, verdict, route, waited, outcome, status, slug,
+                                    headers):
+    """A refusal decided from the claim alone comes with its outcome, status, problem and
+    every header (the key's expiry, Retry-After), computed without I/O."""
+    answer = decide.refusal(verdict, route=route, expires_at=WHEN, waited=waited)
+    assert (answer.outcome.value, answer.status, answer.headers) == (outcome, status, headers)
+    exc = answer.error()
+    assert (exc.status, exc.slug, exc.headers) == (status, slug, headers)
+    if waited:
+        assert "within 2.5s" in exc.detail
+
+
+def test_draining_is_a_whole_answer():
+    """A draining proxy's refusal of a new claim: 503, Retry-After, counted as draining."""
+    answer = decide.DRAINING
+    assert (answer.outcome.value, answer.status, answer.headers) == (
+        "draining", 503, {"Retry-After": "1"})
+    assert answer.error().slug == "draining"
+
+
+def test_only_refusals_are_answered_by_refusal():
+    """Verdicts that forward, replay or wait have no refusal answer."""
+    for verdict in (OnClaim.FORWARD, OnClaim.REPLAY, OnClaim.WAIT):
+        with pytest.raises(ValueError):
+            decide.refusal(verdict, route=PLAIN, expires_at=WHEN)
