@@ -23,7 +23,16 @@ from proxy.store import Record, State, notify_channel_id
 MAX_ENTRY = 64 * 1024  # a body larger than this is always replayed from the database
 MAX_AGE = 60.0  # seconds an entry may be served without the database being asked again
 EXPIRY_MARGIN = 1.0  # stop serving this long before the database's expiry
-_OVERHEAD = 256  # bytes counted per entry beyond its body and headers
+# What an entry costs beyond the characters and bytes it holds, so `replay_cache` bounds
+# the memory the cache really takes (issue #25: a 16 MiB cache took ~66 MiB, counted as
+# body + header text + 256). CPython sizes, checked with tracemalloc by
+# tests/test_replay_cache.py: per entry, the entry tuple with its floats, ints, token,
+# datetime and fingerprint (~330), the (scope, key) tuple and its two str objects (~150),
+# the headers tuple and body object (~75), its slots in the OrderedDict and the two
+# naming dicts, with their spare capacity, and its md5 name (~450); per header, the
+# (name, value) tuple, its two str objects and its slot (~165).
+_ENTRY_OVERHEAD = 1024
+_HEADER_OVERHEAD = 168
 
 
 # An entry is a tuple of plain values (no Record, UUID or dataclass): the garbage
@@ -31,6 +40,13 @@ _OVERHEAD = 256  # bytes counted per entry beyond its body and headers
 # Record objects, 24k entries made each full collection ~90 ms instead of ~15 ms).
 # Its fields, by position:
 _EXPIRES, _FRESH, _SIZE, _STATUS, _HEADERS, _BODY, _FP, _TOKEN, _EXPIRES_AT = range(9)
+
+
+def entry_cost(scope: str, key: str, body: bytes,
+               headers: tuple[tuple[str, str], ...]) -> int:
+    """The bytes an entry is counted as: what it holds plus the overheads above."""
+    return (len(body) + len(scope) + len(key) + _ENTRY_OVERHEAD
+            + sum(len(k) + len(v) + _HEADER_OVERHEAD for k, v in headers))
 
 
 class ReplayCache:
@@ -81,7 +97,7 @@ class ReplayCache:
         body = record.body or b""
         if len(body) > MAX_ENTRY:
             return
-        size = len(body) + sum(len(k) + len(v) for k, v in record.headers) + _OVERHEAD
+        size = entry_cost(scope, key, body, record.headers)
         if size > self.max_bytes:
             return
         k = (scope, key)

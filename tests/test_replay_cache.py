@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import asyncpg
 
-from proxy.cache import EXPIRY_MARGIN, MAX_ENTRY, ReplayCache
+from proxy.cache import EXPIRY_MARGIN, MAX_ENTRY, ReplayCache, entry_cost
 from proxy.store import Record, State
 from proxy.store.notify import LISTENER_NAME
 from proxy.store.postgres import notify_channel_id
@@ -28,6 +28,10 @@ def record(body: bytes = b"{}", *, ttl: float = 3600, chunks: int = 0) -> Record
     return Record(State.COMPLETED, b"fp", uuid.uuid4(), NOW + timedelta(seconds=ttl), 201,
                   (("Content-Type", "application/json"),), None if chunks else body, chunks,
                   len(body), False)
+
+
+def cost(key: str, rec: Record, scope: str = "s") -> int:
+    return entry_cost(scope, key, rec.body or b"", rec.headers)
 
 
 def live_cache(max_bytes: int = 1 << 20) -> ReplayCache:
@@ -68,7 +72,7 @@ def test_stops_serving_a_margin_before_the_database_expiry():
 def test_bounded_by_bytes_least_recently_used_first():
     """Over its byte budget the cache evicts the least recently used entry (a read is a use)."""
     body = b"x" * 1000
-    c = live_cache(3 * 1400)  # room for about three entries
+    c = live_cache(3 * cost("a", record(body)) + 100)  # room for three entries
     for k in "abc":
         c.put("s", k, record(body), seen=c.version)
     assert c.get("s", "a", db_now=NOW.timestamp()) is not None  # a is now the most recent
@@ -109,7 +113,8 @@ def test_forget_by_the_notify_payload():
 def test_forget_by_payload_finds_entries_put_before_and_after_an_earlier_forget():
     """Entries are named by their md5 lazily: whether put before an earlier forget, after
     it, put again, or evicted meanwhile, each payload drops its own key and only it."""
-    c = live_cache(max_bytes=4 * 300)
+    room = 4 * cost("e0", record())
+    c = live_cache(max_bytes=room)
     c.put("s", "old", record(), seen=c.version)
     c.put("s", "gone", record(), seen=c.version)
     c.forget_id(notify_channel_id("s", "gone"))  # names "old" too
@@ -125,7 +130,7 @@ def test_forget_by_payload_finds_entries_put_before_and_after_an_earlier_forget(
         c.put("s", f"e{i}", record(), seen=c.version)
         if i == 5:
             c.forget_id(notify_channel_id("s", "nothing"))
-    assert len(c) == 4 and c.size_bytes <= 4 * 300
+    assert len(c) == 4 and c.size_bytes <= room
     c.forget_id(notify_channel_id("s", "e9"))
     assert len(c) == 3 and c.get("s", "e8", db_now=now) is not None
 
