@@ -283,6 +283,7 @@ class Draining(ProblemError):
     status = 503
     slug = "draining"
     title = "Proxy draining"
+    retry = True  # nothing was claimed: another replica, or this one later, takes it
 
 
 class UpstreamError(IdemproxyError):

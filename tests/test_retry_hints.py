@@ -9,7 +9,14 @@ import asyncio
 import pytest
 
 from proxy import errors
-from proxy.errors import KeyInFlight, KeyReused, ProblemError, ProxyBusy, ServiceUnavailable
+from proxy.errors import (
+    Draining,
+    KeyInFlight,
+    KeyReused,
+    ProblemError,
+    ProxyBusy,
+    ServiceUnavailable,
+)
 from proxy.framing import problem_response
 from tests.test_flow import new_key, post
 
@@ -38,9 +45,9 @@ def _problems() -> list[type[ProblemError]]:
 @pytest.mark.parametrize("cls", _problems(), ids=lambda c: c.__name__)
 def test_each_problem_carries_the_hint_its_meaning_calls_for(cls):
     """Retry hints on exactly the problems whose same request later will work (409 in
-    flight, 503), "do not" on a mismatch, none on the rest."""
+    flight, 503 store down, busy or draining), "do not" on a mismatch, none on the rest."""
     expected = {KeyInFlight: RETRY, ServiceUnavailable: RETRY, ProxyBusy: RETRY,
-                KeyReused: DO_NOT}.get(cls, {})
+                Draining: RETRY, KeyReused: DO_NOT}.get(cls, {})
     problem = cls.__new__(cls)
     ProblemError.__init__(problem, "detail")
     headers = problem_response(problem).headers
