@@ -60,19 +60,22 @@ async def purge_key_id(store: Any, key_id: str, *, batch: int = 1000) -> int:
     total = 0
     while True:
         async with store.connection() as conn, conn.transaction():
+            # Candidates, then a delete by key re-checking the state (no ctid, no FOR
+            # UPDATE: the same on one PostgreSQL and on Citus, as store/atrest.py erases).
             n: int = await conn.fetchval(f"""
-                WITH gone AS (
-                    DELETE FROM idemproxy_keys WHERE ctid = ANY(ARRAY(
-                        SELECT ctid FROM idemproxy_keys
-                         WHERE state = 2 AND ({_SEALED_BY} = $1 OR {_FP_BY} = $1)
-                         LIMIT $2 FOR UPDATE))
-                    RETURNING scope, key, lock_token),
+                WITH candidates AS (
+                    SELECT scope, key FROM idemproxy_keys
+                     WHERE state = 2 AND ({_SEALED_BY} = $1 OR {_FP_BY} = $1) LIMIT $2),
+                  gone AS (
+                    DELETE FROM idemproxy_keys k USING candidates g
+                     WHERE k.scope = g.scope AND k.key = g.key AND k.state = 2
+                    RETURNING k.scope, k.key, k.lock_token),
                   chunks AS (
                     DELETE FROM idemproxy_chunks c USING gone
                      WHERE c.scope = gone.scope AND c.key = gone.key
                        AND c.lock_token = gone.lock_token),
-                  told AS (
-                    SELECT pg_notify($3, md5(scope || chr(31) || key)) FROM gone)
+                  told AS (  -- as text: Citus cannot keep a void column for the count
+                    SELECT pg_notify($3, md5(scope || chr(31) || key))::text FROM gone)
                 SELECT (SELECT count(*) FROM gone) + 0 * (SELECT count(*) FROM told)""",
                                     key_id, batch, FORGET_CHANNEL)
         total += n
