@@ -29,9 +29,8 @@ processes when `workers: N` runs prometheus_client's multiprocess mode (no pid l
 from __future__ import annotations
 
 import contextvars
-from bisect import bisect_left
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -45,6 +44,9 @@ from prometheus_client import (
 )
 
 from proxy import __version__
+from proxy.fastmetrics import Children as _Children
+from proxy.fastmetrics import Observe as _Observe
+from proxy.fastmetrics import inc_of as _inc_of
 from proxy.observe import UNROUTED, BaseObserver, Outcome, Verdict
 
 __all__ = ["UNROUTED", "CollectorRegistry", "Metrics", "Outcome", "exposition",
@@ -65,57 +67,6 @@ class CacheStats(Protocol):
     @property
     def size_bytes(self) -> int: ...
     def __len__(self) -> int: ...
-
-
-def _inc_of(metric: Any) -> Callable[[float], None]:
-    """`metric.inc` without prometheus_client's per-call checks (is it a labelled parent?
-    is the amount negative?): its value's own inc, which takes the value's lock (or, in
-    multiprocess mode, writes the shared file) as `inc` would. Our callers pass children
-    and non-negative amounts only (a gauge's -1 is its dec). The public method if the
-    library's internals ever differ."""
-    inc = getattr(getattr(metric, "_value", None), "inc", None)
-    chosen: Callable[[float], None] = inc if callable(inc) else metric.inc
-    return chosen
-
-
-class _Observe:
-    """`histogram_child.observe` without its per-call checks and its Python loop over the
-    buckets: a bisect finds the first bucket whose bound is at or above the value (as the
-    loop does), and the bucket's and the sum's values are incremented as it does."""
-
-    __slots__ = ("_bounds", "_buckets", "_sum", "_slow")
-
-    def __init__(self, child: Any) -> None:
-        self._bounds: list[float] = list(getattr(child, "_upper_bounds", ()))
-        self._buckets: list[Any] = list(getattr(child, "_buckets", ()))
-        total = getattr(child, "_sum", None)
-        fast = (self._bounds and len(self._bounds) == len(self._buckets)
-                and self._bounds[-1] == float("inf") and total is not None
-                and all(callable(getattr(b, "inc", None)) for b in (*self._buckets, total)))
-        self._sum: Any = total
-        self._slow: Callable[[float], None] | None = None if fast else child.observe
-
-    def __call__(self, amount: float) -> None:
-        if self._slow is not None:
-            self._slow(amount)
-            return
-        self._sum.inc(amount)
-        self._buckets[bisect_left(self._bounds, amount)].inc(1)
-
-
-class _Children(dict[tuple[str, ...], Any]):
-    """A metric's children by label values, kept (labels() builds and hashes a key on
-    every call, and these run on every request; the children never change), as what
-    `wrap` makes of each: its increment or its observation."""
-
-    def __init__(self, metric: Any, wrap: Callable[[Any], Any]) -> None:
-        super().__init__()
-        self._metric = metric
-        self._wrap = wrap
-
-    def __missing__(self, labels: tuple[str, ...]) -> Any:
-        child = self[labels] = self._wrap(self._metric.labels(*labels))
-        return child
 
 
 _LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
