@@ -1,0 +1,74 @@
+"""A route's `key` (header, path parameter or body pointers) and `tenant`, parsed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.config.route_values import parse_pointers, positive
+from proxy.config.schema import KeySource, MissingCredential, Tenant, TenantMode
+from proxy.config.values import Reader, bool_, enum_, parse_duration, parse_header_name, str_
+from proxy.paths import PathPattern
+
+KEY_FIELDS = {"header", "path", "body", "bucket", "raw"}
+
+
+def parse_key(r: Reader, raw: object, path: str, pattern: PathPattern | None) -> KeySource:
+    if raw is None:
+        return KeySource()
+    d = r.section(raw, path, KEY_FIELDS)
+    given = [k for k in ("header", "path", "body") if k in d]
+    if len(given) != 1:
+        r.report(f"{path}: set exactly one of header, path, body (got "
+                 f"{', '.join(given) or 'none'})")
+        return KeySource()
+    for extra in ("bucket", "raw"):
+        if extra in d and "body" not in d:
+            r.report(f"{path}.{extra}: only applies to key.body")
+    if "header" in d:
+        return KeySource(header=r.get(d, "header", f"{path}.header", parse_header_name,
+                                      KeySource().header))
+    if "path" in d:
+        param = r.get(d, "path", f"{path}.path", str_, "")
+        if pattern is not None and param not in pattern.params:
+            r.report(f"{path}.path: {param!r} is not a parameter of {pattern.text!r} "
+                     f"(has: {', '.join(pattern.params) or 'none'})")
+        return KeySource(header=None, path=param)
+    return _parse_body_key(r, d, path)
+
+
+def _parse_body_key(r: Reader, d: dict[str, Any], path: str) -> KeySource:
+    whole: tuple[str, ...] = ("",)
+    pointers = r.get(d, "body", f"{path}.body", parse_pointers, whole)
+    dflt = KeySource()
+    src = KeySource(header=None, body=pointers,
+                    bucket=r.get(d, "bucket", f"{path}.bucket", positive(parse_duration),
+                                 dflt.bucket),
+                    raw=r.get(d, "raw", f"{path}.raw", bool_, dflt.raw))
+    if src.raw and (len(src.body) != 1 or src.body[0] == "" or src.bucket is not None):
+        r.report(f"{path}.raw: true needs exactly one pointer to a value and no bucket "
+                 f"(got body: {list(src.body)}"
+                 f"{', bucket' if src.bucket is not None else ''})")
+    return src
+
+
+def parse_tenant(r: Reader, raw: object, path: str) -> Tenant:
+    if raw is None or raw == "authorization":
+        return Tenant()
+    if raw == "none":
+        return Tenant(mode=TenantMode.NONE, header="")
+    if isinstance(raw, dict):
+        d = r.section(raw, path, {"header", "missing"})
+        missing = r.get(d, "missing", f"{path}.missing", enum_(MissingCredential),
+                        Tenant().missing)
+        if "header" not in d:  # {missing: share}: the Authorization header still
+            return Tenant(missing=missing)
+        header = r.get(d, "header", f"{path}.header", parse_header_name, "")
+        if not header:
+            return Tenant()
+        mode = TenantMode.AUTHORIZATION if header.lower() == "authorization" else \
+            TenantMode.HEADER
+        return Tenant(mode=mode, header=header if mode is TenantMode.HEADER else
+                      "Authorization", missing=missing)
+    r.report(f"{path}: {raw!r} is not one of: authorization, none, "
+             "{header: NAME, missing: reject | share}")
+    return Tenant()
