@@ -21,7 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy, 
 
 from proxy.config import MissingCredential, Route, TenantMode
 from proxy.errors import CredentialMissing, KeyMalformed, KeyMissing
-from proxy.jsonbody import (
+from proxy.keys.jsonbody import (
     FORM,
     canonical_json,
     drop,
