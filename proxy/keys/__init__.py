@@ -2,5 +2,27 @@
 whose it is (the tenant scope), and what makes two requests the same (the fingerprint);
 JSON and form bodies as they read them. Pure: no socket, no clock, no store."""
 
-from proxy.keys.sources import *  # noqa: F403 - the package's API is the sources module's
-from proxy.keys.sources import __all__ as __all__
+from proxy.keys.fingerprint import fingerprint
+from proxy.keys.sources import (
+    MAX_KEY_LENGTH,
+    NoBodyValue,
+    body_key,
+    canonical_json,
+    check_key,
+    header_values,
+    key_from_headers,
+    parse_json,
+    parse_key_value,
+    read_key,
+    require,
+    resolve_pointer,
+    select,
+)
+from proxy.keys.tenant import ANONYMOUS, normalize_credential, scope_of, tenant_hash, tenant_of
+
+__all__ = [
+    "ANONYMOUS", "MAX_KEY_LENGTH", "NoBodyValue", "body_key", "canonical_json", "check_key",
+    "fingerprint", "header_values", "key_from_headers", "normalize_credential",
+    "parse_json", "parse_key_value", "read_key", "require", "resolve_pointer", "scope_of",
+    "select", "tenant_hash", "tenant_of",
+]

@@ -13,18 +13,16 @@ Every key is 1-255 printable ASCII characters, whatever its source.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import cast
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy, MultiMapping
 
-from proxy.config import MissingCredential, Route, TenantMode
-from proxy.errors import CredentialMissing, KeyMalformed, KeyMissing
+from proxy.config import Route
+from proxy.errors import KeyMalformed, KeyMissing
 from proxy.keys.jsonbody import (
     FORM,
     canonical_json,
-    drop,
     media_type,
     parse_form,
     parse_json,
@@ -34,12 +32,10 @@ from proxy.keys.jsonbody import (
 
 __all__ = [
     "MAX_KEY_LENGTH", "NoBodyValue", "body_key", "canonical_json", "check_key",
-    "fingerprint", "header_values", "key_from_headers", "parse_json", "parse_key_value",
-    "normalize_credential", "read_key", "require", "resolve_pointer", "scope_of", "select",
-    "tenant_hash", "tenant_of",
+    "header_values", "key_from_headers", "parse_json", "parse_key_value", "read_key",
+    "require", "resolve_pointer", "select",
 ]
 
-ANONYMOUS = "anonymous"  # the shared tenant of `missing: share` requests (never a hash)
 
 MAX_KEY_LENGTH = 255
 
@@ -199,7 +195,7 @@ def _reason(exc: BaseException) -> str:
     return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
-# --- scope and fingerprint -------------------------------------------------------------
+# --- header values (the key, the tenant and fingerprinted headers read them) ----------
 
 _MULTIDICTS = frozenset({CIMultiDictProxy, CIMultiDict, MultiDictProxy, MultiDict})
 
@@ -212,100 +208,3 @@ def header_values(headers: Mapping[str, str], name: str) -> list[str]:
         return list(cast("MultiMapping[str]", headers).getall(name, []))
     value = headers.get(name)
     return [] if value is None else [value]
-
-
-def tenant_of(route: Route, headers: Mapping[str, str], *,
-              keyed: Callable[[bytes], str]) -> str:
-    """A hash naming the tenant; raw credentials are never stored or logged. `keyed` is
-    the installation's keyed hash (Sealer.tenant_hash, proxy/sealing.py).
-
-    No credential (no header, or only whitespace) is no tenant: refused with a 400 that
-    names the header, unless the route lets anonymous requests share one scope
-    (`tenant: {missing: share}`). Design §4: client A never receives B's answer.
-    """
-    tenant = route.tenant
-    if tenant.mode is TenantMode.NONE:
-        return "-"
-    scheme = tenant.mode is TenantMode.AUTHORIZATION
-    values = [normalize_credential(v, scheme=scheme)
-              for v in header_values(headers, tenant.header)]
-    values = [v for v in values if v]
-    if not values:
-        if tenant.missing is MissingCredential.SHARE:
-            return ANONYMOUS
-        raise CredentialMissing(
-            f"Route {route.name!r} scopes idempotency keys by the {tenant.header} header, "
-            f"and this request has none; send {tenant.header}.")
-    return tenant_hash("\n".join(values), keyed=keyed)
-
-
-def normalize_credential(value: str, *, scheme: bool) -> str:
-    """One spelling per credential: surrounding whitespace gone, inner runs of spaces and
-    tabs one space, and (`scheme`, for Authorization) the auth scheme in one case, since
-    RFC 9110 §11.1 makes it case-insensitive: `bearer  x` and `Bearer x` are one tenant.
-    The scheme is capitalised (`Bearer`, `Basic`), the spelling nearly every client
-    sends, so their tenants hash as before. The credential itself keeps its case."""
-    words = value.split()
-    if scheme and words:
-        words[0] = words[0].capitalize()
-    return " ".join(words)
-
-
-def tenant_hash(credential: str, *, keyed: Callable[[bytes], str]) -> str:
-    """The tenant half of a scope: the one place a (normalised) credential is hashed,
-    with an HMAC under the installation's secret: a plain SHA-256 would let anyone who
-    reads a log line test guessed credentials offline (`printf 'Bearer x' | sha256sum`)."""
-    return keyed(credential.encode("utf-8", "surrogateescape"))
-
-
-def scope_of(route: Route, tenant: str) -> str:
-    """Keys only ever match inside route name + tenant."""
-    return f"{route.name}:{tenant}"
-
-
-def fingerprint(route: Route, *, method: str, path: str, query: str, body: bytes,
-                headers: Mapping[str, str], content_type: str = "") -> bytes:
-    """SHA-256 over method, path and the parts the route counts (design §2).
-
-    Each part is length-prefixed, so no two different requests run together into one
-    byte string; an absent part differs from an empty one.
-    """
-    fp = route.fingerprint
-    h = hashlib.sha256()
-    _feed(h, method.encode())
-    _feed(h, path.encode("utf-8", "surrogateescape"))
-    _feed(h, query.encode("utf-8", "surrogateescape") if fp.query else None)
-    for name in fp.headers:
-        values = header_values(headers, name)
-        _feed(h, name.lower().encode())
-        _feed(h, "\n".join(values).encode("utf-8", "surrogateescape") if values else None)
-    if not fp.body:
-        _feed(h, None)
-    elif fp.canonical_json and (canonical := _canonical_body(body, content_type, fp.ignore)):
-        h.update(b"json")
-        _feed(h, canonical)
-    else:
-        h.update(b"raw")
-        _feed(h, body)
-    return h.digest()
-
-
-def _canonical_body(body: bytes, content_type: str, ignore: Sequence[str]) -> bytes | None:
-    """The body as canonical JSON without the ignored values; None if it is not JSON."""
-    if not body or media_type(content_type) == FORM:
-        return None
-    try:
-        doc = parse_json(body)
-        for pointer in ignore:
-            drop(doc, pointer)
-        return canonical_json(doc).encode("ascii")
-    except (ValueError, RecursionError):
-        return None
-
-
-def _feed(h: hashlib._Hash, part: bytes | None) -> None:
-    if part is None:
-        h.update(b"-")
-    else:
-        h.update(b"%d:" % len(part))
-        h.update(part)
