@@ -68,8 +68,27 @@ class OnAnswer(enum.Enum):
     RELEASE = "release"  # pass it on unstored and release the key (release_statuses)
 
 
-def on_answer(status: int, *, release_statuses: frozenset[int]) -> OnAnswer:
-    return OnAnswer.RELEASE if status in release_statuses else OnAnswer.RECORD
+_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
+
+
+def on_answer(status: int, *, release_statuses: frozenset[int | str] | frozenset[int],
+              store_statuses: frozenset[int | str] | None = None) -> OnAnswer:
+    """Released when release_statuses names the status more specifically than
+    store_statuses does (an integer beats its class: `store_statuses: [2xx, 4xx]` with
+    the default release_statuses stores a 404, releases a 429); with no store_statuses,
+    every status not released is stored; with one, a status neither names is released.
+    A status or class in both lists is refused by the config (routes._check_statuses)."""
+    released = _named(status, release_statuses)
+    if store_statuses is None:
+        return OnAnswer.RELEASE if released else OnAnswer.RECORD
+    return OnAnswer.RECORD if _named(status, store_statuses) > released else OnAnswer.RELEASE
+
+
+def _named(status: int, statuses: frozenset[int | str] | frozenset[int]) -> int:
+    """2: the status itself is listed; 1: its class is; 0: neither."""
+    if status in statuses:
+        return 2
+    return 1 if _CLASSES.get(status // 100) in statuses else 0
 
 
 class OnFailure(enum.Enum):

@@ -46,8 +46,9 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
         sent = True
         deps.observer.upstream_timed(g.route.name, start, time.perf_counter())
         try:
-            if decide.on_answer(up.status, release_statuses=g.route.release_statuses
-                                ) is OnAnswer.RELEASE:
+            route = g.route
+            if decide.on_answer(up.status, release_statuses=route.release_statuses,
+                                store_statuses=route.store_statuses) is OnAnswer.RELEASE:
                 return await _pass_on_and_release(request, deps, g, up)
             return await _stream_and_record(request, deps, g, claim, up)
         finally:

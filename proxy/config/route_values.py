@@ -48,11 +48,30 @@ def parse_methods(value: object) -> frozenset[str]:
     return methods
 
 
-def parse_statuses(value: object) -> frozenset[int]:
-    if not isinstance(value, list) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in value):
-        raise ValueError(f"{value!r} is not a list of HTTP statuses like [429, 503]")
-    return frozenset(value)
+STATUS_CLASS = re.compile(r"^[1-5][xX]{2}$")  # 4xx: every status from 400 to 499
+
+
+def parse_statuses(value: object) -> frozenset[int | str]:
+    """HTTP statuses (429) and classes ('5xx', kept lower-case) in one set: decide.py
+    tells them apart, an integer being more specific than its class."""
+    if not isinstance(value, list) or not all(_is_status(s) for s in value):
+        raise ValueError(f"{value!r} is not a list of HTTP statuses like [429, 503] "
+                         "or classes like [5xx]")
+    return frozenset(s.lower() if isinstance(s, str) else s for s in value)
+
+
+def _is_status(s: object) -> bool:
+    if isinstance(s, str):
+        return bool(STATUS_CLASS.match(s))
+    return isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599
+
+
+def parse_store_statuses(value: object) -> frozenset[int | str]:
+    statuses = parse_statuses(value)
+    if not statuses:  # every answer released: every retry would run the request again
+        raise ValueError("[] stores no answer, so every retry would run again; list what "
+                         "is stored, e.g. [2xx]")
+    return statuses
 
 
 MISMATCH_STATUSES = (400, 409, 422)

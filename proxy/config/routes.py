@@ -22,6 +22,7 @@ from proxy.config.route_values import (
     parse_response_header,
     parse_route_name,
     parse_statuses,
+    parse_store_statuses,
     positive,
 )
 from proxy.config.schema import (
@@ -50,6 +51,7 @@ ROUTE_FIELDS = {
     "lock_timeout", "concurrent", "wait_timeout", "release_statuses", "unknown_outcome",
     "max_request_body", "max_stored_body", "store_unavailable", "replay_set_cookie",
     "replay_header", "expires_header", "mismatch_status", "upstream", "upstream_key",
+    "store_statuses",
 }
 DEFAULT_FIELDS = ROUTE_FIELDS - {"name", "match", "preset"}
 FINGERPRINT_FIELDS = {"query", "body", "headers", "ignore", "canonical_json"}
@@ -198,6 +200,7 @@ def _policies(r: Reader, layers: _Layers) -> dict[str, Any]:
         "max_stored_body": parse_size, "store_unavailable": enum_(StoreUnavailablePolicy),
         "replay_set_cookie": bool_, "replay_header": parse_response_header,
         "mismatch_status": parse_mismatch_status, "upstream": upstream_ref,
+        "store_statuses": parse_store_statuses,
     }
     dflt = _ROUTE
     out = {f: r.get(d, f, at(f), parse, getattr(dflt, f)) for f, parse in parsers.items()}
@@ -228,6 +231,7 @@ def _check_route(r: Reader, route: Route, layers: _Layers) -> None:
         r.report(f"{layers.at('lock_timeout')}: {format_duration(route.lock_timeout)} is "
                  f"longer than ttl ({format_duration(route.ttl)}): a claim's lease must end "
                  "within its key's window")
+    _check_statuses(r, route, layers)
     up_key = route.upstream_key.header
     if up_key is not None and (up_key.lower() in _RESERVED_REQUEST_HEADERS or
                                up_key.lower() == route.tenant.header.lower()):
@@ -237,6 +241,19 @@ def _check_route(r: Reader, route: Route, layers: _Layers) -> None:
             route.expires_header.lower() == route.replay_header.lower():
         r.report(f"{layers.at('expires_header')}: {route.expires_header!r} is also the "
                  "replay_header")
+
+
+def _check_statuses(r: Reader, route: Route, layers: _Layers) -> None:
+    """A status or class in both lists has no answer: refused, naming both (an integer
+    in one and its class in the other is not a contradiction: the integer wins)."""
+    both = (route.store_statuses or frozenset()) & route.release_statuses
+    if both:
+        shown = ", ".join(str(s) for s in sorted(both, key=str))
+        where = f"set at {layers.at('release_statuses')}" if "release_statuses" in \
+            layers.where else "its default"
+        r.report(f"{layers.at('store_statuses')}: {shown} is also in release_statuses "
+                 f"({where}): an answer is either stored or released; remove it from one "
+                 "of the two")
 
 
 def _preset_name(value: object) -> str | None:

@@ -124,7 +124,12 @@ class Route:
     lock_timeout: float = 60.0  # default 60s: the lease of a claim
     concurrent: Concurrent = Concurrent.REJECT
     wait_timeout: float = 10.0  # default 10s
-    release_statuses: frozenset[int] = frozenset({408, 425, 429, 502, 503, 504})
+    # statuses (429) and classes ('5xx') passed on unstored, the key released; an integer
+    # beats its class, in this list or in store_statuses (decide.on_answer)
+    release_statuses: frozenset[int | str] = frozenset({408, 425, 429, 502, 503, 504})
+    # default none: every status not released is stored; a list ([2xx]): only those are
+    # stored, every other answer is released like release_statuses
+    store_statuses: frozenset[int | str] | None = None
     unknown_outcome: UnknownOutcome = UnknownOutcome.RETRY
     max_request_body: int = 10 * 2**20  # default 10MiB
     max_stored_body: int = 100 * 2**20  # default 100MiB
