@@ -28,6 +28,7 @@
         ├── HTTPProblem             any other status aiohttp itself answered (admin)
         ├── InternalError           500 a bug: logged with its traceback, never shown
         ├── StoredAnswerUnreadable  500 a sealed record cannot be opened (never re-executed)
+        ├── MethodNotSupported      501 CONNECT: the proxy is no forward proxy
         ├── UpstreamUnreachable     502 connection refused: the request was never sent
         ├── UpstreamTLSFailed       502 TLS handshake or certificate failed: never sent
         ├── UpstreamFailed          502 reset after sending: outcome unknown
@@ -160,6 +161,12 @@ class MethodNotAllowed(ProblemError):
     status = 405
     slug = "method-not-allowed"
     title = "Method Not Allowed"
+
+
+class MethodNotSupported(ProblemError):
+    status = 501
+    slug = "method-not-supported"
+    title = "Method not supported"
 
 
 class UpgradeRefused(ProblemError):

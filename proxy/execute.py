@@ -5,12 +5,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import cors, decide, upstream_key
 from proxy import headers as hdrs
+from proxy.config import Route
 from proxy.context import Deps, Guarded, finish, log
 from proxy.decide import OnAnswer, OnFailure
 from proxy.errors import ProblemError, StoreError, UpstreamError, UpstreamFailed
@@ -44,6 +47,7 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
             sent = exc.sent
             return await _upstream_failed(deps, g, claim, exc)
         sent = True
+        up = _ours_only(up, g.route)
         deps.observer.upstream_timed(g.route.name, start, time.perf_counter())
         try:
             route = g.route
@@ -62,6 +66,19 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
     finally:
         deps.leases.drop(g)
         deps.observer.executing(-1)
+
+
+def _ours_only(up: UpstreamResponse, route: Route) -> UpstreamResponse:
+    """The proxy's own markers (the replay header, Idempotency-Body, the expiry header)
+    dropped from an upstream's answer: a first execution must never look like a replay,
+    and the replay's marker is always the proxy's."""
+    names = [n for n in (route.replay_header, route.expires_header, "Idempotency-Body") if n]
+    if not any(n in up.headers for n in names):
+        return up
+    headers = CIMultiDict(up.headers)
+    for name in names:
+        headers.popall(name, None)
+    return dataclasses.replace(up, headers=CIMultiDictProxy(headers))
 
 
 def _upstream_key(deps: Deps, g: Guarded) -> dict[str, str] | None:

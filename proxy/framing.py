@@ -40,6 +40,7 @@ from proxy.errors import (
     BodyTimeout,
     HeaderTimeout,
     InternalError,
+    MethodNotSupported,
     ProblemError,
     retry_headers,
 )
@@ -80,7 +81,12 @@ def check_framing(request: web.BaseRequest) -> None:
     Only HTTP/1.0 and 1.1 are proxied (a request line without a version parses as
     HTTP/0.9, which has no headers and so no framing to trust), and HTTP/1.0 has no
     chunked transfer coding (RFC 9112 §6.1): such a body is a smuggling shape.
+    CONNECT asks for a tunnel to a host the client names: the proxy is a reverse proxy
+    for its one upstream, never a forward one (and a tunnel is never guarded).
     """
+    if request.method == "CONNECT":
+        raise MethodNotSupported("CONNECT is not supported: this is a reverse proxy, not "
+                                 "a forward proxy.", close=True)
     if request.version not in ((1, 0), (1, 1)):
         raise BadRequest(f"HTTP/{request.version.major}.{request.version.minor} is not "
                          "supported; send HTTP/1.1.", close=True)

@@ -176,8 +176,10 @@ def response_for(up: UpstreamResponse, *, extra: dict[str, str] | None = None
 def small_enough(request: web.BaseRequest, up: UpstreamResponse, *,
                  limit: int = SMALL_BODY) -> bool:
     """The one small-body test: a length known and at most `limit` (and SMALL_BODY), and
-    a body to read (a HEAD answer's Content-Length describes a body that never comes)."""
-    length = up.content_length
+    a body to read (a HEAD answer's Content-Length describes a body that never comes).
+    A 204 or 304 has none whatever its head says (RFC 9110 §15.3.5, §15.4.5): small, so
+    the guarded flow stores it before the client has any of it, as every small answer."""
+    length = 0 if up.status in (204, 304) else up.content_length
     return length is not None and length <= min(limit, SMALL_BODY) and \
         request.method != "HEAD"
 

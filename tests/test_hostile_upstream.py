@@ -566,3 +566,103 @@ def test_aiohttp_private_members_responses_rely_on_exist():
     writer = StreamWriter(protocol=None, loop=None)  # type: ignore[arg-type]
     for name in declared["StreamWriter"]:
         assert hasattr(writer, name), f"aiohttp StreamWriter has no {name}"
+
+
+# --- the rest: empty answers, header bytes, our marker, CONNECT, stray responses -------
+
+@pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
+async def test_an_empty_answer_is_stored_before_the_client_has_it(make_proxy,
+                                                                  raw_upstream, status):
+    """A 204 or 304 without Content-Length: the key is completed before the client has
+    the whole answer, so a retry sent the moment it arrives is a replay, never a 409."""
+    up = await raw_upstream(lambda seen: [b"HTTP/1.1 " + status + b"\r\nX-Done: 1\r\n\r\n"])
+    p = await make_proxy(ROUTES, upstream_url=up.url)
+    for _ in range(10):
+        key = new_key()
+        first = await fetch(port_of(p.url), "POST", "/exec/empty", key=key)
+        retry = await fetch(port_of(p.url), "POST", "/exec/empty", key=key)
+        assert first.status == retry.status == int(status[:3]), (first, retry)
+        assert retry.header("Idempotent-Replayed") == b"true"
+    assert up.count("/exec/empty") == 10
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["small", "streamed"])
+async def test_header_bytes_are_relayed_and_replayed_as_received(make_proxy, raw_upstream,
+                                                                 chunked):
+    """Latin-1 and UTF-8 bytes in an upstream header reach the client as sent (aiohttp's
+    writer dropped the non-UTF-8 ones: caf\\xe9.pdf went out as caf.pdf), and the replay
+    carries the same bytes."""
+    latin1 = b'Content-Disposition: attachment; filename="caf\xe9.pdf"'
+    utf8 = b"X-Name: caf\xc3\xa9 \xe2\x82\xac"
+    up = await raw_upstream(answer(b"HTTP/1.1 201 Created", latin1, utf8, chunked=chunked))
+    p = await make_proxy(ROUTES, upstream_url=up.url)
+    key = new_key()
+    first = await fetch(port_of(p.url), "POST", "/exec/file", key=key)
+    retry = await fetch(port_of(p.url), "POST", "/exec/file", key=key)
+    plain = await fetch(port_of(p.url), "GET", "/exec/file", body=b"")
+    for got in (first, retry, plain):
+        assert got.status == 201 and got.complete, got
+        assert got.header("Content-Disposition") == b'attachment; filename="caf\xe9.pdf"'
+        assert got.header("X-Name") == b"caf\xc3\xa9 \xe2\x82\xac"
+    assert retry.header("Idempotent-Replayed") == b"true" and up.count("/exec") == 2
+
+
+async def test_the_replay_marker_is_always_ours(make_proxy, raw_upstream):
+    """An upstream that sends `Idempotent-Replayed: true` (or `Idempotency-Body`) itself:
+    the first answer carries neither, so a client never takes a first execution for a
+    replay; the replay carries ours."""
+    up = await raw_upstream(answer(b"HTTP/1.1 201 Created", b"Idempotent-Replayed: true",
+                                   b"Idempotency-Body: omitted"))
+    p = await make_proxy(ROUTES, upstream_url=up.url)
+    key = new_key()
+    first = await fetch(port_of(p.url), "POST", "/exec/mark", key=key)
+    retry = await fetch(port_of(p.url), "POST", "/exec/mark", key=key)
+    assert first.status == 201 and first.header("Idempotent-Replayed") is None
+    assert first.header("Idempotency-Body") is None
+    assert [v for k, v in retry.headers if k.lower() == b"idempotent-replayed"] == [b"true"]
+    assert retry.header("Idempotency-Body") is None and up.count("/exec") == 1
+
+
+async def test_connect_is_refused_and_never_forwarded(make_proxy, raw_upstream):
+    """CONNECT: the proxy is no forward proxy: a 501 problem+json at once (a 2xx from an
+    upstream held the client for 45 s), the connection closed, nothing forwarded."""
+    up = await raw_upstream(lambda seen: [b"HTTP/1.1 200 Connection established\r\n\r\n"])
+    p = await make_proxy(ROUTES, upstream_url=up.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(p.url))
+    try:
+        writer.write(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        got = await read_reply(reader, timeout=5)
+    finally:
+        writer.close()
+    assert got.status == 501 and got.complete, got
+    assert got.header("Content-Type") == b"application/problem+json"
+    assert up.count() == 0
+
+
+def _twice(seen: Seen) -> list[bytes | float]:
+    """A buggy upstream: two answers for one request, the second a moment later."""
+    one, stray = b'{"for":"%s"}' % seen.path.encode(), b'{"for":"stray"}'
+    if seen.method == "HEAD":  # heads only: the stray one is the second head
+        return [b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\n", 0.05,
+                b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(stray), stray)]
+    return [b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(one), one), 0.05,
+            b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(stray), stray)]
+
+
+@pytest.mark.parametrize("method", ["POST", "HEAD", "PATCH"])
+async def test_a_stray_answer_never_becomes_the_next_requests(make_proxy, raw_upstream,
+                                                              method):
+    """An upstream that writes a second answer after the first on a kept-alive
+    connection: the next request (another tenant's) never gets it as its answer, on our
+    client (POST), or aiohttp's (HEAD; a PATCH with a streamed body)."""
+    up = await raw_upstream(_twice)
+    p = await make_proxy(ROUTES, upstream_url=up.url)
+    for i in range(5):
+        body = {"HEAD": b"", "POST": b"{}", "PATCH": b"p" * 100_000}[method]  # PATCH:
+        first = await fetch(port_of(p.url), method, f"/exec/a{i}", key=new_key(),
+                            body=body)  # unguarded, over SMALL_UPLOAD: streamed up
+        await asyncio.sleep(0.1)  # the stray answer has arrived
+        other = await fetch(port_of(p.url), "POST", f"/exec/b{i}", key=new_key(),
+                            headers={"Authorization": "Bearer another-tenant"})
+        assert first.status == 201 and other.status == 201, (first, other)
+        assert other.body == b'{"for":"/exec/b%d"}' % i, other.body
