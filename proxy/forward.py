@@ -25,7 +25,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy import transfer, upstream_tls
+from proxy import transfer, upstream_conns, upstream_tls
 from proxy import upstream_client as lean
 from proxy.config import Upstream
 from proxy.errors import (
@@ -235,9 +235,9 @@ class Forwarder:
         if url.scheme == "https":
             tls = upstream_tls.client_context(cfg.tls, where=where)
             upstream_tls.warn_if_unverified(cfg.tls, url=cfg.url, where=where)
-        connector = aiohttp.TCPConnector(limit=cfg.max_connections, keepalive_timeout=4,
-                                         enable_cleanup_closed=True,
-                                         ssl=tls if tls is not None else True)
+        connector = upstream_conns.connector(limit=cfg.max_connections, keepalive_timeout=4,
+                                             enable_cleanup_closed=True,
+                                             ssl=tls if tls is not None else True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout,
                                         connect=cfg.connect_timeout, sock_read=cfg.timeout)
         # No cookie jar: the session is shared by every client, so a jar would send one

@@ -568,6 +568,20 @@ def test_aiohttp_private_members_responses_rely_on_exist():
         assert hasattr(writer, name), f"aiohttp StreamWriter has no {name}"
 
 
+async def test_aiohttp_private_members_the_upstream_pool_relies_on_exist():
+    """proxy/upstream_conns.py's aiohttp private members exist, and its connector builds
+    connections whose reuse check it owns."""
+    from proxy import upstream_conns
+
+    conn = upstream_conns.connector(limit=1)
+    try:
+        for name in upstream_conns.AIOHTTP_PRIVATES["TCPConnector"]:
+            assert hasattr(conn, name), f"aiohttp TCPConnector has no {name}"
+        assert isinstance(conn._factory(), upstream_conns._Handler)
+    finally:
+        await conn.close()
+
+
 # --- the rest: empty answers, header bytes, our marker, CONNECT, stray responses -------
 
 @pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
@@ -641,28 +655,100 @@ async def test_connect_is_refused_and_never_forwarded(make_proxy, raw_upstream):
 
 def _twice(seen: Seen) -> list[bytes | float]:
     """A buggy upstream: two answers for one request, the second a moment later."""
-    one, stray = b'{"for":"%s"}' % seen.path.encode(), b'{"for":"stray"}'
-    if seen.method == "HEAD":  # heads only: the stray one is the second head
-        return [b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\n", 0.05,
-                b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(stray), stray)]
-    return [b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(one), one), 0.05,
-            b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(stray), stray)]
+    def one(who: bytes) -> bytes:
+        body = b"" if seen.method == "HEAD" else b'{"for":"%s"}' % who
+        return (b"HTTP/1.1 201 Created\r\nX-For: %s\r\nContent-Length: %d\r\n\r\n%s"
+                % (who, len(body) or 12, body))
+    return [one(seen.path.encode()), 0.05, one(b"stray")]
 
 
 @pytest.mark.parametrize("method", ["POST", "HEAD", "PATCH"])
 async def test_a_stray_answer_never_becomes_the_next_requests(make_proxy, raw_upstream,
                                                               method):
     """An upstream that writes a second answer after the first on a kept-alive
-    connection: the next request (another tenant's) never gets it as its answer, on our
-    client (POST), or aiohttp's (HEAD; a PATCH with a streamed body)."""
+    connection: the next request never gets it as its answer, on our client (guarded
+    POSTs of two tenants) or aiohttp's (HEAD; PATCH with a streamed body)."""
     up = await raw_upstream(_twice)
     p = await make_proxy(ROUTES, upstream_url=up.url)
-    for i in range(5):
-        body = {"HEAD": b"", "POST": b"{}", "PATCH": b"p" * 100_000}[method]  # PATCH:
-        first = await fetch(port_of(p.url), method, f"/exec/a{i}", key=new_key(),
-                            body=body)  # unguarded, over SMALL_UPLOAD: streamed up
-        await asyncio.sleep(0.1)  # the stray answer has arrived
-        other = await fetch(port_of(p.url), "POST", f"/exec/b{i}", key=new_key(),
-                            headers={"Authorization": "Bearer another-tenant"})
-        assert first.status == 201 and other.status == 201, (first, other)
-        assert other.body == b'{"for":"/exec/b%d"}' % i, other.body
+    body = {"HEAD": b"", "POST": b"{}", "PATCH": b"p" * 100_000}[method]  # PATCH:
+    for i, tenant in enumerate(["Bearer one", "Bearer two"] * 3):  # unguarded, streamed
+        got = await fetch(port_of(p.url), method, f"/exec/{i}", key=new_key(), body=body,
+                          headers={"Authorization": tenant})
+        assert got.status == 201 and got.header("X-For") == b"/exec/%d" % i, got
+        await asyncio.sleep(0.1)  # the stray answer has arrived on the idle connection
+
+
+class _ThreadedUpstream:
+    """A blocking server in a thread of its own, so that it writes while the test's event
+    loop is busy (a stall the test makes with time.sleep): each request is answered with
+    its path in X-For; on /a it writes a stray second answer 20 ms later."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: object) -> None:
+        import socket
+        import time
+        assert isinstance(conn, socket.socket)
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                while m and len(buf) < int(m.group(1)):
+                    buf += conn.recv(65536)
+                buf = buf[int(m.group(1)):] if m else buf
+                path = head.split(b" ")[1]
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-For: %s\r\nContent-Length: 2\r\n\r\nok"
+                             % path)
+                if path == b"/a":
+                    time.sleep(0.02)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nX-For: stray\r\n"
+                                 b"Content-Length: 2\r\n\r\nok")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_our_client_never_lends_a_connection_with_unread_bytes():
+    """A stray answer that reached the socket while the loop was busy (not yet read by
+    it) retires the connection before the next request is written: that request gets
+    its own answer on a new connection, never the stray one."""
+    import time
+
+    from proxy.upstream_client import UpstreamPool
+
+    up = _ThreadedUpstream()
+    pool = UpstreamPool("127.0.0.1", up.port, max_connections=4, connect_timeout=5,
+                        read_timeout=5)
+    try:
+        first = await pool.request("POST", "/a", [("Host", "up")], b"")
+        assert (first.headers["X-For"], await first.read()) == ("/a", b"ok")
+        time.sleep(0.2)  # noqa: ASYNC251 - a busy loop: the stray answer lands unread
+        second = await pool.request("POST", "/b", [("Host", "up")], b"")
+        assert second.headers["X-For"] == "/b" and await second.read() == b"ok"
+        assert up.connections == 2
+    finally:
+        await pool.close()
+        up.close()
