@@ -20,6 +20,7 @@ from tests.upstream import TestUpstream
 
 REJECT = "reject"  # a 4xx or a close; the upstream sees nothing
 UPSTREAM_ONLY = "upstream-only"  # may be served, but only by the configured upstream
+NOT_IMPLEMENTED = "not-implemented"  # a 501 from the proxy; the upstream sees nothing
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,9 @@ CASES = [
     # target reaches it percent-encoded, and the request is forwarded, never a 500.
     Case("raw-utf8-target", _post(KEY + b"Content-Length: 2\r\n", b"hi",
                                   target=b"/exec/caf\xc3\xa9"), expect=UPSTREAM_ONLY),
+    # CONNECT: a reverse proxy is no forward proxy (#25): 501, nothing forwarded.
     Case("connect-method", b"CONNECT 127.0.0.1:{decoy} HTTP/1.1\r\n"
-                           b"Host: 127.0.0.1:{decoy}\r\n\r\n", expect=UPSTREAM_ONLY),
+                           b"Host: 127.0.0.1:{decoy}\r\n\r\n", expect=NOT_IMPLEMENTED),
 ]
 
 
@@ -233,7 +235,9 @@ async def test_hostile_request_is_refused_or_kept_to_the_upstream(make_proxy, up
     assert decoy.connections == 0, f"another host was contacted: {decoy.received[:200]!r}"
     assert not [e for e in new if "smuggled" in e.path], f"smuggled through: {got.head!r}"
     assert all(e.headers.get("Host") == _upstream_host(upstream) for e in new)
-    if case.expect == REJECT:
+    if case.expect == NOT_IMPLEMENTED:
+        assert got.statuses == [501] and new == [], got.head
+    elif case.expect == REJECT:
         assert got.closed or got.statuses, f"no answer and no close: {got.head!r}"
         assert all(400 <= s < 500 for s in got.statuses), got.head
         assert new == [], f"reached the upstream: {[(e.method, e.path) for e in new]}"
