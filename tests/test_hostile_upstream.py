@@ -707,7 +707,7 @@ class _ThreadedUpstream:
         import time
         assert isinstance(conn, socket.socket)
         buf = b""
-        with conn:
+        with conn, contextlib.suppress(OSError):  # the client resets a retired connection
             while True:
                 while b"\r\n\r\n" not in buf:
                     data = conn.recv(65536)
