@@ -6,6 +6,7 @@ listeners are, and a worker killed under load."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -120,6 +121,105 @@ async def test_duplicates_on_three_proxies_execute_once_rows_on_both_workers(
     assert sum(on) == len(keys) and min(on) > 0
 
 
+async def test_wait_on_another_proxy_gets_the_first_ones_answer(
+        proxies: list[ProxyProcess], module_upstream: TestUpstream):
+    """`concurrent: wait` across proxies on Citus: a duplicate held on proxy B gets the
+    answer proxy A stored, marked replayed, and the upstream ran once."""
+    key = uuid.uuid4().hex
+    async with aiohttp.ClientSession(headers=CLIENT_AUTH) as client:
+        first = asyncio.create_task(post(client, proxies[0].url + f"/exec/{key}?delay=1",
+                                         key=key))
+        while module_upstream.count(f"/exec/{key}") == 0:
+            await asyncio.sleep(0.01)
+        status, headers, body = await post(client, proxies[1].url + f"/exec/{key}?delay=1",
+                                           key=key)
+        status1, _, body1 = await first
+    assert (status, status1) == (201, 201) and body == body1
+    assert headers["Idempotent-Replayed"] == "true"
+    assert module_upstream.count(f"/exec/{key}") == 1
+
+
+async def test_keys_delete_reaches_every_proxys_replay_cache(
+        proxies: list[ProxyProcess], module_upstream: TestUpstream, citus_db: str):
+    """A key deleted through one proxy's admin API is dropped from every proxy's replay
+    cache (NOTIFY on the coordinator): its next request executes again and every proxy
+    then replays the new answer, never the deleted one."""
+    key = uuid.uuid4().hex
+    path = f"/exec/{key}"
+    async with aiohttp.ClientSession(headers=CLIENT_AUTH) as client:
+        _, _, original = await post(client, proxies[0].url + path, key=key)
+        for p in proxies:  # every proxy replays it (and keeps it in its cache)
+            for _ in range(2):
+                assert (await post(client, p.url + path, key=key))[2] == original
+        conn = await asyncpg.connect(citus_db)
+        try:
+            scope = await conn.fetchval("SELECT scope FROM idemproxy_keys WHERE key = $1",
+                                        key)
+        finally:
+            await conn.close()
+        async with client.delete(proxies[0].admin_url + "/admin/keys",
+                                 params={"scope": scope, "key": key}) as r:
+            assert r.status == 200, await r.text()
+        async with asyncio.timeout(10):
+            while True:  # replays from proxy 1's cache until the NOTIFY lands
+                status, headers, fresh = await post(client, proxies[1].url + path, key=key)
+                if "Idempotent-Replayed" not in headers:
+                    break
+                await asyncio.sleep(0.01)
+        assert status == 201 and fresh != original
+        for p in proxies:  # each has heard the deletion: the new answer, never the old
+            async with asyncio.timeout(10):
+                while (body := (await post(client, p.url + path, key=key))[2]) != fresh:
+                    assert body == original
+                    await asyncio.sleep(0.01)
+    assert module_upstream.count(path) == 2
+
+
+async def test_migrate_converts_a_single_node_database_with_records():
+    """`idemproxy migrate` with `sharding: citus` converts a database that holds records
+    (its tables local to the coordinator): the records are copied into the workers'
+    shards and still replay; a second run changes nothing."""
+    from tests.citus import CitusCluster
+
+    cluster = await asyncio.to_thread(CitusCluster)
+    try:
+        conn = await asyncpg.connect(cluster.url)
+        try:
+            await migrate(conn)  # the single-node layout, as before the switch
+            assert not await conn.fetchval(
+                "SELECT count(*) FROM pg_dist_partition")
+        finally:
+            await conn.close()
+        single = await PostgresStore.connect(cluster.url, min_size=1, max_size=4)
+        await single.load_sealer(keys=())
+        keys = [uuid.uuid4().hex for _ in range(12)]
+        for k in keys:
+            token = uuid.uuid4()
+            await single.claim(scope="r:t", key=k, fingerprint=b"f", token=token, lease=30,
+                               ttl=600)
+            assert await single.complete(scope="r:t", key=k, token=token, notify=False,
+                                         done=Completion(201, (), k.encode(), 0, 32, False))
+        await single.close()
+        sharded = await PostgresStore.connect(cluster.url, min_size=1, max_size=4,
+                                              citus=True)
+        try:
+            applied = await sharded.migrate()
+            assert "distributed idemproxy_keys" in applied
+            assert await sharded.migrate() == []
+            await sharded.load_sealer(keys=())
+            for k in keys:
+                claim = await sharded.claim(scope="r:t", key=k, fingerprint=b"f",
+                                            token=uuid.uuid4(), lease=30, ttl=600)
+                assert claim.outcome is ClaimOutcome.EXISTING
+                assert claim.record.body == k.encode()
+        finally:
+            await sharded.close()
+        on = [await rows_on_worker(cluster, w, keys) for w in ("worker1", "worker2")]
+        assert sum(on) == len(keys) and min(on) > 0
+    finally:
+        await asyncio.to_thread(cluster.cleanup)
+
+
 async def test_notify_from_a_delegated_completion_reaches_the_coordinators_listeners(
         citus_db: str):
     """A completion that runs on the key's worker still wakes a listener on the
@@ -155,6 +255,19 @@ async def test_citus_refused_on_a_database_without_the_extension(db: str):
             await migrate(conn, citus=True)
     finally:
         await conn.close()
+
+
+async def test_distributed_tables_with_sharding_none_warn(citus_db: str,
+                                                          caplog: pytest.LogCaptureFixture):
+    """A database Citus distributes, used with `sharding: none`, is served (each
+    statement routed by the coordinator) and start-up warns to set `citus`."""
+    conn = await asyncpg.connect(citus_db)
+    try:
+        with caplog.at_level(logging.WARNING, logger="idemproxy.store"):
+            assert await migrate(conn) == []
+    finally:
+        await conn.close()
+    assert any("distributed by Citus" in r.getMessage() for r in caplog.records)
 
 
 async def test_worker_killed_under_load_is_503_for_its_keys_others_carry_on(
