@@ -166,7 +166,7 @@ def test_bad_defaults_are_reported_once_under_defaults() -> None:
     (one_route("tll: 1h"), "routes[0].tll: unknown field"),
     (one_route("match2: {}"), "routes[0].match2: unknown field"),
     (one_route("key: {heder: X}"), "routes[0].key.heder: unknown field (expected one of: "
-     "body, bucket, header, path, raw)"),
+     "body, bucket, header, headers, path, raw)"),
     (one_route("fingerprint: {ignor: [/a]}"), "routes[0].fingerprint.ignor: unknown field "
      "(expected one of: body, canonical_json, headers, ignore, query)"),
     ("defaults: {fingerprint: {hdrs: []}}\n", "defaults.fingerprint.hdrs: unknown field"),
@@ -323,8 +323,10 @@ def test_stripe_preset_keys_on_the_raw_event_id() -> None:
 
 
 def test_presets_cover_every_documented_sender() -> None:
-    """The four presets of design §3 exist, and no others."""
-    assert set(PRESETS) == {"github", "shopify", "standard-webhooks", "stripe"}
+    """The four webhook presets of design §3 and issue 31's three event presets exist,
+    and no others."""
+    assert set(PRESETS) == {"github", "shopify", "standard-webhooks", "stripe",
+                            "cloudevents", "sns", "pubsub-push"}
 
 
 def test_route_fields_win_over_preset_and_preset_over_defaults() -> None:

@@ -9,17 +9,20 @@ from proxy.config.schema import KeySource, MissingCredential, Tenant, TenantMode
 from proxy.config.values import Reader, bool_, enum_, parse_duration, parse_header_name, str_
 from proxy.paths import PathPattern
 
-KEY_FIELDS = {"header", "path", "body", "bucket", "raw"}
+KEY_FIELDS = {"header", "path", "body", "bucket", "raw", "headers"}
+MAX_KEY_HEADERS = 8
 
 
 def parse_key(r: Reader, raw: object, path: str, pattern: PathPattern | None) -> KeySource:
     if raw is None:
         return KeySource()
     d = r.section(raw, path, KEY_FIELDS)
-    given = [k for k in ("header", "path", "body") if k in d]
+    given = [k for k in ("header", "path", "body", "headers") if k in d]
+    if given == ["body", "headers"]:
+        return _parse_headers_key(r, d, path)
     if len(given) != 1:
         r.report(f"{path}: set exactly one of header, path, body (got "
-                 f"{', '.join(given) or 'none'})")
+                 f"{', '.join(given) or 'none'}); or headers, alone or with body")
         return KeySource()
     for extra in ("bucket", "raw"):
         if extra in d and "body" not in d:
@@ -27,6 +30,8 @@ def parse_key(r: Reader, raw: object, path: str, pattern: PathPattern | None) ->
     if "header" in d:
         return KeySource(header=r.get(d, "header", f"{path}.header", parse_header_name,
                                       KeySource().header))
+    if "headers" in d:
+        return _parse_headers_key(r, d, path)
     if "path" in d:
         param = r.get(d, "path", f"{path}.path", str_, "")
         if pattern is not None and param not in pattern.params:
@@ -34,6 +39,33 @@ def parse_key(r: Reader, raw: object, path: str, pattern: PathPattern | None) ->
                      f"(has: {', '.join(pattern.params) or 'none'})")
         return KeySource(header=None, path=param)
     return _parse_body_key(r, d, path)
+
+
+def parse_key_headers(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or len(value) > MAX_KEY_HEADERS:
+        raise ValueError(f"{value!r} is not a list of 1-{MAX_KEY_HEADERS} header names like "
+                         "[ce-source, ce-id]")
+    names = tuple(parse_header_name(h) for h in value)
+    if len({n.lower() for n in names}) != len(names):
+        raise ValueError(f"{value!r} names a header twice")
+    return names
+
+
+def _parse_headers_key(r: Reader, d: dict[str, Any], path: str) -> KeySource:
+    """`headers`, and `body` beside it: the same values, in order, from the body (one
+    pointer per header) when none of the headers is sent."""
+    fallback: tuple[str, ...] = ("Idempotency-Key",)
+    names = r.get(d, "headers", f"{path}.headers", parse_key_headers, fallback)
+    body: tuple[str, ...] = ()
+    if "body" in d:
+        body = r.get(d, "body", f"{path}.body", parse_pointers, ())
+        if body and len(body) != len(names):
+            r.report(f"{path}.body: with key.headers, one pointer per header, in the same "
+                     f"order (got {len(body)} for {len(names)} headers)")
+    for extra in ("bucket", "raw"):
+        if extra in d:
+            r.report(f"{path}.{extra}: does not apply with key.headers")
+    return KeySource(header=None, headers=names, body=body)
 
 
 def _parse_body_key(r: Reader, d: dict[str, Any], path: str) -> KeySource:

@@ -81,13 +81,17 @@ class Tenant:
 
 @dataclass(frozen=True, slots=True)
 class KeySource:
-    """Where the key comes from: exactly one of header, path parameter or body pointers."""
+    """Where the key comes from: one of header, path parameter, body pointers or headers
+    (headers and body may go together)."""
 
     header: str | None = "Idempotency-Key"  # default Idempotency-Key
     path: str | None = None  # default none; a {param} of match.path
     body: tuple[str, ...] = ()  # default none; JSON pointers (or /form-field names)
     bucket: float | None = None  # default none; seconds of the database clock folded in
     raw: bool = False  # default false: body keys are an HMAC; true: the one value itself
+    # default none; several headers whose values, length-prefixed, are the key (with
+    # `body`: the same values from the body when none of the headers is sent)
+    headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +120,7 @@ class Route:
     trailing_slash: TrailingSlash = TrailingSlash.IGNORE  # default ignore
     case_insensitive: bool = False  # default false: letters match in their case only
     key: KeySource = KeySource()  # default: the Idempotency-Key header
-    preset: str | None = None  # default none; github | shopify | standard-webhooks | stripe
+    preset: str | None = None  # default none; a name of config/routes.py's PRESETS
     require_key: bool = False  # default false: no key streams through unguarded
     tenant: Tenant = Tenant()  # default: HMAC of Authorization
     fingerprint: Fingerprint = Fingerprint()  # default: method, path, query and body

@@ -2,6 +2,7 @@
 whose it is (the tenant scope), and what makes two requests the same (the fingerprint);
 JSON and form bodies as they read them. Pure: no socket, no clock, no store."""
 
+from proxy.keys.composite import read_key
 from proxy.keys.fingerprint import fingerprint
 from proxy.keys.sources import (
     MAX_KEY_LENGTH,
@@ -13,7 +14,6 @@ from proxy.keys.sources import (
     key_from_headers,
     parse_json,
     parse_key_value,
-    read_key,
     require,
     resolve_pointer,
     select,
