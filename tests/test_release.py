@@ -110,3 +110,21 @@ def test_no_embedded_postgresql_installed_is_one_clear_error(monkeypatch, tmp_pa
     with pytest.raises(RuntimeFailure, match="set IDEMPROXY_DATABASE_URL"), \
             embedded_postgres(tmp_path):
         pass
+
+
+def test_the_image_installs_locked_dependencies_with_hashes():
+    """requirements.lock pins every runtime dependency (and theirs) with hashes, names no
+    machine's index or wheel folder, and the image installs it with --require-hashes
+    before the project (--no-deps)."""
+    text = (ROOT / "requirements.lock").read_text()
+    assert "--find-links" not in text and "--index-url" not in text
+    pins = dict(re.findall(r"^([a-z0-9._-]+)==([^\s;]+)", text, re.M))
+    blocks = re.split(r"\n(?=[a-z0-9._-]+==)", text.split("\n\n", 1)[1])
+    assert len(blocks) == len(pins) and all("--hash=sha256:" in b for b in blocks)
+    for dep in PYPROJECT["project"]["dependencies"]:
+        name = re.split(r"[<>=;\[ ]", dep, maxsplit=1)[0].lower().replace("_", "-")
+        assert name in pins, name
+    run = " ".join(instr("RUN"))
+    assert "pip install --require-hashes --no-deps -r requirements.lock" in run
+    assert "pip install --no-deps ." in run
+    assert any("requirements.lock" in c for c in instr("COPY"))
