@@ -4,7 +4,7 @@ A cross-origin script sees only the CORS-safelisted response headers unless the 
 names others in `Access-Control-Expose-Headers` (WHATWG Fetch, "CORS-safelisted response-
 header name"). So when an upstream's answer is a CORS answer (it carries
 `Access-Control-Allow-Origin`), the proxy appends the names of its own headers — the
-route's replay header, its expiry header and `Idempotency-Body` — so a browser client can
+route's replay header, its expiry header and its omitted-body header — so a browser client can
 tell a replay and read when its key ends. Answers without that header are left alone: the
 proxy never turns an answer into a CORS one.
 """
@@ -19,12 +19,11 @@ from proxy.config import Route
 
 ALLOW_ORIGIN = "Access-Control-Allow-Origin"
 EXPOSE = "Access-Control-Expose-Headers"
-BODY_HEADER = "Idempotency-Body"
 
 
 def proxy_header_names(route: Route) -> tuple[str, ...]:
     """The response headers the proxy itself may add on this route."""
-    names = [route.replay_header, BODY_HEADER]
+    names = [route.replay_header, route.omitted_header]
     if route.expires_header:
         names.append(route.expires_header)
     return tuple(names)

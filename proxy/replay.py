@@ -22,7 +22,7 @@ async def replay(request: web.BaseRequest, record: Record, *, route: Route, scop
     assert record.status is not None
     extra = {route.replay_header: "true", **guard_headers(route, record.expires_at)}
     if record.body_omitted:
-        extra["Idempotency-Body"] = "omitted"
+        extra[route.omitted_header] = "omitted"
     reason, headers = stored_reason(record.headers)
     resp: web.StreamResponse
     if record.body_chunks == 0:

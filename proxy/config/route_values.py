@@ -11,11 +11,11 @@ from proxy.config.schema import SAFE_METHODS
 from proxy.config.values import parse_header_name, str_
 from proxy.paths import PathPattern
 
-# Response headers the proxy may not take over for replay_header / expires_header.
+# Response headers the proxy may not take over for its replay, expiry and omitted markers.
 RESERVED_RESPONSE_HEADERS = frozenset({
     "connection", "content-encoding", "content-length", "content-type", "date",
     "keep-alive", "location", "server", "set-cookie", "te", "trailer",
-    "transfer-encoding", "upgrade", "idempotency-body",
+    "transfer-encoding", "upgrade",
 })
 TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token (methods)
 

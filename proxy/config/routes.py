@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.config.presets import PRESET_COMMON, PRESETS
 from proxy.config.route_keys import parse_key, parse_tenant
 from proxy.config.route_values import (
     parse_header_list,
@@ -51,47 +52,11 @@ ROUTE_FIELDS = {
     "lock_timeout", "concurrent", "wait_timeout", "release_statuses", "unknown_outcome",
     "max_request_body", "max_stored_body", "store_unavailable", "replay_set_cookie",
     "replay_header", "expires_header", "mismatch_status", "upstream", "upstream_key",
-    "store_statuses",
+    "store_statuses", "omitted_header",
 }
 DEFAULT_FIELDS = ROUTE_FIELDS - {"name", "match", "preset"}
 FINGERPRINT_FIELDS = {"query", "body", "headers", "ignore", "canonical_json"}
 
-# Webhook senders: the delivery id is the key; tenants do not apply (the sender signs, it
-# does not authenticate with Authorization); retries change the timestamp and signature
-# headers but not the body, so only the body counts. 96h (unless a preset says otherwise)
-# covers every webhook sender's horizon with a day to spare: Stripe retries for 3 days,
-# GitHub redelivers for 3 days, Standard Webhooks (Svix) retries for ~28h plus manual
-# replays, Shopify for 4h (48h formerly).
-PRESETS: dict[str, dict[str, Any]] = {
-    "github": {"key": {"header": "X-GitHub-Delivery"}},
-    "shopify": {"key": {"header": "X-Shopify-Webhook-Id"}},
-    "standard-webhooks": {"key": {"header": "webhook-id"}},
-    # The event id is already a printable, bounded, unique id: the key is the id itself,
-    # so `idemproxy keys show` finds the evt_... an operator sees in Stripe's dashboard.
-    # `pending_webhooks` counts the endpoints still waiting, so it can differ between
-    # two deliveries of one event: it must not make a retry a 422.
-    "stripe": {"key": {"body": ["/id"], "raw": True},
-               "fingerprint": {"canonical_json": True, "ignore": ["/pending_webhooks"]}},
-    # Event pushers, each with the window its sender retries for. CloudEvents (HTTP
-    # binding): an event is its source + id, as ce- headers in binary mode or in the JSON
-    # in structured mode (the same key either way); 7d is as long as a Pub/Sub
-    # subscription keeps a message, which brokers built on it (Eventarc) inherit.
-    "cloudevents": {"key": {"headers": ["ce-source", "ce-id"], "body": ["/source", "/id"]},
-                    "ttl": "7d"},
-    # SNS over HTTP/S: message ids are per topic, so the topic is part of the key; SNS's
-    # HTTP/S retry policy is capped at 3600 s in total, so 24h leaves room for redrives.
-    "sns": {"key": {"headers": ["x-amz-sns-topic-arn", "x-amz-sns-message-id"]},
-            "ttl": "24h"},
-    # Pub/Sub push: message ids are per topic, so the subscription counts too; Pub/Sub
-    # redelivers until the subscription's retention ends (7 days at most). A dead-letter
-    # policy adds `deliveryAttempt`, which grows on every redelivery: not fingerprinted.
-    "pubsub-push": {"key": {"body": ["/subscription", "/message/messageId"]}, "ttl": "7d",
-                    "fingerprint": {"canonical_json": True, "ignore": ["/deliveryAttempt"]}},
-}
-_PRESET_COMMON: dict[str, Any] = {
-    "tenant": "none", "require_key": True, "ttl": "96h",
-    "fingerprint": {"query": False, "body": True, "headers": []},
-}
 # Request headers an upstream_key may not replace: framing, routing and credentials.
 _RESERVED_REQUEST_HEADERS = frozenset({
     "authorization", "connection", "content-length", "content-type", "cookie", "host",
@@ -156,7 +121,7 @@ def _layers_of(r: Reader, item: object, defaults: dict[str, Any], path: str) -> 
     preset = data.get("preset")
     if preset is not None:
         if isinstance(preset, str) and preset in PRESETS:
-            layers.add(f"{path}.preset", _PRESET_COMMON)
+            layers.add(f"{path}.preset", PRESET_COMMON)
             layers.add(f"{path}.preset", PRESETS[preset])
         else:
             r.report(f"{path}.preset: {preset!r} is not one of: {', '.join(PRESETS)}")
@@ -215,6 +180,7 @@ def _policies(r: Reader, layers: _Layers) -> dict[str, Any]:
         "unknown_outcome": enum_(UnknownOutcome), "max_request_body": parse_size,
         "max_stored_body": parse_size, "store_unavailable": enum_(StoreUnavailablePolicy),
         "replay_set_cookie": bool_, "replay_header": parse_response_header,
+        "omitted_header": parse_response_header,
         "mismatch_status": parse_mismatch_status, "upstream": upstream_ref,
         "store_statuses": parse_store_statuses,
     }
@@ -253,10 +219,19 @@ def _check_route(r: Reader, route: Route, layers: _Layers) -> None:
                                up_key.lower() == route.tenant.header.lower()):
         r.report(f"{layers.at('upstream_key')}.header: {up_key!r} is a header the proxy "
                  "or the tenant needs; name the upstream's idempotency header")
-    if route.expires_header is not None and \
-            route.expires_header.lower() == route.replay_header.lower():
-        r.report(f"{layers.at('expires_header')}: {route.expires_header!r} is also the "
-                 "replay_header")
+    _check_markers(r, route, layers)
+
+
+def _check_markers(r: Reader, route: Route, layers: _Layers) -> None:
+    """The proxy's own response headers are three different names."""
+    seen = {route.replay_header.lower(): "replay_header"}
+    for field_, name in (("expires_header", route.expires_header),
+                         ("omitted_header", route.omitted_header)):
+        if name is None:
+            continue
+        if name.lower() in seen:
+            r.report(f"{layers.at(field_)}: {name!r} is also the {seen[name.lower()]}")
+        seen.setdefault(name.lower(), field_)
 
 
 def _check_statuses(r: Reader, route: Route, layers: _Layers) -> None:

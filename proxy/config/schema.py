@@ -120,7 +120,7 @@ class Route:
     trailing_slash: TrailingSlash = TrailingSlash.IGNORE  # default ignore
     case_insensitive: bool = False  # default false: letters match in their case only
     key: KeySource = KeySource()  # default: the Idempotency-Key header
-    preset: str | None = None  # default none; a name of config/routes.py's PRESETS
+    preset: str | None = None  # default none; a name of config/presets.py's PRESETS
     require_key: bool = False  # default false: no key streams through unguarded
     tenant: Tenant = Tenant()  # default: HMAC of Authorization
     fingerprint: Fingerprint = Fingerprint()  # default: method, path, query and body
@@ -141,6 +141,8 @@ class Route:
     replay_set_cookie: bool = False
     replay_header: str = "Idempotent-Replayed"  # default Idempotent-Replayed: true on replays
     expires_header: str | None = "Idempotency-Expires"  # default; null turns it off
+    # default Idempotency-Body: `omitted` on a replay whose body was over max_stored_body
+    omitted_header: str = "Idempotency-Body"
     mismatch_status: int = 422  # default 422; 409 or 400 for clients that read 422 otherwise
     upstream: str = ""  # default: the top-level upstream; else a URL or an `upstreams` name
     upstream_key: UpstreamKey = UpstreamKey()  # default: no key sent to the upstream
