@@ -32,6 +32,7 @@ from proxy.framing import ProxyRunner
 from proxy.metrics import Metrics
 from proxy.sealing import parse_keys
 from proxy.store.migrate import migrate
+from proxy.store.migrate import migrations as bundled_migrations
 from proxy.store.postgres import PostgresStore
 from tests.upstream import TestUpstream
 
@@ -78,6 +79,7 @@ async def db(pg_url: str) -> str:
     return pg_url
 
 
+ALL_MIGRATIONS = bundled_migrations()
 CITUS_URLS: set[str] = set()  # databases that are Citus coordinators (citus_db)
 
 
@@ -104,10 +106,19 @@ def citus_cluster() -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 async def citus_db(citus_cluster: Any) -> str:
-    """The coordinator's URL, migrated with `database.sharding: citus` once."""
+    """The coordinator's URL, migrated with `database.sharding: citus` once: the schema
+    up to 0007 (before Citus support), distributed, then every later migration applied
+    to the distributed tables, as on a cluster that upgrades, so a migration Citus
+    refuses fails here."""
+    from proxy.store import migrate as migrate_module
+
     conn = await asyncpg.connect(citus_cluster.url)
     try:
-        await migrate(conn, citus=True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(migrate_module, "migrations",
+                       lambda: [m for m in ALL_MIGRATIONS if m[0] <= 7])
+            await migrate(conn, citus=True)
+        assert await migrate(conn, citus=True)  # 0008 on: statement by statement
     finally:
         await conn.close()
     url: str = citus_cluster.url
