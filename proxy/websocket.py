@@ -29,29 +29,24 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import Any
 
 import httptools
 from aiohttp import web
-from multidict import CIMultiDict
 
 from proxy import headers as hdrs
 from proxy import upstream_tls
 from proxy.errors import (
     UpstreamFailed,
-    UpstreamTimeout,
     UpstreamTLSFailed,
     UpstreamUnreachable,
 )
 from proxy.forward import Forwarder
 from proxy.relay import upstream_request_headers
 from proxy.responses import RelayedWhole, relayable_reason
+from proxy.upgrade_head import CHUNK, MAX_REFUSAL_BODY, UpgradeHead, read_head
 
 log = logging.getLogger("idemproxy.upgrade")
 
-CHUNK = 64 * 1024
-MAX_HEAD = 64 * 1024  # the upstream's response head
-MAX_REFUSAL_BODY = 1024 * 1024  # the body of a non-101 answer, relayed whole
 HIGH_WATER = 256 * 1024  # client bytes queued for the upstream above which reading pauses
 
 
@@ -85,8 +80,8 @@ async def tunnel(request: web.BaseRequest, forwarder: Forwarder) -> web.StreamRe
     reader, writer = await _connect(forwarder)
     try:
         writer.write(_request_head(request, forwarder))
-        head = _Head()
-        tail = await _read_head(reader, head, timeout=forwarder.head_timeout)
+        head = UpgradeHead()
+        tail = await read_head(reader, head, timeout=forwarder.head_timeout)
         if head.status != 101:
             return await _refusal(reader, head, tail)
         if not _only_websocket(head.headers.getall("Upgrade", [])):
@@ -146,69 +141,7 @@ def _request_head(request: web.BaseRequest, fwd: Forwarder) -> bytes:
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
-class _Head:
-    """httptools callbacks collecting the upstream's response (head, and a small body)."""
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.reason = ""
-        self.headers: CIMultiDict[str] = CIMultiDict()
-        self.done_head = self.complete = False
-        self.body = bytearray()
-        self.parser: Any = httptools.HttpResponseParser(self)
-
-    def on_status(self, status: bytes) -> None:
-        self.reason += status.decode("latin-1")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.done_head:
-            self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
-
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        if 100 <= self.status < 200 and self.status != 101:  # interim: the next head
-            self.headers, self.reason = CIMultiDict(), ""
-            return
-        self.done_head = True
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-        if len(self.body) > MAX_REFUSAL_BODY:
-            raise ValueError("refusal body too large")
-
-    def on_message_complete(self) -> None:
-        if self.done_head:
-            self.complete = True
-
-
-async def _read_head(reader: asyncio.StreamReader, head: _Head, *,
-                     timeout: float | None) -> bytes:
-    """Feed the parser until the final head; returns bytes already past a 101's head."""
-    seen = 0
-    try:
-        async with asyncio.timeout(timeout):
-            while not head.done_head:
-                data = await reader.read(CHUNK)
-                if not data:
-                    raise UpstreamFailed("The upstream closed the connection before "
-                                         "answering the upgrade; the outcome is unknown.")
-                seen += len(data)
-                if seen > MAX_HEAD + MAX_REFUSAL_BODY:
-                    raise UpstreamFailed("The upstream's answer to the upgrade is too "
-                                         "large.")
-                try:
-                    head.parser.feed_data(data)
-                except httptools.HttpParserUpgrade as exc:  # the 101: the rest is the tunnel
-                    return data[exc.args[0]:] if exc.args else b""
-                except (httptools.HttpParserError, ValueError) as exc:
-                    raise UpstreamFailed("The upstream's answer to the upgrade is "
-                                         "malformed.") from exc
-    except TimeoutError as exc:
-        raise UpstreamTimeout("The upstream did not answer the upgrade in time.") from exc
-    return b""
-
-
-async def _refusal(reader: asyncio.StreamReader, head: _Head, tail: bytes
+async def _refusal(reader: asyncio.StreamReader, head: UpgradeHead, tail: bytes
                    ) -> web.Response:
     """A non-101 answer: relayed as a normal response (the client learns it was refused)."""
     with contextlib.suppress(TimeoutError, httptools.HttpParserError, ValueError):
