@@ -21,8 +21,6 @@ The rules it keeps:
 from __future__ import annotations
 
 import asyncio
-import functools
-import re
 import select
 import time
 from collections import deque
@@ -33,6 +31,8 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import describe
+from proxy.http1 import BARE_CR, OBS_FOLD, encode_request, head_end
+from proxy.http1 import head_end as _head_end  # noqa: F401 - the name its unit test uses
 from proxy.sizes import CHUNK
 from proxy.slots import Slots
 
@@ -58,65 +58,6 @@ LOW_WATER = 256 * 1024  # ...and at or below which it resumes
 MAX_FIELD = 64 * 1024  # one header line (or the status line); aiohttp's client: the same
 MAX_HEADERS = 128  # header fields in one head; aiohttp's client: the same
 MAX_HEAD = (MAX_HEADERS + 1) * (MAX_FIELD + 2) + 2  # what those two limits allow at most
-# RFC 9112 §5.2: obs-fold is unfolded before parsing. As aiohttp's client does it (the
-# line break goes, the SP or HTAB after it stays), so both clients relay one value.
-_OBS_FOLD = re.compile(rb"\r?\n(?=[ \t])")
-_BARE_CR = re.compile(rb"\r(?!\n)")  # RFC 9112 §2.2: invalid, as aiohttp's client says
-
-
-def _head_end(buf: bytes) -> int:
-    """Where the head ends: just past the first `\\r?\\n\\r?\\n`; -1 if not yet."""
-    crlf = buf.find(b"\n\r\n")  # the usual blank line, after a line's LF
-    lf = buf.find(b"\n\n", 0, len(buf) if crlf < 0 else crlf + 1)  # any earlier one
-    if lf >= 0:
-        return lf + 2
-    return -1 if crlf < 0 else crlf + 3
-
-
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110
-_TARGET = re.compile(r"[\x21-\x7e]+")
-_BAD_VALUE = re.compile(r"[\r\n\x00]")
-_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
-
-
-def encode_request(method: str, target: str, headers: Iterable[tuple[str, str]],
-                   body: bytes | None) -> bytes:
-    """The request's bytes, framed by us; ValueError for anything that could split it."""
-    if not _TOKEN.fullmatch(method):
-        raise ValueError(f"method {method!r} is not a token")
-    if method.upper() in ("HEAD", "CONNECT"):
-        raise ValueError(f"{method} is not supported by this client")
-    if not _TARGET.fullmatch(target):
-        raise ValueError(f"request target {target!r} is not visible ASCII")
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
-    for name, value in headers:
-        if not _framing_name(name):
-            lines.append(f"{name}: {value}\r\n")
-        elif _BAD_VALUE.search(value):  # dropped, yet refused as any other such value
-            raise ValueError(f"header {name} has CR, LF or NUL in its value")
-    if body is not None or method not in ("GET", "DELETE", "OPTIONS"):
-        lines.append(f"Content-Length: {len(body or b'')}\r\n")
-    lines.append("\r\n")
-    text = "".join(lines)
-    # Every line written above ends in one CRLF; any other CR, LF (or a NUL) came from a
-    # value: one scan of the whole head instead of one per value.
-    if text.count("\n") != len(lines) or text.count("\r") != len(lines) or "\x00" in text:
-        bad = next(line for line in lines if _BAD_VALUE.search(line[:-2]))
-        raise ValueError(f"header {bad.partition(':')[0]} has CR, LF or NUL in its value")
-    # Undecodable bytes arrive as surrogates (aiohttp's server decodes that way); any
-    # other lone surrogate raises UnicodeEncodeError, a ValueError.
-    head = text.encode("utf-8", "surrogateescape")
-    return head + body if body else head
-
-
-@functools.lru_cache(maxsize=512)  # names repeat from request to request; refusals raise
-def _framing_name(name: str) -> bool:
-    """Whether we frame this header ourselves (_FRAMING); ValueError if it is no token."""
-    if not _TOKEN.fullmatch(name):
-        raise ValueError(f"header name {name!r} is not a token")
-    return name.lower() in _FRAMING
-
-
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
@@ -245,7 +186,7 @@ class _Conn(asyncio.Protocol):
         keeps, refuse bare CRs and unfold obs-fold (RFC 9112 §2.2, §5.2), then feed it;
         returns the bytes after it (b"" while the head is still incomplete)."""
         buf = self.head_buf + data if self.head_buf else data
-        end = _head_end(buf)
+        end = head_end(buf)
         if end < 0:
             if len(buf) > MAX_HEAD:
                 raise BadAnswer("the upstream's response head is too large")
@@ -253,10 +194,10 @@ class _Conn(asyncio.Protocol):
             return b""
         head, rest = buf[:end], buf[end:]
         self.head_buf = b""
-        if _BARE_CR.search(head):
+        if BARE_CR.search(head):
             raise BadAnswer("the upstream's response head has a bare CR")
         if b"\n " in head or b"\n\t" in head:
-            head = _OBS_FOLD.sub(b"", head)
+            head = OBS_FOLD.sub(b"", head)
         # head.split(b"\n") has the status line, the fields and two more pieces
         if head.count(b"\n") - 2 > MAX_HEADERS or (
                 len(head) > MAX_FIELD + 1
