@@ -1,5 +1,5 @@
 """aiohttp's private members the proxy relies on still exist in the installed aiohttp, and
-framing.py's list of them is complete (pyproject.toml pins aiohttp to the minor versions
+connections.py's list of them is complete (pyproject.toml pins aiohttp to the minor versions
 tested; this is what fails first when a new aiohttp drops one)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web_protocol, web_server
 
-from proxy import framing
+from proxy import connections
 
-FRAMING = Path(framing.__file__)
-# framing.py's subclasses and the aiohttp class each one extends
+CONNECTIONS = Path(connections.__file__)
+# connections.py's subclasses and the aiohttp class each one extends
 SUBCLASSES = {"_ProblemRequestHandler": "RequestHandler", "_ProblemServer": "Server"}
 
 
@@ -29,7 +29,7 @@ def _instances() -> dict[str, object]:
 
 
 def _classes() -> dict[str, ast.ClassDef]:
-    tree = ast.parse(FRAMING.read_text())
+    tree = ast.parse(CONNECTIONS.read_text())
     return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
 
 
@@ -51,20 +51,20 @@ def _private_uses(cls: ast.ClassDef) -> set[str]:
             and n.attr.startswith("_") and not n.attr.startswith("__")}
 
 
-async def test_private_members_framing_relies_on_exist():
-    """Each private member listed in framing.AIOHTTP_PRIVATES exists on aiohttp's class."""
+async def test_private_members_connections_relies_on_exist():
+    """Each private member listed in connections.AIOHTTP_PRIVATES exists on aiohttp's class."""
     instances = _instances()
-    for base, names in framing.AIOHTTP_PRIVATES.items():
+    for base, names in connections.AIOHTTP_PRIVATES.items():
         for name in sorted(names):
             assert hasattr(instances[base], name), f"aiohttp {base} has no {name}"
 
 
-def test_framing_lists_every_private_member_it_uses():
-    """framing.py's subclasses read, write or override no aiohttp private member that is
+def test_connections_lists_every_private_member_it_uses():
+    """connections.py's subclasses read, write or override no aiohttp private member that is
     missing from AIOHTTP_PRIVATES, and override no private method unknowingly."""
     classes = _classes()
     for sub, base in SUBCLASSES.items():
-        declared = framing.AIOHTTP_PRIVATES[base]
+        declared = connections.AIOHTTP_PRIVATES[base]
         own = _own_names(classes[sub])
         used = _private_uses(classes[sub]) - own
         assert used <= declared, f"{sub} uses undeclared {sorted(used - declared)}"
