@@ -5,7 +5,7 @@ our own HTTP/1.1 client (proxy/upstream_client.py: ~17 µs of CPU per small requ
 through aiohttp's); HTTPS upstreams, streamed request bodies and HEAD go through aiohttp's
 ClientSession.
 
-Errors map to problems in exactly one function, `_translate` (into `errors.UpstreamError`):
+Errors map to problems in exactly one function, `upstream_errors.translate` (into `UpstreamError`):
 a failure before the request was written (connection refused, connect timeout) means no
 effect happened (`sent=False`); any failure after that means the upstream may have acted
 (`sent=True`).
@@ -28,18 +28,10 @@ from yarl import URL
 from proxy import transfer, upstream_conns, upstream_tls
 from proxy import upstream_client as lean
 from proxy.config import Upstream
-from proxy.errors import (
-    BodyTimeout,
-    ProblemError,
-    UpstreamError,
-    UpstreamFailed,
-    UpstreamTimeout,
-    UpstreamTLSFailed,
-    UpstreamUnreachable,
-)
 from proxy.forwarded import Forwarding
 from proxy.responses import relayable_reason
 from proxy.sizes import CHUNK
+from proxy.upstream_errors import FAILURES, broken_off, translate
 
 log = logging.getLogger("idemproxy.upstream")
 
@@ -48,62 +40,6 @@ log = logging.getLogger("idemproxy.upstream")
 # at most 128 header fields.
 MAX_FIELD = lean.MAX_FIELD
 MAX_HEADERS = lean.MAX_HEADERS
-
-
-# What either client raises for a failed exchange (anything else is a bug).
-_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError, lean.NotSent,
-             lean.SentFailure)
-
-
-def _translate(exc: BaseException, *, tls: bool = False) -> UpstreamError:
-    if (stalled := _client_stalled(exc)) is not None:  # the client's fault: its 408
-        return UpstreamError(stalled, sent=True)
-    if isinstance(exc, (lean.BadAnswer, aiohttp.ClientResponseError)):
-        return UpstreamError(UpstreamFailed(
-            "The upstream answered with a response the proxy cannot relay (malformed or "
-            "over the header limits); the request was executed."), sent=True, answered=True)
-    if isinstance(exc, lean.NotSent):  # the cause names the upstream: not for clients
-        return UpstreamError(UpstreamUnreachable(
-            "Could not connect to the upstream; the request was not sent."), sent=False)
-    if isinstance(exc, aiohttp.ClientSSLError) or (tls and _reset_in_handshake(exc)):
-        log.error("TLS to the upstream failed; the request was not sent",
-                  extra={"fields": {"reason": upstream_tls.failure_reason(exc)}})
-        return UpstreamError(UpstreamTLSFailed(
-            "The TLS handshake with the upstream failed (its certificate was not accepted, "
-            "or it did not accept ours); the request was not sent."), sent=False)
-    if isinstance(exc, lean.ReadTimeout):
-        return UpstreamError(UpstreamTimeout(
-            "The upstream did not answer in time; the outcome is unknown."), sent=True)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError(UpstreamUnreachable(
-            "The upstream refused the connection; the request was not sent."), sent=False)
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamError(UpstreamUnreachable(
-            "Connecting to the upstream timed out; the request was not sent."), sent=False)
-    if isinstance(exc, asyncio.TimeoutError):
-        return UpstreamError(UpstreamTimeout(
-            "The upstream did not answer in time; the outcome is unknown."), sent=True)
-    return UpstreamError(UpstreamFailed(
-        f"The upstream connection failed after the request was sent "
-        f"({type(exc).__name__}); the outcome is unknown."), sent=True)
-
-
-def _reset_in_handshake(exc: BaseException) -> bool:
-    """On an https upstream, a reset while connecting: the TCP connection was up, so the
-    upstream broke off the TLS handshake (TLS 1.2 servers do so when they refuse our
-    client certificate)."""
-    return isinstance(exc, aiohttp.ClientConnectorError) and \
-        isinstance(exc.os_error, ConnectionResetError)
-
-
-def _client_stalled(exc: BaseException) -> BodyTimeout | None:
-    """The client.body_timeout that broke a streamed upload, if that is what this was."""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None or isinstance(seen, BodyTimeout):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 class _Body(Protocol):
@@ -153,7 +89,7 @@ class UpstreamResponse:
             applied = transfer.codings(headers)
         except transfer.CodingError as exc:
             body.close()
-            raise _broken_off(lean.BadAnswer(str(exc))) from exc
+            raise broken_off(lean.BadAnswer(str(exc))) from exc
         decoder = transfer.Decoder(applied) if applied else None
         return cls(status, relayable_reason(reason), headers,
                    None if decoder else content_length, body, decoder)
@@ -169,8 +105,8 @@ class UpstreamResponse:
                     yield piece
             if self.decoder is not None:
                 self.decoder.finish()
-        except (*_FAILURES, transfer.CodingError) as exc:
-            raise _broken_off(exc) from exc
+        except (*FAILURES, transfer.CodingError) as exc:
+            raise broken_off(exc) from exc
 
     def arrived(self) -> bytes | None:
         """The whole body if it has all arrived already (then as `read` would give it,
@@ -183,27 +119,11 @@ class UpstreamResponse:
             return b"".join([chunk async for chunk in self.chunks()])
         try:
             return await self.body.read()
-        except _FAILURES as exc:
-            raise _broken_off(exc) from exc
+        except FAILURES as exc:
+            raise broken_off(exc) from exc
 
     def close(self) -> None:
         self.body.close()
-
-
-def _broken_off(exc: BaseException) -> UpstreamError:
-    """A failure after the answer's head arrived: the upstream acted, so the outcome is
-    known (executed) even though the answer cannot be relayed whole."""
-    if isinstance(exc, (lean.BadAnswer, aiohttp.ClientResponseError, transfer.CodingError)):
-        problem: ProblemError = UpstreamFailed(
-            "The upstream answered with a response the proxy cannot relay (malformed "
-            "framing or transfer coding); the request was executed.")
-    elif isinstance(exc, (lean.ReadTimeout, asyncio.TimeoutError)):
-        problem = UpstreamTimeout("The upstream stopped sending its answer before its end; "
-                                  "the request was executed.")
-    else:
-        problem = UpstreamFailed("The upstream's answer broke off before its end; the "
-                                 "request was executed.")
-    return UpstreamError(problem, sent=True, answered=True)
 
 
 class Forwarder:
@@ -289,8 +209,8 @@ class Forwarder:
                                              body)
             except ValueError:
                 pass  # refused before sending (say, raw non-ASCII in the path): aiohttp's turn
-            except _FAILURES as exc:
-                raise _translate(exc) from exc
+            except FAILURES as exc:
+                raise translate(exc) from exc
             else:
                 return UpstreamResponse.of(r.status, r.reason, r.headers, r.content_length, r)
         # aiohttp's sock_read restarts with every byte, so an upstream sending 1xx after
@@ -303,8 +223,8 @@ class Forwarder:
                     method, URL(self._prefix + tail, encoded=True), headers=headers,
                     data=body, allow_redirects=False, compress=False,
                     server_hostname=self.server_name)
-        except _FAILURES as exc:
-            raise _translate(exc, tls=self.tls is not None) from exc
+        except FAILURES as exc:
+            raise translate(exc, tls=self.tls is not None) from exc
         return UpstreamResponse.of(raw.status, raw.reason, raw.headers, raw.content_length,
                                    _AiohttpBody(raw))
 
