@@ -28,7 +28,7 @@ from proxy.relay import (
     small_enough,
     whole_response,
 )
-from proxy.replay import guard_headers
+from proxy.replay import guard_headers, stream_stored
 from proxy.responses import with_reason
 from proxy.store import Claim, Completion, Record, State
 
@@ -205,9 +205,33 @@ async def _stream_and_record(request: web.BaseRequest, deps: Deps, g: Guarded, c
                             headers=with_reason(up.status, up.reason, tuple(stored)))
     await _complete(deps, g, done)  # the client gets it anyway
     finish(deps, g, route, Outcome.FORWARDED, up.status)
+    if sink.behind:
+        await _catch_up(deps, g, sink, done)
+        return sink.response
     await sink.write(held)
     await sink.finish()
     return sink.response
+
+
+async def _catch_up(deps: Deps, g: Guarded, sink: ClientSink, done: Completion) -> None:
+    """The client stopped reading and the recording went on without it (issue #25: its
+    key stayed in flight as long as it liked): now that the answer is stored, give it
+    the rest from the store, at its own pace (client.write_timeout bounds a stall)."""
+    await sink.settle()
+    if sink.gone:
+        return
+    if done.body_omitted:  # not stored (over max_stored_body, or the store failed)
+        log.warning("a client that fell behind a recording cannot be caught up: the body "
+                    "was not stored; its connection is cut", extra={"fields": {
+                        "route": g.route.name, "key_hash": g.key_hash}})
+        sink.abort()
+        return
+    if done.body is not None:  # stored inline
+        await sink.write(done.body[sink.offered:])
+        await sink.finish()
+        return
+    await stream_stored(sink, deps.store, scope=g.scope, key=g.key, token=g.token,
+                        sealed=deps.sealer.encrypting, size=done.body_size)
 
 
 # The completion retry: quick at first (a failover usually takes a second or two), then

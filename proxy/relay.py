@@ -6,6 +6,7 @@ anything about keys; it streams, and it notices when the client has gone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 
@@ -120,11 +121,17 @@ def _outgoing(request: web.BaseRequest, forwarder: Forwarder, body: bytes | None
     return headers, _stream_body(request)
 
 
+# How long a recording waits for a client that takes nothing before it records on
+# without it (the client is then caught up from the store: execute._catch_up).
+CLIENT_GRACE = 1.0
+
+
 class ClientSink:
     """A streamed response to the client that keeps accepting writes after a hang-up.
 
     A client that disconnects must not stop the recording of the upstream's answer, so
-    writes to a gone client are dropped and `gone` turns true.
+    writes to a gone client are dropped and `gone` turns true. Nor may a client that
+    stops reading (`write_lagging`): its write is left pending and the sink is `behind`.
     """
 
     def __init__(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
@@ -132,6 +139,8 @@ class ClientSink:
         self.response = response
         self.gone = False
         self.offered = 0  # bytes handed to write(), delivered or not
+        self._pending: asyncio.Task[None] | None = None  # a write left behind
+        self.behind = False
 
     async def start(self) -> None:
         try:
@@ -143,10 +152,37 @@ class ClientSink:
         self.offered += len(chunk)
         if self.gone or not chunk:
             return
+        await self._send(chunk)
+
+    async def _send(self, chunk: bytes) -> None:
         try:
             await self.response.write(chunk)
         except (ConnectionError, RuntimeError):
             self.gone = True
+
+    async def write_lagging(self, chunk: bytes, *, grace: float = CLIENT_GRACE) -> None:
+        """write() for a recording, which must not wait on the client: if the write has
+        not gone through within `grace` (the client takes nothing), it is left pending
+        and the sink is `behind`; later writes are ignored until `settle()`.
+
+        The write runs as a task of its own so it is never cancelled halfway (aiohttp
+        leaves a cancelled drain waiter behind for the next write to trip on)."""
+        if self.behind:
+            return
+        self.offered += len(chunk)
+        if self.gone or not chunk:
+            return
+        task = asyncio.get_running_loop().create_task(self._send(chunk))
+        done, _ = await asyncio.wait((task,), timeout=grace)
+        if not done:
+            self._pending, self.behind = task, True
+
+    async def settle(self) -> None:
+        """Wait for a write left pending: until the client takes it, or the connection
+        ends (client.write_timeout aborts one that takes nothing)."""
+        if self._pending is not None:
+            await self._pending
+            self._pending = None
 
     async def finish(self) -> None:
         if not self.gone:
@@ -189,10 +225,12 @@ async def pump(chunks: AsyncIterator[bytes], sink: ClientSink, *,
     """The one streaming loop (pass-through, released answers, recording, replays).
 
     Without `record` it stops once the client has gone. With `record`, every chunk is
-    recorded first and the copy goes on after a hang-up (the answer is stored anyway);
-    the last chunk is held back and returned: the caller writes it once the result is
-    stored, since a client that has the whole answer must find the key completed when it
-    retries at once. Failures of `chunks` propagate (the caller knows what they mean).
+    recorded first and the copy goes on after a hang-up or without a client that stops
+    reading (`write_lagging`: the answer is stored anyway, and the client caught up
+    from the store); the last chunk is held back and returned: the caller writes it once
+    the result is stored, since a client that has the whole answer must find the key
+    completed when it retries at once. Failures of `chunks` propagate (the caller knows
+    what they mean).
     """
     held = b""
     if record is None:
@@ -203,7 +241,7 @@ async def pump(chunks: AsyncIterator[bytes], sink: ClientSink, *,
         return held
     async for chunk in chunks:
         await record(chunk)
-        await sink.write(held)
+        await sink.write_lagging(held)
         held = chunk
     return held
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from uuid import UUID
 
 from aiohttp import web
 
@@ -12,6 +14,7 @@ from proxy.decide import guard_headers as guard_headers  # the flow imports it f
 from proxy.errors import StoredAnswerUnreadable, StoreError
 from proxy.relay import ClientSink, pump
 from proxy.responses import Relayed, RelayedWhole, stored_reason, typed
+from proxy.sizes import CHUNK
 from proxy.store import Record, Store
 
 log = logging.getLogger("idemproxy.replay")
@@ -40,20 +43,37 @@ async def replay(request: web.BaseRequest, record: Record, *, route: Route, scop
         return resp
     sink = ClientSink(request, resp)
     await sink.start()
+    await stream_stored(sink, store, scope=scope, key=key, token=record.lock_token,
+                        sealed=record.sealed, size=record.body_size)
+    return resp
+
+
+async def stream_stored(sink: ClientSink, store: Store, *, scope: str, key: str,
+                        token: UUID, sealed: bool, size: int) -> None:
+    """Write a stored body's chunks from byte `sink.offered` on (0 for a replay; where a
+    client fell behind a recording, execute._catch_up) and end the response; cut the
+    connection instead of ever passing off a short or altered body."""
+    start = sink.offered
     try:
-        await pump(store.read_chunks(scope=scope, key=key, token=record.lock_token,
-                                     sealed=record.sealed), sink)
+        await pump(_from(store.read_chunks(scope=scope, key=key, token=token, sealed=sealed,
+                                           start=start // CHUNK), skip=start % CHUNK),
+                   sink)
         if sink.gone:
-            return resp
+            return
     except (StoreError, StoredAnswerUnreadable) as exc:
         # headers are out: cut the connection, never a short or altered body
         log.error("store failed during a streamed replay: %s", exc)
         sink.abort()
-        return resp
-    if sink.offered != record.body_size:  # deleted under us: never pass off a short body
-        log.error("stored body changed during replay (%d of %d bytes)", sink.offered,
-                  record.body_size)
+        return
+    if sink.offered != size:  # deleted under us: never pass off a short body
+        log.error("stored body changed during replay (%d of %d bytes)", sink.offered, size)
         sink.abort()
-        return resp
+        return
     await sink.finish()
-    return resp
+
+
+async def _from(chunks: AsyncIterator[bytes], *, skip: int) -> AsyncIterator[bytes]:
+    """`chunks` without its first `skip` bytes (less than one chunk)."""
+    async for chunk in chunks:
+        yield chunk[skip:] if skip else chunk
+        skip = 0

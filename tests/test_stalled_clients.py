@@ -13,8 +13,10 @@ import socket
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import pytest
 
 from tests.conftest import ProxyHandle
+from tests.test_at_rest import K1
 from tests.test_edge import port_of
 from tests.test_flow import new_key, post
 from tests.upstream import pattern
@@ -130,15 +132,30 @@ async def test_stalled_readers_free_their_upstream_connections(make_proxy, upstr
     assert p.metric("idemproxy_client_write_timeouts_total") >= 1
 
 
-async def test_a_first_request_whose_client_stalls_is_stored(make_proxy, upstream, client):
-    """A guarded 16 MiB answer whose client never reads: the recording finishes the
-    upstream read and stores it anyway, so a retry soon gets the replay (not 409 until
-    the lease ends) and the upstream ran once."""
-    p = await make_proxy(ROUTES, extra="client:\n  write_timeout: 1s\n")
+async def read_all(sock: socket.socket) -> bytes:
+    """Everything until the proxy closes the connection."""
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    async with asyncio.timeout(60):
+        while chunk := await loop.sock_recv(sock, 1 << 20):
+            data += chunk
+    return bytes(data)
+
+
+@pytest.mark.parametrize("keys", ["", K1], ids=["plain", "sealed"])
+async def test_a_first_request_whose_client_stalls_is_stored(make_proxy, upstream, client,
+                                                             keys):
+    """A guarded 16 MiB answer whose client stops reading (write_timeout far away): the
+    recording finishes the upstream read and stores it without that client, so a retry
+    soon gets the replay (not 409 while the client stalls), the upstream ran once, and
+    the stalled client, once it reads, gets the whole answer byte for byte (the rest
+    from the store, sealed or not)."""
+    p = await make_proxy(ROUTES, extra="client:\n  write_timeout: 60s\n",
+                         encryption_keys=keys)
     key = new_key()
     target = f"/big?size={SIZE}&length=1"
-    sock = stalled(port_of(p.url), target, method="POST",
-                   headers={"Authorization": AUTH, "Idempotency-Key": key})
+    sock = stalled(port_of(p.url), target, method="POST", headers={
+        "Authorization": AUTH, "Idempotency-Key": key, "Connection": "close"})
     await until(lambda: upstream.count("/big") == 1)
     answer: list[tuple[int, dict[str, str], bytes]] = []
 
@@ -147,11 +164,15 @@ async def test_a_first_request_whose_client_stalls_is_stored(make_proxy, upstrea
         return answer[0][0] != 409
 
     await until_ok(replayed)
-    sock.close()
+    assert stalled_writes(p) >= 1  # the first client is still there, still not reading
     status, headers, body = answer[0]
     assert status == 200 and headers.get("Idempotent-Replayed") == "true"
     assert body == pattern(SIZE)
+    head, _, first = (await read_all(sock)).partition(b"\r\n\r\n")
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 200 ") and first == pattern(SIZE)
     assert upstream.count("/big") == 1
+    assert p.metric("idemproxy_client_write_timeouts_total") == 0
 
 
 async def test_stalled_replays_hold_no_database_connection(make_proxy, upstream, client):

@@ -268,8 +268,8 @@ class PostgresStore:
         await self._call("chunk", "execute", "DELETE FROM idemproxy_chunks WHERE scope = $1 "
                          "AND key = $2 AND lock_token = $3", scope, key, token)
 
-    async def read_chunks(self, *, scope: str, key: str, token: UUID,
-                          sealed: bool = False) -> AsyncIterator[bytes]:
+    async def read_chunks(self, *, scope: str, key: str, token: UUID, sealed: bool = False,
+                          start: int = 0) -> AsyncIterator[bytes]:
         """Stream a body's chunks in order, READ_AHEAD rows per statement: bounded memory
         for any size. No connection (and no transaction) is held while the caller writes
         them out: a client that reads slowly, or not at all, must not hold the pool
@@ -277,8 +277,9 @@ class PostgresStore:
         completed record's chunks never change, so reading them in several statements
         reads one body; one deleted meanwhile shows as a gap or a short body (StoreFailed
         here, or the replay's size check). A sealed record's chunks are opened as they
-        come (StoredAnswerUnreadable)."""
-        seq = 0
+        come (StoredAnswerUnreadable). From row `start` on (a client caught up mid-body).
+        """
+        seq = start
         while True:
             rows = await self._call("chunks", "fetch", _READ_CHUNKS_FROM, scope, key, token,
                                     seq, READ_AHEAD)
