@@ -143,8 +143,12 @@ class _GoneSink:
     """A client that hung up before the upstream answered."""
 
     gone = True
+    behind = False
 
     async def write(self, chunk: bytes) -> None:
+        return None
+
+    async def write_lagging(self, chunk: bytes) -> None:
         return None
 
 
