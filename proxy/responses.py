@@ -89,7 +89,7 @@ class _AsSent:
             self._headers.popall("Content-Type", None)
 
     async def _write_headers(self) -> None:
-        if not any(_escaped(v) for v in self._headers.values()):
+        if not _escaped(self._reason) and not any(_escaped(v) for v in self._headers.values()):
             await super()._write_headers()  # type: ignore[misc]
             return
         version = self._req.version

@@ -413,20 +413,22 @@ async def test_a_control_byte_in_the_reason_phrase_of_an_unguarded_answer(
 @pytest.mark.parametrize("chunked", [False, True], ids=["small", "streamed"])
 async def test_the_reason_phrase_is_stored_and_no_content_type_is_invented(
         make_proxy, raw_upstream, chunked):
-    """An answer with its own reason phrase and no Content-Type: the first client and the
-    replay both get that reason and no Content-Type (aiohttp would add octet-stream)."""
-    up = await raw_upstream(answer(b"HTTP/1.1 202 Queued For Later", body=b"raw bytes",
+    """An answer with its own reason phrase (a Latin-1 byte in it) and no Content-Type:
+    the first client and the replay both get that reason, byte for byte, and no
+    Content-Type (aiohttp would add octet-stream)."""
+    up = await raw_upstream(answer(b"HTTP/1.1 202 Queued F\xf6r Later", body=b"raw bytes",
                                    chunked=chunked))
     p = await make_proxy(ROUTES, upstream_url=up.url)
     key = new_key()
     first = await fetch(port_of(p.url), "POST", "/exec/typed", key=key)
     retry = await fetch(port_of(p.url), "POST", "/exec/typed", key=key)
     for got in (first, retry):
-        assert (got.status, got.reason, got.body) == (202, b"Queued For Later", b"raw bytes")
+        assert (got.status, got.reason, got.body) == (202, b"Queued F\xf6r Later",
+                                                      b"raw bytes")
         assert got.header("Content-Type") is None, got.headers
     assert retry.header("Idempotent-Replayed") == b"true" and up.count("/exec") == 1
     plain = await fetch(port_of(p.url), "GET", "/exec/typed", body=b"")
-    assert plain.reason == b"Queued For Later" and plain.header("Content-Type") is None
+    assert plain.reason == b"Queued F\xf6r Later" and plain.header("Content-Type") is None
 
 
 # --- 3. a broken body after a valid head: answered, stored, never run again ------------
