@@ -69,10 +69,11 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
 
 
 def _ours_only(up: UpstreamResponse, route: Route) -> UpstreamResponse:
-    """The proxy's own markers (the replay header, Idempotency-Body, the expiry header)
-    dropped from an upstream's answer: a first execution must never look like a replay,
-    and the replay's marker is always the proxy's."""
-    names = [n for n in (route.replay_header, route.expires_header, "Idempotency-Body") if n]
+    """The proxy's own markers (replay_header, omitted_header, expires_header) dropped
+    from an upstream's answer: a first execution must never look like a replay, and the
+    replay's marker is always the proxy's."""
+    names = [n for n in (route.replay_header, route.expires_header, route.omitted_header)
+             if n]
     if not any(n in up.headers for n in names):
         return up
     headers = CIMultiDict(up.headers)
