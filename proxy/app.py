@@ -87,6 +87,8 @@ async def create_app(cfg: Config, *, store: Store, metrics: Metrics,
         deps = Deps(store=store, forwarder=upstreams.default, metrics=metrics,
                     observer=observer, sealer=store.sealer, notifier=notifier, cache=cache,
                     db_clock_offset=await store.clock_offset(), upstreams=upstreams)
+        stack.push_async_callback(deps.leases.aclose)  # its renewal thread
+        stack.callback(deps.cpu.close)  # its thread pool
         yield App(create_admin_app(cfg, deps), deps.life, deps,
                   create_proxy_handler(cfg, deps))
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import os
 import time
 import uuid
@@ -17,14 +16,16 @@ from typing import Any
 from proxy import logs
 from proxy.cache import ReplayCache
 from proxy.config import Concurrent, Route
-from proxy.errors import StoreError
 from proxy.forward import Forwarder
+from proxy.leases import Leases
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
 from proxy.observe import Fanout, Observer, Outcome, Verdict
+from proxy.offload import Offload
 from proxy.sealing import Sealer
 from proxy.store import Store
 from proxy.store.notify import Notifier
+from proxy.store.sightings import Sightings
 from proxy.upstreams import Upstreams
 
 log = logging.getLogger("idemproxy.request")
@@ -64,6 +65,9 @@ class Deps(Services):
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     upstreams: Upstreams | None = None  # routes' own upstreams (None: all go to forwarder)
     leases: Leases = field(init=False)  # renews the leases of claims executing here
+    # other owners' claims seen in flight: a takeover's evidence (proxy/store/sightings.py)
+    sightings: Sightings = field(default_factory=Sightings)
+    cpu: Offload = field(default_factory=Offload)  # big bodies' key and fingerprint work
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,79 +86,6 @@ class Deps(Services):
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-
-class _Held:
-    """A claim executing in this process, and when its lease is next renewed."""
-
-    __slots__ = ("g", "due", "task")
-
-    def __init__(self, g: Guarded, due: float) -> None:
-        self.g, self.due = g, due
-        self.task: asyncio.Task[None] | None = None
-
-
-class Leases:
-    """Keep live claims' leases from running out under a slow upstream or a long body.
-
-    One timer per process, not one per request (most requests end long before their
-    first renewal): every sixth of the shortest lease held, each claim whose lease is a
-    third through since it was taken or last renewed is renewed (so by half its lease at
-    the latest). Only claims this process is still executing are held, and only a live,
-    running process renews, so a crashed or frozen owner's lease still ends and its key
-    can be taken over.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._held: dict[uuid.UUID, _Held] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._period = math.inf  # of the armed timer
-
-    def __len__(self) -> int:
-        return len(self._held)
-
-    def hold(self, g: Guarded) -> None:
-        """Renew g's lease while it executes, until `drop(g)`."""
-        loop = asyncio.get_running_loop()
-        lease = g.route.lock_timeout
-        self._held[g.token] = _Held(g, loop.time() + lease / 3)
-        if lease / 6 < self._period:  # none armed (inf), or this lease is shorter
-            self._arm(loop, lease / 6)
-
-    def drop(self, g: Guarded) -> None:
-        held = self._held.pop(g.token, None)
-        if held is not None and held.task is not None:
-            held.task.cancel()
-
-    def _arm(self, loop: asyncio.AbstractEventLoop, period: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer, self._period = loop.call_later(period, self._tick, loop), period
-
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer, self._period = None, math.inf
-        now, shortest = loop.time(), math.inf
-        for held in self._held.values():
-            shortest = min(shortest, held.g.route.lock_timeout)
-            if held.task is None and held.due <= now:
-                held.task = loop.create_task(self._renew(held))
-        if self._held:
-            self._arm(loop, shortest / 6)
-
-    async def _renew(self, held: _Held) -> None:
-        g = held.g
-        loop = asyncio.get_running_loop()
-        try:
-            if not await self._store.extend(scope=g.scope, key=g.key, token=g.token,
-                                            lease=g.route.lock_timeout):
-                held.due = math.inf  # taken over or finished: nothing left to renew
-                return
-        except StoreError as exc:
-            log.warning("could not renew a lease: %s", exc)
-        finally:
-            held.task = None
-        held.due = loop.time() + g.route.lock_timeout / 3
 
 
 class _LockTokens:

@@ -88,8 +88,10 @@ async def _identify(request: web.BaseRequest, m: Match, deps: Deps
     if route.key.body:
         body = await read_body(request, limit=route.max_request_body)
     sealer = deps.sealer
-    key = keys.read_key(route, headers=request.headers, params=m.params, body=body,
-                        now=time.time() + deps.db_clock_offset, keyed=sealer.body_key)
+    key = await deps.cpu.run(
+        keys.read_key, route, size=len(body or b""), canonical=bool(route.key.body),
+        headers=request.headers, params=m.params, body=body,
+        now=time.time() + deps.db_clock_offset, keyed=sealer.body_key)
     if key is None:
         return None, body
     # Before the body is read: a refusal goes out before any 100 Continue (RFC 9110 §10.1.1).
@@ -97,10 +99,11 @@ async def _identify(request: web.BaseRequest, m: Match, deps: Deps
                                                 keyed=sealer.tenant_hash))
     if body is None:
         body = await read_body(request, limit=route.max_request_body)
-    digest = keys.fingerprint(route, method=request.method, path=request.rel_url.raw_path,
-                              query=request.rel_url.raw_query_string, body=body,
-                              headers=request.headers,
-                              content_type=request.headers.get("Content-Type", ""))
+    digest = await deps.cpu.run(
+        keys.fingerprint, route, size=len(body), canonical=route.fingerprint.canonical_json,
+        method=request.method, path=request.rel_url.raw_path,
+        query=request.rel_url.raw_query_string, body=body, headers=request.headers,
+        content_type=request.headers.get("Content-Type", ""))
     return Guarded(route, scope, key, sealer.fingerprint(digest), body,
                    key_hash=sealer.key_hash(scope, key), digest=digest), body
 
@@ -117,6 +120,10 @@ async def _claim(deps: Deps, g: Guarded) -> Claim:
     except StoredAnswerUnreadable as exc:
         finish(deps, g, g.route, Outcome.STORE_ERROR, exc.status)
         raise
+    if claim.outcome is ClaimOutcome.EXISTING and claim.record.state is State.IN_FLIGHT:
+        deps.sightings.saw(g.scope, g.key, claim.record.beat)
+    else:
+        deps.sightings.forget(g.scope, g.key)
     if claim.outcome is ClaimOutcome.EXISTING:
         before = g.fingerprint
         _match_fingerprint(deps, g, claim.record)
@@ -126,8 +133,13 @@ async def _claim(deps: Deps, g: Guarded) -> Claim:
 
 
 def _claim_once(deps: Deps, g: Guarded) -> Awaitable[Claim]:
+    """One claim; a dead claim is taken over only with evidence from this process's own
+    clock that its owner stopped renewing (store/sightings.py), never on the database's
+    clock alone."""
+    lease = g.route.lock_timeout
     return deps.store.claim(scope=g.scope, key=g.key, fingerprint=g.fingerprint,
-                            token=g.token, lease=g.route.lock_timeout, ttl=g.route.ttl)
+                            token=g.token, lease=lease, ttl=g.route.ttl,
+                            seen=deps.sightings.evidence(g.scope, g.key, lease=lease))
 
 
 def _match_fingerprint(deps: Deps, g: Guarded, rec: Record) -> None:

@@ -42,7 +42,7 @@ from proxy.observe import Observer
 from proxy.startup import check_parser, open_sealer, redact_url
 from proxy.store import OpenedStore
 from proxy.store.open import open_store
-from proxy.store.sweeper import run_sweeper
+from proxy.store.sweeper import longest_lease, run_sweeper
 
 log = logging.getLogger("idemproxy.server")
 
@@ -165,7 +165,7 @@ def _background(cfg: Config, role: Role, store: OpenedStore, observer: Observer,
     tasks = [logs.flush_periodically()]
     if role is not Role.WORKER:
         tasks.append(run_sweeper(store, interval=cfg.sweep_interval,
-                                 on_deleted=observer.swept))
+                                 lease=longest_lease(cfg.routes), on_deleted=observer.swept))
     if deps is not None:
         tasks.append(_track_db_clock(deps))
     if role is Role.WORKER and deps is not None:

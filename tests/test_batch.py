@@ -133,15 +133,18 @@ async def test_a_batched_new_claim_answers_as_a_claim_alone(one_conn: PostgresSt
 
 async def test_rows_to_take_over_are_taken_over_in_a_batch(one_conn: PostgresStore):
     """In a batch, an expired row is claimed anew and an ended lease of the same request is
-    taken over, next to new keys and a live claim (409 material), each as alone."""
+    taken over (each with the heartbeat seen on it), next to new keys and a live claim (409
+    material), each as alone."""
     scope, _ = ids()
     await claim(one_conn, scope, "expired", ttl=0.01, lease=0.01)
     await claim(one_conn, scope, "lease-ended", lease=0.01)
     live = await claim(one_conn, scope, "live")
     await asyncio.sleep(0.05)
     names = ["expired", "lease-ended", "live", "new"]
+    seen = {k: (await claim(one_conn, scope, k)).record.beat for k in names[:3]}
     async with busy(one_conn):
-        tasks = [asyncio.create_task(claim(one_conn, scope, k)) for k in names]
+        tasks = [asyncio.create_task(claim(one_conn, scope, k, seen=seen.get(k)))
+                 for k in names]
     got = dict(zip(names, await asyncio.gather(*tasks), strict=True))
     assert got["expired"].outcome is ClaimOutcome.NEW
     assert got["lease-ended"].outcome is ClaimOutcome.TAKEN_OVER
@@ -230,7 +233,7 @@ async def test_a_connection_lost_mid_batch_fails_every_call_then_recovers(
         for _ in range(100):
             waiting = await watcher.fetchval(
                 "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE '%idemproxy_claim_many%'")
+                "AND query LIKE '%idemproxy_claim2_many%'")
             if waiting:
                 break
             await asyncio.sleep(0.02)
@@ -345,7 +348,7 @@ async def test_batches_claiming_the_same_keys_in_opposite_orders_do_not_deadlock
         for _ in range(200):
             waiting = await watcher.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE '%idemproxy_claim_many%'")
+                "AND query LIKE '%idemproxy_claim2_many%'")
             if waiting == 2:
                 break
             await asyncio.sleep(0.01)

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.config import loads
 from proxy.context import Guarded, Leases
-from proxy.store import ClaimOutcome
+from proxy.store import Beat, ClaimOutcome
 from proxy.store.postgres import PostgresStore
 
 
@@ -28,29 +28,42 @@ def _guarded(lease: str) -> Guarded:
                    b"")
 
 
-async def _claim(store: PostgresStore, g: Guarded, token: uuid.UUID | None = None
-                 ) -> ClaimOutcome:
+async def _claim(store: PostgresStore, g: Guarded, token: uuid.UUID | None = None, *,
+                 seen: Beat | None = None) -> ClaimOutcome:
     c = await store.claim(scope=g.scope, key=g.key, fingerprint=g.fingerprint,
-                          token=token or uuid.uuid4(), lease=g.route.lock_timeout, ttl=60)
+                          token=token or uuid.uuid4(), lease=g.route.lock_timeout, ttl=60,
+                          seen=seen)
     return c.outcome
+
+
+async def _beat(store: PostgresStore, g: Guarded) -> Beat:
+    """The claim's (token, heartbeat) as another proxy sees it now."""
+    c = await store.claim(scope=g.scope, key=g.key, fingerprint=g.fingerprint,
+                          token=uuid.uuid4(), lease=g.route.lock_timeout, ttl=60)
+    assert c.outcome is ClaimOutcome.EXISTING
+    return c.record.beat
 
 
 async def test_a_held_claim_outlives_its_lease_and_a_dropped_one_does_not(
         store: PostgresStore):
-    """Held past twice its lease, the claim still holds the key (renewed); once dropped,
-    its lease ends and the next claim takes the key over."""
+    """Held past twice its lease, the claim still holds the key (renewed, its heartbeat
+    moved on); once dropped, its lease ends and a claim showing the heartbeat it saw
+    takes the key over."""
     leases = Leases(store)
     g = _guarded("500ms")
     assert await _claim(store, g, g.token) is ClaimOutcome.NEW
+    first = await _beat(store, g)
     leases.hold(g)
     try:
         await asyncio.sleep(1.2)
-        assert await _claim(store, g) is ClaimOutcome.EXISTING
+        assert await _claim(store, g, seen=first) is ClaimOutcome.EXISTING
     finally:
         leases.drop(g)
     assert len(leases) == 0
+    last = await _beat(store, g)
+    assert last.heartbeat > first.heartbeat
     await asyncio.sleep(0.8)
-    assert await _claim(store, g) is ClaimOutcome.TAKEN_OVER
+    assert await _claim(store, g, seen=last) is ClaimOutcome.TAKEN_OVER
 
 
 async def test_claims_of_different_leases_are_each_renewed_in_time(store: PostgresStore):
@@ -60,13 +73,14 @@ async def test_claims_of_different_leases_are_each_renewed_in_time(store: Postgr
     long, short, idle = _guarded("30s"), _guarded("500ms"), _guarded("500ms")
     for g in (long, short, idle):
         assert await _claim(store, g, g.token) is ClaimOutcome.NEW
+    seen = {g.key: await _beat(store, g) for g in (short, idle)}
     leases.hold(long)
     leases.hold(short)
     try:
         await asyncio.sleep(1.2)
-        assert await _claim(store, short) is ClaimOutcome.EXISTING
+        assert await _claim(store, short, seen=seen[short.key]) is ClaimOutcome.EXISTING
         assert await _claim(store, long) is ClaimOutcome.EXISTING
-        assert await _claim(store, idle) is ClaimOutcome.TAKEN_OVER
+        assert await _claim(store, idle, seen=seen[idle.key]) is ClaimOutcome.TAKEN_OVER
     finally:
         leases.drop(short)
         leases.drop(long)
@@ -78,9 +92,10 @@ async def test_a_claim_taken_over_is_not_renewed_again(store: PostgresStore):
     leases = Leases(store)
     g = _guarded("500ms")
     assert await _claim(store, g, g.token) is ClaimOutcome.NEW
+    seen = await _beat(store, g)
     await asyncio.sleep(0.6)  # ended before it was held: another owner takes it
     other = uuid.uuid4()
-    assert await _claim(store, g, other) is ClaimOutcome.TAKEN_OVER
+    assert await _claim(store, g, other, seen=seen) is ClaimOutcome.TAKEN_OVER
     leases.hold(g)
     try:
         await asyncio.sleep(0.8)

@@ -108,7 +108,8 @@ async def test_zombie_proxy_cannot_overwrite_the_new_owners_result(
         await asyncio.sleep(0.01)
     sigstop(a)
     try:
-        await asyncio.sleep(1.7)  # A's lease ends while it is frozen
+        assert (await post(client, b.url + "/gate/z", key=key))[0] == 409  # B sees it
+        await asyncio.sleep(1.7)  # A's lease ends while it is frozen (no heartbeat)
         owner_call = asyncio.create_task(post(client, b.url + "/gate/z", key=key))
         while upstream.count("/gate/z") < 2:
             await asyncio.sleep(0.01)

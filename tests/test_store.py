@@ -8,7 +8,7 @@ import uuid
 import asyncpg
 import pytest
 
-from proxy.store import ClaimOutcome, Completion, State
+from proxy.store import Beat, ClaimOutcome, Completion, State
 from proxy.store.postgres import PostgresStore
 
 
@@ -27,9 +27,10 @@ def ids() -> tuple[str, str]:
 
 
 async def claim(store: PostgresStore, scope: str, key: str, *, fp: bytes = FP,
-                lease: float = 30, ttl: float = 3600, token: uuid.UUID | None = None):
+                lease: float = 30, ttl: float = 3600, token: uuid.UUID | None = None,
+                seen: Beat | None = None):
     return await store.claim(scope=scope, key=key, fingerprint=fp, token=token or uuid.uuid4(),
-                             lease=lease, ttl=ttl)
+                             lease=lease, ttl=ttl, seen=seen)
 
 
 async def test_claim_race_under_read_committed_has_one_winner(db: str):
@@ -85,13 +86,14 @@ async def test_complete_with_wrong_token_is_refused(store: PostgresStore, notify
 
 
 async def test_takeover_after_lease_and_zombie_cannot_overwrite(store: PostgresStore):
-    """After the lease ends another claim takes over; the old owner's late write is refused."""
+    """After the lease ends another claim presenting the heartbeat it saw (proxy/
+    store/sightings.py) takes over; the old owner's late write is refused."""
     scope, key = ids()
     zombie = await claim(store, scope, key, lease=0.2)
     live = await claim(store, scope, key)
     assert live.outcome is ClaimOutcome.EXISTING  # lease still running
     await asyncio.sleep(0.3)
-    new_owner = await claim(store, scope, key)
+    new_owner = await claim(store, scope, key, seen=live.record.beat)
     assert new_owner.outcome is ClaimOutcome.TAKEN_OVER
     assert not await store.complete(scope=scope, key=key, token=zombie.record.lock_token,
                                     done=Completion(500, (), b"zombie", 0, 6, False), notify=False)
@@ -107,8 +109,9 @@ async def test_takeover_race_has_one_winner(db: str):
     try:
         scope, key = ids()
         await claim(stores[0], scope, key, lease=0.1)
+        seen = (await claim(stores[1], scope, key)).record.beat
         await asyncio.sleep(0.2)
-        results = await asyncio.gather(*[claim(s, scope, key) for s in stores])
+        results = await asyncio.gather(*[claim(s, scope, key, seen=seen) for s in stores])
         outcomes = [r.outcome for r in results]
         assert outcomes.count(ClaimOutcome.TAKEN_OVER) == 1
         assert outcomes.count(ClaimOutcome.EXISTING) == len(stores) - 1
@@ -121,8 +124,9 @@ async def test_lease_end_with_other_fingerprint_is_not_taken_over(store: Postgre
     """A dead claim is only taken over by the same request, never a different payload."""
     scope, key = ids()
     await claim(store, scope, key, lease=0.1)
+    seen = (await claim(store, scope, key)).record.beat
     await asyncio.sleep(0.2)
-    other = await claim(store, scope, key, fp=b"\x02" * 32)
+    other = await claim(store, scope, key, fp=b"\x02" * 32, seen=seen)
     assert other.outcome is ClaimOutcome.EXISTING and other.record.fingerprint == FP
 
 
@@ -163,8 +167,10 @@ async def test_purge_deletes_expired_rows_and_their_chunks(store: PostgresStore)
     """The sweeper's purge removes expired records and their body chunks, nothing else."""
     scope, key = ids()
     keep_scope, keep_key = ids()
-    c = await claim(store, scope, key, ttl=0.1, lease=0.1)  # a live lease is never purged
+    c = await claim(store, scope, key, ttl=0.1, lease=0.1)
     await store.write_chunk(scope=scope, key=key, token=c.record.lock_token, seq=0, data=b"x")
+    await store.complete(scope=scope, key=key, token=c.record.lock_token,
+                         done=Completion(200, (), None, 1, 1, False), notify=False)
     await claim(store, keep_scope, keep_key)
     await asyncio.sleep(0.2)
     assert await store.purge(batch=10000) >= 1

@@ -90,8 +90,9 @@ async def test_completion_is_a_compare_and_set_on_the_lock_token(store: Postgres
     """Only the live token completes, once; a wrong or a taken-over token changes nothing."""
     scope, key = ids()
     zombie = await claim(store, scope, key, lease=0.1)
+    seen = (await claim(store, scope, key)).record.beat
     await asyncio.sleep(0.15)
-    owner = await claim(store, scope, key)
+    owner = await claim(store, scope, key, seen=seen)
     assert owner.outcome is ClaimOutcome.TAKEN_OVER
     for token in (uuid.uuid4(), zombie.record.lock_token):
         assert not await store.complete(scope=scope, key=key, token=token, done=DONE,
@@ -132,11 +133,11 @@ async def test_upgrade_from_0002_keeps_rows_and_a_connected_proxy_working(
     store = await PostgresStore.connect(fresh_db, min_size=1, max_size=1)
     try:
         done_scope, done_key = ids()
-        c = await claim(store, done_scope, done_key)
+        c = await old_claim(store, done_scope, done_key)
         assert await store.complete(scope=done_scope, key=done_key,
-                                    token=c.record.lock_token, done=DONE, notify=False)
+                                    token=c["lock_token"], done=DONE, notify=False)
         live_scope, live_key = ids()
-        live = await claim(store, live_scope, live_key)
+        live = await old_claim(store, live_scope, live_key)
 
         replicas = [await asyncpg.connect(fresh_db) for _ in range(3)]
         try:
@@ -148,15 +149,27 @@ async def test_upgrade_from_0002_keeps_rows_and_a_connected_proxy_working(
         later = [name for v, name, _ in migrations() if v > 2]
         assert sorted(applied, key=len) == [[]] * (len(replicas) - 1) + [later]
 
-        replay = await claim(store, done_scope, done_key)
+        old = await old_claim(store, done_scope, done_key)  # its prepared statement
+        assert (old["outcome"], old["state"], old["body"]) == (3, 2, DONE.body)
+        replay = await claim(store, done_scope, done_key)  # this version's claim
         assert replay.outcome is ClaimOutcome.EXISTING
         assert replay.record.state is State.COMPLETED and replay.record.body == DONE.body
         assert replay.record.headers == DONE.headers
         dup = await claim(store, live_scope, live_key)
         assert dup.outcome is ClaimOutcome.EXISTING
-        assert dup.record.lock_token == live.record.lock_token
+        assert dup.record.lock_token == live["lock_token"]
         assert await store.complete(scope=live_scope, key=live_key,
-                                    token=live.record.lock_token, done=DONE, notify=False)
+                                    token=live["lock_token"], done=DONE, notify=False)
         assert (await claim(store, *ids())).outcome is ClaimOutcome.NEW
     finally:
         await store.close()
+
+
+async def old_claim(store: PostgresStore, scope: str, key: str) -> asyncpg.Record:
+    """A claim as the previous versions send it (idemproxy_claim, kept beside 0009's
+    idemproxy_claim2 for replicas still running them), on the store's own session."""
+    async with store.connection() as conn:
+        row: asyncpg.Record = await conn.fetchrow(
+            "SELECT * FROM idemproxy_claim($1, $2, $3, $4, $5, $6)", scope, key, b"\x01" * 32,
+            uuid.uuid4(), 30.0, 3600.0)
+    return row

@@ -93,7 +93,8 @@ async def test_reset_after_send_keeps_key_claimed(make_proxy, upstream, client):
 
 
 async def test_unknown_outcome_retry_forwards_again_after_lease(make_proxy, upstream, client):
-    """unknown_outcome: retry — once the lease ends a retry takes the claim over."""
+    """unknown_outcome: retry — once the lease ends, and the proxy saw the claim's
+    heartbeat unchanged for a lease of its own clock, a retry takes the claim over."""
     p = await make_proxy("""
         - name: retrying
           match: {methods: [POST], path: "/reset/*"}
@@ -102,6 +103,7 @@ async def test_unknown_outcome_retry_forwards_again_after_lease(make_proxy, upst
     """)
     key = new_key()
     await post(client, p.url + "/reset/r", key=key)
+    assert (await post(client, p.url + "/reset/r", key=key))[0] == 409  # seen in flight
     await asyncio.sleep(0.7)
     s, _, _ = await post(client, p.url + "/reset/r", key=key)
     assert s == 502 and upstream.count("/reset/r") == 2

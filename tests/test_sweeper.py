@@ -64,7 +64,8 @@ async def test_only_one_replica_sweeps_at_a_time(db: str, store: PostgresStore):
 async def test_background_sweeper_runs_on_its_interval(db: str, store: PostgresStore):
     """run_sweeper deletes expired rows on its own and reports how many."""
     deleted: list[int] = []
-    task = asyncio.create_task(run_sweeper(store, interval=0.1, on_deleted=deleted.append))
+    task = asyncio.create_task(run_sweeper(store, interval=0.1, lease=1.0,
+                                           on_deleted=deleted.append))
     try:
         for _ in range(20):  # another sweeper on this database may win a round: go again
             scope = await _expired_rows(store, 4)

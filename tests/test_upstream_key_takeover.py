@@ -97,8 +97,8 @@ async def test_unknown_outcome_then_takeover_leaves_one_effect(make_proxy, provi
 @pytest.mark.slow
 async def test_kill_9_then_takeover_resends_the_same_key_and_one_effect(
         db: str, tmp_path: Path, provider: IdempotentUpstream):
-    """Proxy A is killed (-9) while the provider holds the charge; proxy B takes the
-    claim over after the lease and sends the same upstream key: still one charge.
+    """Proxy A is killed (-9) while the provider holds the charge; proxy B, having seen
+    the claim, takes it over a lease later and sends the same upstream key: one charge.
     Another tenant's same client key sends another upstream key (its own charge)."""
     cluster = Cluster(tmp_path, db)
     try:
@@ -115,7 +115,9 @@ async def test_kill_9_then_takeover_resends_the_same_key_and_one_effect(
             a.signal(signal.SIGKILL)
             with pytest.raises(aiohttp.ClientError):
                 await first
-            await asyncio.sleep(1.7)  # the dead claim's lease ends
+            s, _, _ = await post(tenant_a, b.url + "/v1/charges?then=stall", key=key)
+            assert s == 409  # B sees the claim in flight (a takeover needs that sighting)
+            await asyncio.sleep(1.7)  # its lease ends, its heartbeat unchanged all along
             s, _, body = await post(tenant_a, b.url + "/v1/charges?then=stall", key=key)
             assert s == 201 and json.loads(body) == {"id": "ch_1"}
             s, _, body = await post(tenant_b, b.url + "/v1/charges", key=key)

@@ -14,10 +14,13 @@ import enum
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 from uuid import UUID
 
 from proxy.sealing import DataKey, Sealer
+
+if TYPE_CHECKING:  # store/sightings.py uses Beat from here
+    from proxy.store.sightings import Sightings
 
 
 class State(enum.IntEnum):
@@ -51,6 +54,21 @@ class Record(NamedTuple):
     body_size: int = 0
     body_omitted: bool = False
     sealed: bool = False  # stored sealed (proxy/sealing.py): its chunks are opened on read
+    heartbeat: int = 0  # bumped by every renewal of an in-flight claim (migration 0009)
+
+    @property
+    def beat(self) -> Beat:
+        """The claim's (token, heartbeat): what a sighting of it remembers."""
+        return Beat(self.lock_token, self.heartbeat)
+
+
+class Beat(NamedTuple):
+    """An in-flight claim as seen once: its token and heartbeat. Shown back to the store
+    a whole lease later (by the caller's own clock), unchanged, it is the evidence that
+    lets a claim whose lease ended be taken over (proxy/store/sightings.py)."""
+
+    token: UUID
+    heartbeat: int
 
 
 class Claim(NamedTuple):
@@ -94,6 +112,13 @@ class PoolSizes(Protocol):
     def get_max_size(self) -> int: ...
 
 
+class SideStore(Protocol):
+    """A connection of its own for another thread's event loop (lease renewals)."""
+
+    async def extend(self, *, scope: str, key: str, token: UUID, lease: float) -> bool: ...
+    async def close(self) -> None: ...
+
+
 class FlowStore(Protocol):
     """What the flow needs: claims, their answers and bodies, and the LISTEN connection
     that wakes waiters (opaque outside store/: store/notify.py drives it)."""
@@ -102,11 +127,12 @@ class FlowStore(Protocol):
     def listen_url(self) -> str | None: ...  # None: no LISTEN (waiters poll, no cache)
 
     async def claim(self, *, scope: str, key: str, fingerprint: bytes, token: UUID,
-                    lease: float, ttl: float) -> Claim: ...
+                    lease: float, ttl: float, seen: Beat | None = None) -> Claim: ...
     async def complete(self, *, scope: str, key: str, token: UUID, done: Completion,
                        notify: bool) -> bool: ...
     async def release(self, *, scope: str, key: str, token: UUID, notify: bool) -> bool: ...
     async def extend(self, *, scope: str, key: str, token: UUID, lease: float) -> bool: ...
+    def side(self) -> SideStore: ...
     async def write_chunk(self, *, scope: str, key: str, token: UUID, seq: int,
                           data: bytes) -> None: ...
     async def delete_chunks(self, *, scope: str, key: str, token: UUID) -> None: ...
@@ -143,7 +169,8 @@ class RuntimeStore(Protocol):
                           on_unreadable: Callable[[str], None] | None = None) -> Sealer: ...
     async def migrate(self) -> list[str]: ...
     async def ready(self) -> bool: ...
-    async def sweep(self) -> int: ...  # one sweeper pass: the expired records deleted
+    async def sweep(self, *, sightings: Sightings | None = None,
+                    lease: float = 0.0) -> int: ...  # one pass: the records deleted
 
 
 class Store(FlowStore, AdminStore, Protocol):

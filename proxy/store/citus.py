@@ -35,6 +35,7 @@ FUNCTIONS = (
     " boolean)",
     "idemproxy_release(text, text, uuid, boolean)",
     "idemproxy_renew(text, text, uuid, float8)",
+    "idemproxy_claim2(text, text, bytea, uuid, float8, float8, uuid, bigint)",
 )
 
 

@@ -92,6 +92,11 @@ class Pool:
         self._idle_since: dict[Conn, float] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
+    @property
+    def connect_args(self) -> dict[str, Any]:
+        """How this pool's connections are opened (beyond URL and timeouts)."""
+        return dict(self._connect_args)
+
     async def start(self) -> None:
         """Open `min_size` connections now, so a bad URL fails at start-up."""
         conns = [await self.acquire() for _ in range(self._min)]

@@ -21,6 +21,7 @@ import asyncpg
 from proxy.errors import RuntimeFailure, StoreError, StoreFailed, StoreUnavailable
 from proxy.sealing import BODY, CHUNK, HEADERS, DataKey, Sealer, sealed_by
 from proxy.store import (
+    Beat,
     Claim,
     ClaimOutcome,
     Completion,
@@ -34,9 +35,11 @@ from proxy.store.batch import Batcher
 from proxy.store.migrate import SCHEMA_VERSION, current_version
 from proxy.store.notify import FORGET_CHANNEL, LISTENER_NAME
 from proxy.store.pool import CONNECTION_ERRORS, Pool, store_error
+from proxy.store.side import SideConnection
+from proxy.store.sightings import Sightings
 
-_CLAIM = "SELECT * FROM idemproxy_claim($1, $2, $3, $4, $5, $6)"
-_CLAIM_MANY = "SELECT * FROM idemproxy_claim_many($1, $2, $3, $4, $5, $6)"
+_CLAIM = "SELECT * FROM idemproxy_claim2($1, $2, $3, $4, $5, $6, $7, $8)"
+_CLAIM_MANY = "SELECT * FROM idemproxy_claim2_many($1, $2, $3, $4, $5, $6, $7, $8)"
 _COMPLETE = "SELECT idemproxy_complete($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 _COMPLETE_QUIETLY = (  # idemproxy_complete without the NOTIFY (store/migrations/0002)
     "UPDATE idemproxy_keys SET state = 2, status = $4, headers = $5, body = $6, "
@@ -48,7 +51,10 @@ _COMPLETE_MANY = (
 _RELEASE = "SELECT idemproxy_release($1, $2, $3, $4)"
 _RENEW = "SELECT idemproxy_renew($1, $2, $3, $4)"  # citus: on the key's worker (0008)
 _NOTIFY = "SELECT pg_notify('idemproxy', $1)"
-_EXTEND = ("UPDATE idemproxy_keys SET locked_until = now() + make_interval(secs => $4) "
+# Every renewal bumps the heartbeat: a taker's evidence that the owner is alive, whatever
+# the database's clock does (migration 0009; idemproxy_renew bumps it too).
+_EXTEND = ("UPDATE idemproxy_keys SET locked_until = now() + make_interval(secs => $4), "
+           "heartbeat = heartbeat + 1 "
            "WHERE scope = $1 AND key = $2 AND lock_token = $3 AND state = 1")
 _CHUNK = ("INSERT INTO idemproxy_chunks (scope, key, lock_token, seq, data) "
           "VALUES ($1, $2, $3, $4, $5)")
@@ -58,12 +64,12 @@ _CHUNK = ("INSERT INTO idemproxy_chunks (scope, key, lock_token, seq, data) "
 _PURGE = """
     WITH candidates AS (
         SELECT scope, key FROM idemproxy_keys WHERE expires_at <= now()
-           AND (state = 1 AND locked_until > now()) IS NOT TRUE  -- 0005: a live lease
+           AND state = 2  -- in flight: only with evidence (_PURGE_DEAD, #25)
          LIMIT $1),
       gone AS (
         DELETE FROM idemproxy_keys k USING candidates g
          WHERE k.scope = g.scope AND k.key = g.key AND k.expires_at <= now()
-           AND (k.state = 1 AND k.locked_until > now()) IS NOT TRUE
+           AND k.state = 2
         RETURNING k.scope, k.key),
       chunks AS (
         DELETE FROM idemproxy_chunks c USING gone
@@ -89,6 +95,24 @@ _PURGE_ORPHANS = """
                               AND k.key = c.key AND k.lock_token = c.lock_token
                               AND (k.state = 1 OR c.seq < k.body_chunks))
         RETURNING 1)
+    SELECT count(*) FROM gone"""
+# In-flight rows past their window whose lease ended on the database's clock: candidates
+# only. The sweeper deletes one after it saw the same (token, heartbeat) on it for a whole
+# lease of its own clock (store/sweeper.py), so a step of the database's clock alone
+# never deletes a live flight (migration 0009).
+_DEAD_CLAIMS = ("SELECT scope, key, lock_token, heartbeat FROM idemproxy_keys "
+                "WHERE state = 1 AND expires_at <= now() AND locked_until <= now() LIMIT $1")
+_PURGE_DEAD = """
+    WITH candidates AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::bigint[]) AS d(s, k, t, b)),
+      gone AS (
+        DELETE FROM idemproxy_keys k USING candidates d
+         WHERE k.scope = d.s AND k.key = d.k AND k.lock_token = d.t AND k.heartbeat = d.b
+           AND k.state = 1 AND k.locked_until <= now() AND k.expires_at <= now()
+        RETURNING k.scope, k.key, k.lock_token),
+      chunks AS (
+        DELETE FROM idemproxy_chunks c USING gone
+         WHERE c.scope = gone.scope AND c.key = gone.key AND c.lock_token = gone.lock_token)
     SELECT count(*) FROM gone"""
 _READ_CHUNKS_FROM = ("SELECT seq, data FROM idemproxy_chunks WHERE scope = $1 AND key = $2 "
                      "AND lock_token = $3 AND seq >= $4 ORDER BY seq LIMIT $5")
@@ -201,10 +225,15 @@ class PostgresStore:
                 yield conn
 
     async def claim(self, *, scope: str, key: str, fingerprint: bytes, token: UUID,
-                    lease: float, ttl: float) -> Claim:
+                    lease: float, ttl: float, seen: Beat | None = None) -> Claim:
         """Claim the key for `token`, or return the row that holds it. One round trip,
-        shared with the other claims queued behind a running one (store/batch.py)."""
-        row = await self._claims.run((scope, key, fingerprint, token, lease, ttl))
+        shared with the other claims queued behind a running one (store/batch.py).
+
+        An in-flight row is taken over (or replaced, past its window) only when its lease
+        ended on the database's clock and it still shows `seen`: the (token, heartbeat)
+        the caller saw on it a whole lease ago by its own clock (proxy/store/sightings.py)."""
+        row = await self._claims.run((scope, key, fingerprint, token, lease, ttl,
+                                      seen and seen.token, seen and seen.heartbeat))
         headers, body, sealed = row["headers"], row["body"], False
         if headers is not None and sealed_by(headers) is not None:
             # Opened here, before any decision: a record that cannot be opened raises
@@ -216,7 +245,8 @@ class PostgresStore:
         return Claim(_OUTCOMES[row["outcome"]], Record(
             _STATES[row["state"]], bytes(row["fingerprint"]), row["lock_token"],
             row["expires_at"], row["status"], decode_headers(headers), body,
-            row["body_chunks"], row["body_size"], row["body_omitted"], sealed))
+            row["body_chunks"], row["body_size"], row["body_omitted"], sealed,
+            row["heartbeat"]))
 
     async def complete(self, *, scope: str, key: str, token: UUID, done: Completion,
                        notify: bool) -> bool:
@@ -256,6 +286,12 @@ class PostgresStore:
             return renewed
         status: str = await self._call("extend", "execute", _EXTEND, scope, key, token, lease)
         return status == "UPDATE 1"
+
+    def side(self) -> SideConnection:
+        """A connection of its own (opened on first use) for another thread's event loop:
+        lease renewals that a stalled main loop cannot delay (proxy/leases.py)."""
+        return SideConnection(self.url, timeout=self.timeout,
+                              connect_args=self.pool.connect_args)
 
     async def write_chunk(self, *, scope: str, key: str, token: UUID, seq: int,
                           data: bytes) -> None:
@@ -311,11 +347,12 @@ class PostgresStore:
                               on_unreadable=on_unreadable)
         return self._sealer
 
-    async def sweep(self) -> int:
-        """One sweeper pass (store/sweeper.py); the expired records deleted."""
+    async def sweep(self, *, sightings: Sightings | None = None, lease: float = 0.0) -> int:
+        """One sweeper pass (store/sweeper.py); the expired records deleted. `sightings`,
+        `lease`: the running sweeper's, to delete dead claims past their window."""
         from proxy.store.sweeper import sweep_once
 
-        return await sweep_once(self)
+        return await sweep_once(self, sightings=sightings, lease=lease)
 
     async def migrate(self) -> list[str]:
         """Apply missing migrations (under a transaction-scoped advisory lock, so through
@@ -418,6 +455,20 @@ class PostgresStore:
         over, or by a recording the store failed under); the number of chunks gone."""
         return await self._purge(_PURGE_ORPHANS, batch, conn)
 
+    async def dead_claims(self, *, batch: int, conn: Any) -> list[tuple[str, str, Beat]]:
+        """In-flight rows past their window whose lease ended on the database's clock."""
+        with guard():
+            rows = await conn.fetch(_DEAD_CLAIMS, batch)
+        return [(r["scope"], r["key"], Beat(r["lock_token"], r["heartbeat"])) for r in rows]
+
+    async def purge_dead(self, *, dead: list[tuple[str, str, Beat]], conn: Any) -> int:
+        """Delete those of `dead` that still show the same token and heartbeat."""
+        with guard():
+            n: int = await conn.fetchval(
+                _PURGE_DEAD, [d[0] for d in dead], [d[1] for d in dead],
+                [d[2].token for d in dead], [d[2].heartbeat for d in dead])
+        return n
+
     async def _purge(self, query: str, batch: int, conn: Any) -> int:
         if conn is None:
             n: int = await self._call("purge", "fetchval", query, batch)
@@ -438,7 +489,7 @@ class PostgresStore:
             return conn
 
 
-_ClaimArgs = tuple[str, str, bytes, UUID, float, float]
+_ClaimArgs = tuple[str, str, bytes, UUID, float, float, UUID | None, int | None]
 # The enum members by value: a dict lookup, where calling the enum costs ~15 times more.
 _OUTCOMES = {o.value: o for o in ClaimOutcome}
 _STATES = {s.value: s for s in State}
