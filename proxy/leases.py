@@ -24,19 +24,26 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from proxy.config import Route
 from proxy.errors import StoreError
-
-if TYPE_CHECKING:
-    from proxy.context import Guarded
-    from proxy.store import SideStore, Store
+from proxy.store import SideStore, Store
 
 log = logging.getLogger("idemproxy.leases")
 
 IDLE = 10.0  # seconds with no claim held before the thread ends
 WEDGED = 300.0  # seconds without a sign of life from the main loop: stop renewing
 PULSE = 1.0  # how often the main loop shows it is alive while claims are held
+
+
+class Guarded(Protocol):
+    """What a held claim is (context.Guarded, not imported: it holds a Leases)."""
+
+    route: Route
+    scope: str
+    key: str
+    token: uuid.UUID
 
 
 @dataclass(slots=True)
