@@ -67,7 +67,6 @@ class Leases:
         self._alive = time.monotonic()  # the main loop's last sign of life
         self._pulse: asyncio.TimerHandle | None = None
         self._closed = False
-        self.renewals = 0  # renewals that landed (tests read it)
 
     def __len__(self) -> int:
         return len(self._held)
@@ -150,15 +149,14 @@ class Leases:
             return None
 
     async def _renew(self, side: SideStore, due: list[_Held]) -> None:
-        for h in due:
+        for i, h in enumerate(due):
             try:
                 ok = await side.extend(scope=h.scope, key=h.key, token=h.token,
                                        lease=h.lease)
             except StoreError as exc:
                 log.warning("could not renew a lease: %s", exc)
-                h.due = time.monotonic() + h.lease / 6  # try again soon
-                continue
-            if ok:
-                self.renewals += 1
+                for later in due[i:]:  # the store is down: this round ends, retried soon
+                    later.due = time.monotonic() + later.lease / 6
+                return
             # not ours any more (completed, or taken over): nothing left to renew
             h.due = time.monotonic() + h.lease / 3 if ok else math.inf

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from proxy.store import Completion
 from proxy.store.postgres import PostgresStore
 from tests.conftest import ROOT, free_port
 
@@ -155,15 +156,22 @@ async def test_keys_delete_then_show_is_gone(db, store):
 
 
 async def test_purge_deletes_expired_records(db, store):
-    """`purge` deletes records whose window has passed and leaves live ones."""
-    dead, live = uuid.uuid4().hex, uuid.uuid4().hex
-    await claim(store, "cli-purge:-", dead, ttl=0.01)
+    """`purge` deletes records whose window has passed and leaves live ones, and claims
+    still in flight past their window (only the running sweeper ends those, #25)."""
+    dead, live, flying = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
+    token = uuid.uuid4()
+    await store.claim(scope="cli-purge:-", key=dead, fingerprint=b"f" * 32, token=token,
+                      lease=0.01, ttl=0.01)
+    assert await store.complete(scope="cli-purge:-", key=dead, token=token, notify=False,
+                                done=Completion(200, (), b"x", 0, 1, False))
+    await claim(store, "cli-purge:-", flying, ttl=0.01)
     await claim(store, "cli-purge:-", live)
     await asyncio.sleep(0.05)
     code, out, _ = await cli("purge", "--config", "config/example.yaml", db=db)
     assert code == 0 and out.startswith("deleted ") and int(out.split()[1]) >= 1
     assert await store.show(scope="cli-purge:-", key=dead) is None
     assert await store.show(scope="cli-purge:-", key=live) is not None
+    assert await store.show(scope="cli-purge:-", key=flying) is not None
 
 
 async def test_keys_usage_errors_exit_2():
