@@ -30,6 +30,7 @@ from proxy.errors import (
     ProblemError,
 )
 from proxy.framing import check_framing, internal_error, refused
+from proxy.identity import Identities
 from proxy.lifecycle import Lifecycle
 from proxy.limits import BodyBudget
 from proxy.metrics import Metrics
@@ -84,9 +85,11 @@ async def create_app(cfg: Config, *, store: Store, metrics: Metrics,
         upstreams = await stack.enter_async_context(Upstreams.open(cfg))
         notifier = (await stack.enter_async_context(
             Notifier(store.acquire_listener, cache=cache)) if listens else None)
+        identities = await stack.enter_async_context(Identities.open(cfg))
         deps = Deps(store=store, forwarder=upstreams.default, metrics=metrics,
                     observer=observer, sealer=store.sealer, notifier=notifier, cache=cache,
-                    db_clock_offset=await store.clock_offset(), upstreams=upstreams)
+                    db_clock_offset=await store.clock_offset(), upstreams=upstreams,
+                    verify=identities.principal if identities.sets else None)
         stack.push_async_callback(deps.leases.aclose)  # its renewal thread
         stack.callback(deps.cpu.close)  # its thread pool
         yield App(create_admin_app(cfg, deps), deps.life, deps,

@@ -17,6 +17,7 @@ from proxy import logs
 from proxy.cache import ReplayCache
 from proxy.config import Concurrent, Route
 from proxy.forward import Forwarder
+from proxy.keys.tenant import Verify
 from proxy.leases import Leases
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
@@ -64,6 +65,8 @@ class Deps(Services):
     db_clock_offset: float = 0.0  # database clock minus local clock, for key buckets
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     upstreams: Upstreams | None = None  # routes' own upstreams (None: all go to forwarder)
+    # verifies a route's tenant JWT (Identities.principal); None: no route needs one
+    verify: Verify | None = None
     leases: Leases = field(init=False)  # renews the leases of claims executing here
     # other owners' claims seen in flight: a takeover's evidence (proxy/store/sightings.py)
     sightings: Sightings = field(default_factory=Sightings)

@@ -18,6 +18,7 @@
         ├── CredentialMissing       400 no tenant header on a route scoped by it
         ├── UpgradeRefused          400 a protocol upgrade (WebSocket) on a guarded route
         ├── AdminUnauthorized       401 admin beyond loopback without its bearer token
+        ├── TokenInvalid            401 a route's tenant JWT is invalid or expired
         ├── NotFound                404 no such admin path or key
         ├── MethodNotAllowed        405 admin path without that method
         ├── HeaderTimeout           408 the request head did not arrive in time
@@ -35,6 +36,7 @@
         ├── ServiceUnavailable      503 the store is down and the route fails closed
         ├── ProxyBusy               503 request-body memory (client.max_body_memory) is full
         ├── Draining                503 this replica drains: no new claims (lifecycle.py)
+        ├── IdentityUnavailable     503 a route's JWKS has not loaded yet (identity.py)
         └── UpstreamTimeout         504 no answer in time: outcome unknown
 
 Foreign exceptions are translated at exactly one boundary each: asyncpg's in `store/`
@@ -179,6 +181,26 @@ class CredentialMissing(ProblemError):
     status = 400
     slug = "credential-missing"
     title = "Credential required for the idempotency scope"
+
+
+class TokenInvalid(ProblemError):
+    """A route scoped by a JWT claim got a token that does not verify: never a new scope
+    (RFC 6750 §3: 401 with a Bearer challenge). No retry hint: the same token will fail
+    again, a refreshed one may not."""
+
+    status = 401
+    slug = "token-invalid"
+    title = "Invalid bearer token for the idempotency scope"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+class IdentityUnavailable(ProblemError):
+    status = 503
+    slug = "identity-unavailable"
+    title = "Token verification keys unavailable"
+    retry = True  # nothing was claimed or forwarded
 
 
 class HeaderTimeout(ProblemError):

@@ -96,7 +96,7 @@ async def _identify(request: web.BaseRequest, m: Match, deps: Deps
         return None, body
     # Before the body is read: a refusal goes out before any 100 Continue (RFC 9110 §10.1.1).
     scope = keys.scope_of(route, keys.tenant_of(route, request.headers,
-                                                keyed=sealer.tenant_hash))
+                                                keyed=sealer.tenant_hash, verify=deps.verify))
     if body is None:
         body = await read_body(request, limit=route.max_request_body)
     digest = await deps.cpu.run(

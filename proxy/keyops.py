@@ -32,7 +32,8 @@ USAGE_COLUMNS = ("key_id", "sealed", "fingerprints", "configured", "primary")
 
 def tenant_hash_of(cfg: Config, sealer: Sealer, value: str, *, header: str) -> str:
     """The hash `value` of `header` maps to, by the same function the proxy uses (the
-    first route scoping by that header decides the normalisation)."""
+    first route scoping by that header decides the normalisation). On a route scoped by
+    a principal (a JWT claim, a trusted gateway header), `value` is the principal."""
     route = next((r for r in cfg.routes if r.tenant.mode is not TenantMode.NONE
                   and r.tenant.header.lower() == header.lower()), None)
     if route is None:
@@ -40,6 +41,8 @@ def tenant_hash_of(cfg: Config, sealer: Sealer, value: str, *, header: str) -> s
             else TenantMode.HEADER
         route = Route(name="-", methods=frozenset({"POST"}), path=PathPattern.compile("/"),
                       tenant=Tenant(mode=mode, header=header))
+    if route.tenant.mode is TenantMode.JWT or route.tenant.trusted:  # value: the principal
+        return keys.principal_hash(value.strip(), keyed=sealer.tenant_hash)
     return keys.tenant_of(route, {header: value}, keyed=sealer.tenant_hash)
 
 

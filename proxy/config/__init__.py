@@ -10,6 +10,7 @@ from proxy.config.schema import (
     Database,
     Encryption,
     Fingerprint,
+    JwtTenant,
     KeySource,
     Listen,
     Logging,
@@ -29,7 +30,8 @@ from proxy.config.schema import (
 
 __all__ = [
     "SAFE_METHODS", "Admin", "Client", "Concurrent", "Config", "Database", "Encryption",
-    "Fingerprint", "KeySource", "Listen", "Logging", "MissingCredential", "Pooler", "Route",
+    "Fingerprint", "JwtTenant", "KeySource", "Listen", "Logging", "MissingCredential",
+    "Pooler", "Route",
     "Sharding", "StoreUnavailablePolicy", "Tenant", "TenantMode", "TrailingSlash", "UnknownOutcome",
     "Upstream", "UpstreamKey", "UpstreamTLS", "load", "loads",
 ]

@@ -5,8 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.config.route_values import parse_pointers, positive
-from proxy.config.schema import KeySource, MissingCredential, Tenant, TenantMode
-from proxy.config.values import Reader, bool_, enum_, parse_duration, parse_header_name, str_
+from proxy.config.schema import (
+    JWT_ALGORITHMS,
+    JwtTenant,
+    KeySource,
+    MissingCredential,
+    Tenant,
+    TenantMode,
+)
+from proxy.config.values import (
+    Reader,
+    bool_,
+    enum_,
+    format_duration,
+    parse_duration,
+    parse_header_name,
+    str_,
+)
 from proxy.paths import PathPattern
 
 KEY_FIELDS = {"header", "path", "body", "bucket", "raw", "headers"}
@@ -89,18 +104,95 @@ def parse_tenant(r: Reader, raw: object, path: str) -> Tenant:
     if raw == "none":
         return Tenant(mode=TenantMode.NONE, header="")
     if isinstance(raw, dict):
-        d = r.section(raw, path, {"header", "missing"})
+        d = r.section(raw, path, {"header", "missing", "trusted", "jwt"})
         missing = r.get(d, "missing", f"{path}.missing", enum_(MissingCredential),
                         Tenant().missing)
+        if "jwt" in d:
+            return _parse_jwt_tenant(r, d, path, missing)
+        trusted = r.get(d, "trusted", f"{path}.trusted", bool_, False)
         if "header" not in d:  # {missing: share}: the Authorization header still
+            if trusted:
+                r.report(f"{path}.trusted: needs the header your auth gateway sets "
+                         "({header: X-User-Id, trusted: true})")
             return Tenant(missing=missing)
         header = r.get(d, "header", f"{path}.header", parse_header_name, "")
         if not header:
             return Tenant()
         mode = TenantMode.AUTHORIZATION if header.lower() == "authorization" else \
             TenantMode.HEADER
+        if trusted and mode is TenantMode.AUTHORIZATION:
+            r.report(f"{path}.trusted: Authorization is the client's credential, not a "
+                     "principal a gateway set; use tenant: {jwt: ...} to verify it")
         return Tenant(mode=mode, header=header if mode is TenantMode.HEADER else
-                      "Authorization", missing=missing)
+                      "Authorization", missing=missing, trusted=trusted)
     r.report(f"{path}: {raw!r} is not one of: authorization, none, "
-             "{header: NAME, missing: reject | share}")
+             "{header: NAME, missing: reject | share}, {header: NAME, trusted: true}, "
+             "{jwt: {...}}")
     return Tenant()
+
+
+JWT_FIELDS = {"claim", "jwks_file", "jwks_url", "issuer", "audience", "algorithms",
+              "leeway", "refresh"}
+
+
+def _parse_jwt_tenant(r: Reader, d: dict[str, Any], path: str,
+                      missing: MissingCredential) -> Tenant:
+    for extra in ("header", "trusted"):
+        if extra in d:
+            r.report(f"{path}.{extra}: does not apply with jwt (the token is the "
+                     "Authorization header's)")
+    at = f"{path}.jwt"
+    j = r.section(d["jwt"], at, JWT_FIELDS)
+    dflt = JwtTenant()
+    cfg = JwtTenant(
+        claim=r.get(j, "claim", f"{at}.claim", _nonempty, dflt.claim),
+        jwks_file=r.get(j, "jwks_file", f"{at}.jwks_file", _nonempty, ""),
+        jwks_url=r.get(j, "jwks_url", f"{at}.jwks_url", _jwks_url, ""),
+        issuer=r.get(j, "issuer", f"{at}.issuer", _nonempty, ""),
+        audience=r.get(j, "audience", f"{at}.audience", _audience, ()),
+        algorithms=r.get(j, "algorithms", f"{at}.algorithms", _algorithms, dflt.algorithms),
+        leeway=r.get(j, "leeway", f"{at}.leeway", parse_duration, dflt.leeway),
+        refresh=r.get(j, "refresh", f"{at}.refresh", positive(parse_duration),
+                      dflt.refresh))
+    if bool(cfg.jwks_file) == bool(cfg.jwks_url):
+        r.report(f"{at}: set exactly one of jwks_file, jwks_url")
+    # Without them a token the same provider issued for another API, or another
+    # provider's, would name a tenant here.
+    for name in ("issuer", "audience"):
+        if not j.get(name):
+            r.report(f"{at}.{name}: missing (a token for another issuer or API must not "
+                     "name a tenant here)")
+    if cfg.leeway > 300:
+        r.report(f"{at}.leeway: {format_duration(cfg.leeway)} is more than 5m: an expired "
+                 "token would still name a tenant")
+    return Tenant(mode=TenantMode.JWT, header="Authorization", missing=missing, jwt=cfg)
+
+
+def _nonempty(value: object) -> str:
+    text = str_(value)
+    if not text:
+        raise ValueError(f"{value!r} is empty")
+    return text
+
+
+def _jwks_url(value: object) -> str:
+    text = _nonempty(value)
+    if not text.startswith(("https://", "http://")):
+        raise ValueError(f"{value!r} is not an http(s) URL")
+    return text
+
+
+def _audience(value: object) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or \
+            not all(isinstance(a, str) and a for a in items):
+        raise ValueError(f"{value!r} is not an audience or a list of them")
+    return tuple(items)
+
+
+def _algorithms(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or \
+            not all(isinstance(a, str) and a in JWT_ALGORITHMS for a in value):
+        raise ValueError(f"{value!r} is not a list of public-key JWT algorithms "
+                         f"({', '.join(JWT_ALGORITHMS)})")
+    return tuple(value)

@@ -54,6 +54,7 @@ class TenantMode(enum.Enum):
     AUTHORIZATION = "authorization"
     NONE = "none"
     HEADER = "header"
+    JWT = "jwt"  # the claim of a verified bearer token (proxy/identity.py)
 
 
 class MissingCredential(enum.Enum):
@@ -70,6 +71,28 @@ class TrailingSlash(enum.Enum):
     STRICT = "strict"  # only as written
 
 
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                  "ES512", "EdDSA")  # public-key only: never none or a shared HS* secret
+
+
+@dataclass(frozen=True, slots=True)
+class JwtTenant:
+    """`tenant: {jwt: ...}`: the tenant is a claim of the verified bearer token."""
+
+    claim: str = "sub"  # default sub: the claim naming the principal
+    jwks_file: str = ""  # a JWKS file (one of jwks_file, jwks_url)
+    jwks_url: str = ""  # a JWKS URL, fetched at start-up and every `refresh`
+    issuer: str = ""  # required: the `iss` the token must carry
+    audience: tuple[str, ...] = ()  # required: the token's `aud` must name one of them
+    algorithms: tuple[str, ...] = ("RS256",)  # default [RS256]
+    leeway: float = 30.0  # default 30s of clock skew allowed on exp, nbf and iat
+    refresh: float = 300.0  # default 5m between two reads of the JWKS
+
+    @property
+    def source(self) -> str:
+        return self.jwks_file or self.jwks_url
+
+
 @dataclass(frozen=True, slots=True)
 class Tenant:
     """Whose keys these are: keys only ever match inside route name + tenant."""
@@ -77,6 +100,10 @@ class Tenant:
     mode: TenantMode = TenantMode.AUTHORIZATION  # default: HMAC of Authorization
     header: str = "Authorization"  # the header hashed for mode header (X-Api-Key, ...)
     missing: MissingCredential = MissingCredential.REJECT  # default reject: a 400
+    # default false; true: `header` carries a principal an auth gateway set (the gateway
+    # must strip the client's own copy), scoped like a verified JWT claim
+    trusted: bool = False
+    jwt: JwtTenant = JwtTenant()  # used with mode jwt only
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,18 @@ from proxy.keys.sources import (
     resolve_pointer,
     select,
 )
-from proxy.keys.tenant import ANONYMOUS, normalize_credential, scope_of, tenant_hash, tenant_of
+from proxy.keys.tenant import (
+    ANONYMOUS,
+    normalize_credential,
+    principal_hash,
+    scope_of,
+    tenant_hash,
+    tenant_of,
+)
 
 __all__ = [
     "ANONYMOUS", "MAX_KEY_LENGTH", "NoBodyValue", "body_key", "canonical_json", "check_key",
     "fingerprint", "header_values", "key_from_headers", "normalize_credential",
-    "parse_json", "parse_key_value", "read_key", "require", "resolve_pointer", "scope_of",
-    "select", "tenant_hash", "tenant_of",
+    "parse_json", "parse_key_value", "principal_hash", "read_key", "require",
+    "resolve_pointer", "scope_of", "select", "tenant_hash", "tenant_of",
 ]
