@@ -104,7 +104,7 @@ class InProcessProxy:
         from prometheus_client import CollectorRegistry
 
         from proxy.app import create_app
-        from proxy.connections import ProxyRunner
+        from proxy.http.connections import ProxyRunner
         from proxy.metrics import Metrics
         from proxy.store.migrate import migrate
         from proxy.store.postgres import PostgresStore

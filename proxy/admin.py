@@ -16,7 +16,6 @@ from aiohttp.typedefs import Middleware
 
 from proxy.config import Config
 from proxy.config.values import parse_duration
-from proxy.context import Services
 from proxy.errors import (
     AdminUnauthorized,
     BadRequest,
@@ -26,7 +25,8 @@ from proxy.errors import (
     for_http_status,
     store_unavailable,
 )
-from proxy.framing import internal_error, problem_response, refused
+from proxy.flow.context import Services
+from proxy.http.framing import internal_error, problem_response, refused
 from proxy.lifecycle import Phase
 from proxy.metrics import exposition
 

@@ -21,23 +21,26 @@ from dataclasses import dataclass
 from aiohttp import web
 from yarl import URL
 
-from proxy import idempotency, logs, routing, websocket
+from proxy import logs
 from proxy.admin import create_admin_app
-from proxy.cache import ReplayCache
 from proxy.config import SAFE_METHODS, Config
-from proxy.context import Deps, Services, default_observer
 from proxy.errors import (
     ProblemError,
 )
-from proxy.framing import check_framing, internal_error, refused
-from proxy.identity import Identities
+from proxy.flow import idempotency
+from proxy.flow.cache import ReplayCache
+from proxy.flow.context import Deps, Services, default_observer
+from proxy.http import routing
+from proxy.http.framing import check_framing, internal_error, refused
+from proxy.http.limits import BodyBudget
+from proxy.keys.identity import Identities
 from proxy.lifecycle import Lifecycle
-from proxy.limits import BodyBudget
 from proxy.metrics import Metrics
 from proxy.observe import Observer
 from proxy.store import Store
 from proxy.store.notify import Notifier
-from proxy.upstreams import Upstreams
+from proxy.upstream import websocket
+from proxy.upstream.choice import Upstreams
 
 log = logging.getLogger("idemproxy.app")
 

@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     old.add_argument("value")
     old.add_argument("--header", default="Authorization")
     from proxy import drain
+
     drain.add_parser(sub, with_config=_with_config)
     return p
 

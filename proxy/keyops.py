@@ -22,7 +22,7 @@ from proxy import keys
 from proxy.cliutil import emit, load_config, opened, run
 from proxy.config import Config, Route, Tenant, TenantMode
 from proxy.errors import UsageError
-from proxy.routing import PathPattern
+from proxy.http.routing import PathPattern
 from proxy.sealing import Sealer, generate_key
 from proxy.store.atrest import erase_tenant, key_usage, reencrypt_batch
 

@@ -62,7 +62,7 @@ class PoolStats(Protocol):
 
 
 class CacheStats(Protocol):
-    """What the replay cache gauges read (proxy/cache.py)."""
+    """What the replay cache gauges read (proxy/flow/cache.py)."""
 
     @property
     def size_bytes(self) -> int: ...

@@ -33,9 +33,9 @@ from aiohttp.typedefs import Middleware
 from proxy import logs
 from proxy.app import App, create_app
 from proxy.config import Config
-from proxy.connections import ProxyRunner
-from proxy.context import Deps, default_observer
 from proxy.errors import RuntimeFailure, StoreError
+from proxy.flow.context import Deps, default_observer
+from proxy.http.connections import ProxyRunner
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import CollectorRegistry, Metrics, multiprocess_registry
 from proxy.observe import Observer

@@ -183,7 +183,7 @@ class Sealer:
         self._by_id = {k.id: k for k in keys}
         self.primary: DataKey | None = keys[0] if keys else None
         self._tenant_mac = Mac(_derive(installation_secret, "tenant"))
-        # routes[].upstream_key (proxy/upstream_key.py): under the installation secret,
+        # routes[].upstream_key (proxy/upstream/key.py): under the installation secret,
         # not a data key, so it stays the same across key rotation mid-flight.
         self.upstream_key_secret = _derive(installation_secret, "upstream-key")
         # routes[].key.body: the stored key of a content-derived key. Under the

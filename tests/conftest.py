@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import create_app
 from proxy.config import Config, loads
-from proxy.connections import ProxyRunner
-from proxy.context import Deps
+from proxy.flow.context import Deps
+from proxy.http.connections import ProxyRunner
 from proxy.metrics import Metrics
 from proxy.sealing import parse_keys
 from proxy.store.migrate import migrate

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web_protocol, web_server
 
-from proxy import connections
+from proxy.http import connections
 
 CONNECTIONS = Path(connections.__file__)
 # connections.py's subclasses and the aiohttp class each one extends

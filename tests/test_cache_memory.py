@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from proxy.cache import ReplayCache
+from proxy.flow.cache import ReplayCache
 from proxy.store import Record, State, decode_headers, encode_headers
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

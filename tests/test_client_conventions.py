@@ -8,8 +8,8 @@ import json
 import pytest
 
 from proxy.config import loads
-from proxy.cors import expose
 from proxy.errors import ConfigError
+from proxy.http.cors import expose
 from tests.test_flow import new_key, post
 
 ROUTES = """

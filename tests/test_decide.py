@@ -1,4 +1,4 @@
-"""The pure decision core (proxy/decide.py and the pure functions it sits with): every
+"""The pure decision core (proxy/flow/decide.py and the pure functions it sits with): every
 row of design §2's table, as plain data in and a decision out. No sockets, no Postgres."""
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from datetime import UTC, datetime
 import pytest
 from multidict import CIMultiDict
 
-from proxy import decide, keys, routing
+from proxy import keys
 from proxy.config import Concurrent, Route, StoreUnavailablePolicy, UnknownOutcome
-from proxy.decide import OnAnswer, OnClaim, OnFailure, OnStoreDown
 from proxy.errors import KeyMalformed, KeyMissing
+from proxy.flow import decide
+from proxy.flow.decide import OnAnswer, OnClaim, OnFailure, OnStoreDown
+from proxy.flow.relay import pump
+from proxy.http import routing
 from proxy.paths import PathPattern
-from proxy.relay import pump
 from proxy.store import ClaimOutcome, State
 
 NEW, TAKEN_OVER, EXISTING = ClaimOutcome.NEW, ClaimOutcome.TAKEN_OVER, ClaimOutcome.EXISTING

@@ -19,7 +19,7 @@ from proxy.config import Config, Listen, loads
 from proxy.config.routes import DEFAULT_FIELDS, ROUTE_FIELDS
 from proxy.config.values import parse_duration, parse_listen, parse_size
 from proxy.errors import ConfigError
-from proxy.routing import PathPattern
+from proxy.http.routing import PathPattern
 from tests.conftest import ROOT
 
 DOC = ROOT / "docs" / "configuration.md"

@@ -1,6 +1,6 @@
 """Proxy hygiene (issue #27): Location and Content-Location on the upstream's origin are
 rewritten to the client's before they are stored, and X-Forwarded-* are trusted only
-from trusted_proxies (proxy/forwarded.py)."""
+from trusted_proxies (proxy/http/forwarded.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from yarl import URL
 
 from proxy.config import loads
 from proxy.errors import ConfigError
-from proxy.forwarded import Forwarding
+from proxy.http.forwarded import Forwarding
 from tests.conftest import serve_app
 from tests.test_flow import post
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDict
 
-from proxy import headers
+from proxy.http import headers
 
 
 def _upstream_answer() -> CIMultiDict[str]:

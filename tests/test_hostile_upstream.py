@@ -546,7 +546,7 @@ async def test_a_json_number_out_of_range_is_fingerprinted_verbatim(make_proxy,
 
 
 def test_aiohttp_private_members_responses_rely_on_exist():
-    """proxy/responses.py's list of aiohttp private members is complete (every
+    """proxy/http/responses.py's list of aiohttp private members is complete (every
     `self._name` _AsSent uses) and each exists in the installed aiohttp."""
     import ast
     import inspect
@@ -554,7 +554,7 @@ def test_aiohttp_private_members_responses_rely_on_exist():
     from aiohttp import web
     from aiohttp.http_writer import StreamWriter
 
-    from proxy import responses
+    from proxy.http import responses
 
     tree = ast.parse(inspect.getsource(responses._AsSent))
     used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
@@ -571,9 +571,9 @@ def test_aiohttp_private_members_responses_rely_on_exist():
 
 
 async def test_aiohttp_private_members_the_upstream_pool_relies_on_exist():
-    """proxy/upstream_conns.py's aiohttp private members exist, and its connector builds
+    """proxy/upstream/aiohttp_pool.py's aiohttp private members exist, and its connector builds
     connections whose reuse check it owns."""
-    from proxy import upstream_conns
+    from proxy.upstream import aiohttp_pool as upstream_conns
 
     conn = upstream_conns.connector(limit=1)
     try:
@@ -739,7 +739,7 @@ async def test_our_client_never_lends_a_connection_with_unread_bytes():
     its own answer on a new connection, never the stray one."""
     import time
 
-    from proxy.upstream_client import UpstreamPool
+    from proxy.upstream.client import UpstreamPool
 
     up = _ThreadedUpstream()
     pool = UpstreamPool("127.0.0.1", up.port, max_connections=4, connect_timeout=5,

@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from proxy import keys
 from proxy.config import JwtTenant, loads
 from proxy.errors import ConfigError, CredentialMissing, RuntimeFailure, TokenInvalid
-from proxy.identity import Identities
+from proxy.keys.identity import Identities
 from tests.test_flow import new_key
 from tests.upstream import body_json
 

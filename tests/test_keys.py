@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 from proxy import keys
 from proxy.config import Fingerprint, KeySource, Route, Tenant, TenantMode
 from proxy.errors import KeyMalformed, KeyMissing
-from proxy.routing import PathPattern
+from proxy.http.routing import PathPattern
 from proxy.sealing import Sealer
 
 SEALER = Sealer(keys=(), installation_secret=b"t" * 32)

@@ -88,8 +88,9 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_flow_modules_do_not_import_the_postgres_store():
     """The flow is typed against the Store protocol: only the wiring names Postgres."""
-    flow = ["proxy.idempotency", "proxy.execute", "proxy.replay", "proxy.recorder",
-            "proxy.relay", "proxy.context", "proxy.cache", "proxy.app", "proxy.decide"]
+    flow = ["proxy.flow.idempotency", "proxy.flow.execute", "proxy.flow.replay",
+            "proxy.flow.recorder", "proxy.flow.relay", "proxy.flow.context",
+            "proxy.flow.cache", "proxy.app", "proxy.flow.decide"]
     for module in flow:
         if module in MODULES:
             assert "proxy.store.postgres" not in imports_of(module), module

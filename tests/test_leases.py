@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from proxy.config import loads
-from proxy.context import Guarded, Leases
+from proxy.flow.context import Guarded, Leases
 from proxy.store import Beat, ClaimOutcome
 from proxy.store.postgres import PostgresStore
 

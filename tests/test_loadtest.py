@@ -195,13 +195,13 @@ def test_parse_outcomes_reads_labels_in_any_order() -> None:
 
 def test_profile_top_costs() -> None:
     """Collapsed stacks become self and inclusive shares per function."""
-    collapsed = ("main (a.py:1);handle (proxy/idempotency.py:10);claim (proxy/s.py:3) 6\n"
-                 "main (a.py:1);handle (proxy/idempotency.py:12) 3\n"
+    collapsed = ("main (a.py:1);handle (proxy/flow/idempotency.py:10);claim (proxy/s.py:3) 6\n"
+                 "main (a.py:1);handle (proxy/flow/idempotency.py:12) 3\n"
                  "main (a.py:1);log (proxy/logs.py:7) 1\n")
     top = profile.top_costs(collapsed)
     assert top["samples"] == 10
     assert ("claim (proxy/s.py)", 60.0) in top["self"]
-    assert ("handle (proxy/idempotency.py)", 90.0) in top["inclusive"]
+    assert ("handle (proxy/flow/idempotency.py)", 90.0) in top["inclusive"]
     # the entry frame is on every stack: no inclusive share, it says nothing
     assert "main (a.py)" not in dict(top["inclusive"])
 

@@ -315,10 +315,11 @@ def test_request_line_failure_is_reported_not_raised(configure_logs, capsys):
 FINISH = """
 from prometheus_client import CollectorRegistry
 from proxy import logs
+
 from proxy.config import Route
-from proxy.context import Deps, Guarded, finish
+from proxy.flow.context import Deps, Guarded, finish
 from proxy.metrics import Metrics, Outcome
-from proxy.routing import PathPattern
+from proxy.http.routing import PathPattern
 logs.configure()
 route = Route(name="charges", methods=frozenset({"POST"}), path=PathPattern.compile("/c"))
 g = Guarded(route=route, scope="charges:" + "ab" * 16, key="order-1", fingerprint=b"", body=b"",

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.context import default_observer
+from proxy.flow.context import default_observer
 from proxy.metrics import CollectorRegistry, Metrics
 from proxy.observe import EVENTS, BaseObserver, Fanout, Observer, Outcome, Verdict
 from proxy.store.postgres import PostgresStore

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from proxy.admin import OPEN_ADMIN_PATHS, create_admin_app
 from proxy.cli import build_parser
 from proxy.config import Config, loads
-from proxy.idempotency import Deps
+from proxy.flow.idempotency import Deps
 from proxy.metrics import Metrics
 from tests.conftest import ROOT
 

@@ -1,4 +1,4 @@
-"""The replay cache (proxy/cache.py): a hot retry answered without a database round trip,
+"""The replay cache (proxy/flow/cache.py): a hot retry answered without a database round trip,
 never after the key expired or was deleted, and never while deletions could be missed."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import asyncpg
 
-from proxy.cache import EXPIRY_MARGIN, MAX_ENTRY, ReplayCache, entry_cost
+from proxy.flow.cache import EXPIRY_MARGIN, MAX_ENTRY, ReplayCache, entry_cost
 from proxy.store import Record, State
 from proxy.store.notify import LISTENER_NAME
 from proxy.store.postgres import notify_channel_id

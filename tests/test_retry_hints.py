@@ -17,7 +17,7 @@ from proxy.errors import (
     ProxyBusy,
     ServiceUnavailable,
 )
-from proxy.framing import problem_response
+from proxy.http.framing import problem_response
 from tests.test_flow import new_key, post
 
 ROUTES = """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.config import Route
-from proxy.routing import PathPattern, match
+from proxy.http.routing import PathPattern, match
 
 
 def route(name: str, path: str, methods: tuple[str, ...] = ("POST",)) -> Route:

@@ -10,10 +10,10 @@ import jsonschema
 import pytest
 import yaml
 
-from proxy import decide
 from proxy.config import loads
-from proxy.decide import OnAnswer
 from proxy.errors import ConfigError
+from proxy.flow import decide
+from proxy.flow.decide import OnAnswer
 from tests.test_docs import SCHEMA
 from tests.test_flow import new_key, post
 

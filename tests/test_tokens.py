@@ -1,10 +1,10 @@
-"""Lock tokens (proxy/context.py): unique per claim, in this process and in a forked one."""
+"""Lock tokens (proxy/flow/context.py): unique per claim, in this process and in a forked one."""
 
 from __future__ import annotations
 
 import os
 
-from proxy.context import new_token
+from proxy.flow.context import new_token
 
 
 def test_tokens_are_distinct_version_4_uuids():

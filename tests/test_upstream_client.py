@@ -1,4 +1,4 @@
-"""The lean upstream client (proxy/upstream_client.py), against raw loopback servers that
+"""The lean upstream client (proxy/upstream/client.py), against raw loopback servers that
 write exact bytes: a request is written once and never again, framing is ours, responses
 are parsed strictly, and a connection is reused only when it is certainly in step."""
 
@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from proxy import upstream_client
-from proxy.upstream_client import HIGH_WATER, NotSent, ReadTimeout, SentFailure, UpstreamPool
+from proxy.upstream import client as upstream_client
+from proxy.upstream.client import HIGH_WATER, NotSent, ReadTimeout, SentFailure, UpstreamPool
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HOST = [("Host", "up.test")]
@@ -258,7 +258,7 @@ async def test_close_delimited_body_runs_to_eof_and_its_connection_is_not_reused
 
 async def test_a_transfer_coding_not_ending_in_chunked_runs_to_eof(serve):
     """RFC 9112 §6.3: `Transfer-Encoding: gzip` without chunked is read to EOF as a whole
-    body, not a truncated one (its coding is undone by proxy/transfer.py)."""
+    body, not a truncated one (its coding is undone by proxy/upstream/transfer.py)."""
     srv, pool = await serve(respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"
                                     b"coded bytes", then_close=True))
     assert await get(pool) == (200, b"coded bytes")

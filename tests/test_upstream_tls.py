@@ -180,7 +180,7 @@ def test_tls_problems_name_their_field(ca: PrivateCA, tmp_path: Path):
 def test_context_of_verify_false_checks_nothing(ca: PrivateCA):
     """verify: false turns off both the chain and the host name check."""
     from proxy.config import UpstreamTLS
-    from proxy.upstream_tls import client_context
+    from proxy.upstream.tls import client_context
 
     ctx = client_context(UpstreamTLS(verify=False))
     assert ctx.verify_mode is ssl.CERT_NONE and not ctx.check_hostname

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.upstream_key import derive
+from proxy.upstream.key import derive
 from tests.conftest import serve_app
 from tests.test_flow import new_key, post
 from tests.upstream import TestUpstream

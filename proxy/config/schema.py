@@ -54,7 +54,7 @@ class TenantMode(enum.Enum):
     AUTHORIZATION = "authorization"
     NONE = "none"
     HEADER = "header"
-    JWT = "jwt"  # the claim of a verified bearer token (proxy/identity.py)
+    JWT = "jwt"  # the claim of a verified bearer token (proxy/keys/identity.py)
 
 
 class MissingCredential(enum.Enum):
@@ -196,7 +196,7 @@ class Admin:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamTLS:
-    """TLS to an https:// upstream (proxy/upstream_tls.py)."""
+    """TLS to an https:// upstream (proxy/upstream/tls.py)."""
 
     ca_file: str = ""  # default none: the system's trust store
     cert_file: str = ""  # default none: no client certificate (mTLS when set)
@@ -213,7 +213,7 @@ class Upstream:
     max_connections: int = 100
     tls: UpstreamTLS = UpstreamTLS()
     # default true: Location / Content-Location on this upstream's origin are rewritten
-    # to the client's before they are stored (proxy/forwarded.py)
+    # to the client's before they are stored (proxy/http/forwarded.py)
     rewrite_location: bool = True
 
 
@@ -275,7 +275,7 @@ class Config:
     encryption: Encryption = Encryption()
     allow_python_parser: bool = False  # refuse to start without aiohttp's C parser
     # default none: clients (CIDRs) whose X-Forwarded-* are kept and appended to; from
-    # anyone else they are replaced by what the proxy saw (proxy/forwarded.py)
+    # anyone else they are replaced by what the proxy saw (proxy/http/forwarded.py)
     trusted_proxies: tuple[str, ...] = ()
     source: str = field(default="<defaults>", compare=False)
     # Not a field: what check-config prints and serve logs about a config that loads but

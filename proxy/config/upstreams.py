@@ -115,7 +115,7 @@ def resolve(r: Reader, routes: tuple[Route, ...], named: dict[str, Upstream],
 def check_tls(r: Reader, upstreams: dict[str, Any]) -> None:
     """Load every TLS context once, so check-config reports a bad PEM file."""
     from proxy.errors import ConfigError
-    from proxy.upstream_tls import client_context
+    from proxy.upstream.tls import client_context
 
     for where, up in upstreams.items():
         if up.url.startswith("https:"):

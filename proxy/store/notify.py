@@ -24,7 +24,7 @@ LISTENER_NAME = "idemproxy-listen"  # the LISTEN connection's application_name
 
 
 class Forgetting(Protocol):
-    """What the notifier drives in the replay cache (proxy/cache.py)."""
+    """What the notifier drives in the replay cache (proxy/flow/cache.py)."""
 
     def forget_id(self, ident: str) -> None: ...
     def set_live(self, live: bool) -> None: ...

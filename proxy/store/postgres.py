@@ -289,7 +289,7 @@ class PostgresStore:
 
     def side(self) -> SideConnection:
         """A connection of its own (opened on first use) for another thread's event loop:
-        lease renewals that a stalled main loop cannot delay (proxy/leases.py)."""
+        lease renewals that a stalled main loop cannot delay (proxy/flow/leases.py)."""
         return SideConnection(self.url, timeout=self.timeout,
                               connect_args=self.pool.connect_args)
 
@@ -394,7 +394,7 @@ class PostgresStore:
 
     async def delete(self, *, scope: str, key: str) -> bool:
         """Delete a key's record (and body) so its next request executes again; at commit
-        every replica is told to drop it from its replay cache (proxy/cache.py)."""
+        every replica is told to drop it from its replay cache (proxy/flow/cache.py)."""
         async with self.connection() as conn, conn.transaction():
             n: int = await conn.fetchval("""
                 WITH d AS (DELETE FROM idemproxy_keys WHERE scope = $1 AND key = $2

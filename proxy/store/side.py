@@ -1,4 +1,4 @@
-"""A database connection of its own for lease renewals on another thread (proxy/leases.py).
+"""A database connection of its own for lease renewals on another thread (proxy/flow/leases.py).
 
 The pool's connections belong to the main event loop; a renewal that must not wait for
 that loop (a stalled loop is what it guards against, issue #25) runs on a thread with its

@@ -1,4 +1,4 @@
-"""The upstream's answer to a WebSocket upgrade request (proxy/websocket.py), parsed by
+"""The upstream's answer to a WebSocket upgrade request (proxy/upstream/websocket.py), parsed by
 llhttp: the final head (interim 1xx skipped), a 101's first tunnelled bytes, or a small
 refusal's body."""
 

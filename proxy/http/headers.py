@@ -51,7 +51,7 @@ def for_upstream(headers: Headers, *, client_ip: str | None, scheme: str,
     the body we actually send. The client's X-Forwarded-* and Forwarded are replaced by
     what the proxy saw, unless the client is `trusted` (in trusted_proxies: a load
     balancer in front of the proxy): then X-Forwarded-For is appended to and the others
-    kept (proxy/forwarded.py).
+    kept (proxy/http/forwarded.py).
     """
     drop = hop_by_hop(headers)
     kept: list[tuple[str, str]] = []

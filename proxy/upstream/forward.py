@@ -1,7 +1,7 @@
 """The upstream leg: sends each request exactly once.
 
 Two clients: for a plain-HTTP upstream, requests with a whole body (or none) go through
-our own HTTP/1.1 client (proxy/upstream_client.py: ~17 µs of CPU per small request, ~53 µs
+our own HTTP/1.1 client (proxy/upstream/client.py: ~17 µs of CPU per small request, ~53 µs
 through aiohttp's); HTTPS upstreams, streamed request bodies and HEAD go through aiohttp's
 ClientSession.
 
@@ -25,13 +25,15 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy import transfer, upstream_conns, upstream_tls
-from proxy import upstream_client as lean
 from proxy.config import Upstream
-from proxy.forwarded import Forwarding
-from proxy.responses import relayable_reason
+from proxy.http.forwarded import Forwarding
+from proxy.http.responses import relayable_reason
 from proxy.sizes import CHUNK
-from proxy.upstream_errors import FAILURES, broken_off, translate
+from proxy.upstream import aiohttp_pool as upstream_conns
+from proxy.upstream import client as lean
+from proxy.upstream import tls as upstream_tls
+from proxy.upstream import transfer
+from proxy.upstream.failures import FAILURES, broken_off, translate
 
 log = logging.getLogger("idemproxy.upstream")
 

@@ -11,8 +11,6 @@ import logging
 
 import aiohttp
 
-from proxy import transfer, upstream_tls
-from proxy import upstream_client as lean
 from proxy.errors import (
     BodyTimeout,
     ProblemError,
@@ -22,6 +20,9 @@ from proxy.errors import (
     UpstreamTLSFailed,
     UpstreamUnreachable,
 )
+from proxy.upstream import client as lean
+from proxy.upstream import tls as upstream_tls
+from proxy.upstream import transfer
 
 log = logging.getLogger("idemproxy.upstream")
 

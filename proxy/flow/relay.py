@@ -13,14 +13,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import headers as hdrs
-from proxy.decide import body_fits
 from proxy.errors import BadRequest, BodyTooLarge, UpstreamError
-from proxy.forward import Forwarder, UpstreamResponse
-from proxy.framing import continue_if_expected
-from proxy.limits import fits, reserve
-from proxy.responses import Relayed, RelayedWhole, typed
+from proxy.flow.decide import body_fits
+from proxy.http import headers as hdrs
+from proxy.http.framing import continue_if_expected
+from proxy.http.limits import fits, reserve
+from proxy.http.responses import Relayed, RelayedWhole, typed
 from proxy.sizes import SMALL_BODY, SMALL_UPLOAD
+from proxy.upstream.forward import Forwarder, UpstreamResponse
 
 log = logging.getLogger("idemproxy.relay")
 

@@ -8,12 +8,12 @@ from uuid import UUID
 
 from aiohttp import web
 
-from proxy import cors
 from proxy.config import Route
-from proxy.decide import guard_headers as guard_headers  # the flow imports it from here
 from proxy.errors import StoredAnswerUnreadable, StoreError
-from proxy.relay import ClientSink, pump
-from proxy.responses import Relayed, RelayedWhole, stored_reason, typed
+from proxy.flow.decide import guard_headers as guard_headers  # the flow imports it from here
+from proxy.flow.relay import ClientSink, pump
+from proxy.http import cors
+from proxy.http.responses import Relayed, RelayedWhole, stored_reason, typed
 from proxy.sizes import CHUNK
 from proxy.store import Record, Store
 

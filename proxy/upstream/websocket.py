@@ -33,17 +33,17 @@ import ssl
 import httptools
 from aiohttp import web
 
-from proxy import headers as hdrs
-from proxy import upstream_tls
 from proxy.errors import (
     UpstreamFailed,
     UpstreamTLSFailed,
     UpstreamUnreachable,
 )
-from proxy.forward import Forwarder
-from proxy.relay import upstream_request_headers
-from proxy.responses import RelayedWhole, relayable_reason
-from proxy.upgrade_head import CHUNK, MAX_REFUSAL_BODY, UpgradeHead, read_head
+from proxy.flow.relay import upstream_request_headers
+from proxy.http import headers as hdrs
+from proxy.http.responses import RelayedWhole, relayable_reason
+from proxy.upstream import tls as upstream_tls
+from proxy.upstream.forward import Forwarder
+from proxy.upstream.upgrade_head import CHUNK, MAX_REFUSAL_BODY, UpgradeHead, read_head
 
 log = logging.getLogger("idemproxy.upgrade")
 

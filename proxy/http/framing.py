@@ -1,7 +1,7 @@
 """The proxied port's answers before and around the flow: one problem+json renderer for
 every refusal (the flow's, the parser's, the admin's), framing refusals and
 `100 Continue`. The connections themselves (parser errors as problem+json, the
-`client:` limits) are proxy/connections.py's.
+`client:` limits) are proxy/http/connections.py's.
 """
 
 from __future__ import annotations

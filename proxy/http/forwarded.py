@@ -25,8 +25,8 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy import headers as hdrs
 from proxy.config.values import parse_network
+from proxy.http import headers as hdrs
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -18,10 +18,8 @@ from typing import NoReturn
 
 from aiohttp import web
 
-from proxy import decide, keys, websocket
+from proxy import keys
 from proxy.config import Route
-from proxy.context import Deps, Guarded, finish, log
-from proxy.decide import OnClaim, OnStoreDown
 from proxy.errors import (
     ProblemError,
     StoredAnswerUnreadable,
@@ -30,12 +28,16 @@ from proxy.errors import (
     UpstreamError,
     store_unavailable,
 )
-from proxy.execute import execute, fail_dead_claim
+from proxy.flow import decide
+from proxy.flow.context import Deps, Guarded, finish, log
+from proxy.flow.decide import OnClaim, OnStoreDown
+from proxy.flow.execute import execute, fail_dead_claim
+from proxy.flow.relay import pass_through, read_body
+from proxy.flow.replay import replay
+from proxy.http.routing import Match
 from proxy.observe import UNROUTED_PASS_THROUGH, Outcome
-from proxy.relay import pass_through, read_body
-from proxy.replay import replay
-from proxy.routing import Match
 from proxy.store import Claim, ClaimOutcome, Record, State, notify_channel_id
+from proxy.upstream import websocket
 
 __all__ = ["Deps", "Guarded", "handle", "pass_through_unrouted"]
 

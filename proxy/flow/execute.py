@@ -11,17 +11,14 @@ import time
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy import cors, decide, upstream_key
-from proxy import headers as hdrs
-from proxy.completion import complete as _complete
 from proxy.config import Route
-from proxy.context import Deps, Guarded, finish, log
-from proxy.decide import OnAnswer, OnFailure
 from proxy.errors import ProblemError, StoreError, UpstreamError, UpstreamFailed
-from proxy.forward import UpstreamResponse
-from proxy.observe import Outcome
-from proxy.recorder import Recorder
-from proxy.relay import (
+from proxy.flow import decide
+from proxy.flow.completion import complete as _complete
+from proxy.flow.context import Deps, Guarded, finish, log
+from proxy.flow.decide import OnAnswer, OnFailure
+from proxy.flow.recorder import Recorder
+from proxy.flow.relay import (
     ClientSink,
     open_upstream,
     pump,
@@ -29,9 +26,14 @@ from proxy.relay import (
     small_enough,
     whole_response,
 )
-from proxy.replay import guard_headers, stream_stored
-from proxy.responses import with_reason
+from proxy.flow.replay import guard_headers, stream_stored
+from proxy.http import cors
+from proxy.http import headers as hdrs
+from proxy.http.responses import with_reason
+from proxy.observe import Outcome
 from proxy.store import Claim, Completion, Record, State
+from proxy.upstream import key as upstream_key
+from proxy.upstream.forward import UpstreamResponse
 
 
 async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,

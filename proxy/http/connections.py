@@ -40,7 +40,7 @@ from proxy.errors import (
     InternalError,
     ProblemError,
 )
-from proxy.framing import problem_response
+from proxy.http.framing import problem_response
 
 log = logging.getLogger("idemproxy.framing")
 

@@ -12,8 +12,8 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from proxy.config import Config, Route
-from proxy.forward import Forwarder
 from proxy.paths import PathPattern, normalize_path, split_params
+from proxy.upstream.forward import Forwarder
 
 
 class Upstreams:

@@ -28,9 +28,9 @@ from collections.abc import AsyncIterator, Iterable
 from multidict import CIMultiDictProxy
 
 from proxy.errors import describe
-from proxy.http1 import encode_request
-from proxy.http1 import head_end as _head_end  # noqa: F401 - the name its unit test uses
-from proxy.upstream_conn import (
+from proxy.http.http1 import encode_request
+from proxy.http.http1 import head_end as _head_end  # noqa: F401 - the name its unit test uses
+from proxy.upstream.conn import (
     HIGH_WATER,
     LOW_WATER,
     MAX_FIELD,
@@ -43,7 +43,7 @@ from proxy.upstream_conn import (
     SentFailure,
     decode,
 )
-from proxy.upstream_conn import Conn as _Conn  # noqa: F401 - the name its unit tests use
+from proxy.upstream.conn import Conn as _Conn  # noqa: F401 - the name its unit tests use
 
 __all__ = ["HIGH_WATER", "LOW_WATER", "MAX_FIELD", "MAX_HEAD", "MAX_HEADERS", "BadAnswer",
            "LeanResponse", "NotSent", "ReadTimeout", "SentFailure", "UpstreamPool",

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.context import Deps, Guarded, log
 from proxy.errors import StoreError
+from proxy.flow.context import Deps, Guarded, log
 from proxy.store import Completion
 
 # The completion retry: quick at first (a failover usually takes a second or two), then

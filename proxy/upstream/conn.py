@@ -1,5 +1,5 @@
 """One keep-alive connection of the upstream leg's own HTTP/1.1 client
-(proxy/upstream_client.py): an asyncio.Protocol that writes a request once and parses
+(proxy/upstream/client.py): an asyncio.Protocol that writes a request once and parses
 the answer with llhttp, strict, pausing reads above HIGH_WATER unread bytes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Protocol, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.http1 import BARE_CR, OBS_FOLD, head_end
+from proxy.http.http1 import BARE_CR, OBS_FOLD, head_end
 
 
 class ConnPool(Protocol):
@@ -242,7 +242,7 @@ class Conn(asyncio.Protocol):
         self.headers = CIMultiDictProxy(headers)
         # EOF ends a body if the head has no framing at all, or (RFC 9112 §6.3) a
         # Transfer-Encoding whose last coding is not chunked (`gzip`): llhttp reads such a
-        # body to EOF as well. proxy/transfer.py undoes the coding.
+        # body to EOF as well. proxy/upstream/transfer.py undoes the coding.
         te = headers.getall("Transfer-Encoding", [])
         self.close_delimited = status not in (204, 304) and (
             not _chunked_last(te) if te else "Content-Length" not in headers)

@@ -1,4 +1,4 @@
-"""HTTP/1.1 on the wire for the upstream leg (proxy/upstream_client.py): a request's
+"""HTTP/1.1 on the wire for the upstream leg (proxy/upstream/client.py): a request's
 bytes, framed by us and refused when anything could split it, and where a response's
 head ends (RFC 9112)."""
 

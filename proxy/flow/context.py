@@ -14,20 +14,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy import logs
-from proxy.cache import ReplayCache
 from proxy.config import Concurrent, Route
-from proxy.forward import Forwarder
+from proxy.flow.cache import ReplayCache
+from proxy.flow.leases import Leases
+from proxy.flow.offload import Offload
 from proxy.keys.tenant import Verify
-from proxy.leases import Leases
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
 from proxy.observe import Fanout, Observer, Outcome, Verdict
-from proxy.offload import Offload
 from proxy.sealing import Sealer
 from proxy.store import Store
 from proxy.store.notify import Notifier
 from proxy.store.sightings import Sightings
-from proxy.upstreams import Upstreams
+from proxy.upstream.choice import Upstreams
+from proxy.upstream.forward import Forwarder
 
 log = logging.getLogger("idemproxy.request")
 request_log = logs.RequestLog(log)
@@ -44,7 +44,7 @@ class Services:
 
     store: Store
     metrics: Metrics
-    cache: ReplayCache | None = None  # completed small responses (proxy/cache.py)
+    cache: ReplayCache | None = None  # completed small responses (proxy/flow/cache.py)
     life: Lifecycle = field(default_factory=Lifecycle)  # requests in flight, the drain
     # what the flow reports to (proxy/observe.py); default: the metrics and the request log
     observer: Observer = None  # type: ignore[assignment]

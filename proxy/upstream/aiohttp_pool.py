@@ -7,7 +7,7 @@ which read the stray answer as its own (another tenant's, stored for its key). I
 asks `is_connected()` before it lends an idle connection (and when it sweeps them); ours
 also says no when anything arrived since the last answer ended (`should_close`: bytes
 buffered or parsed, or the server said it would close), so such a connection is closed
-instead. Our own client does the same check (proxy/upstream_client.py, `quiet`).
+instead. Our own client does the same check (proxy/upstream/client.py, `quiet`).
 """
 
 from __future__ import annotations
