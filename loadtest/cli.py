@@ -22,6 +22,7 @@ from typing import Any
 from loadtest import clients, layout, report, tools
 from loadtest.bench import (
     BIG_TABLE_PLAN,
+    CITUS_PLAN,
     POOLER_PLAN,
     RESULTS,
     ROOT,
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--sealed", action="store_true", help="instead of the full plan: first "
                    "requests and replays with stored answers sealed (encryption keys set; "
                    "its own database in the same server) next to the same proxy without")
+    p.add_argument("--citus", action="store_true", help="instead of the full plan: first "
+                   "requests and replays on a Citus coordinator + 2 workers (sharding: "
+                   "citus; needs `make citus`) next to the same proxy on one node")
     p.add_argument("--pooler", action="store_true", help="instead of the full plan: first "
                    "requests and replays through PgBouncer (transaction mode) next to the "
                    "same proxy on a direct connection")
@@ -73,7 +77,7 @@ def parse_args(argv: list[str] | None) -> Options:
         hot_connections=a.hot_connections, keys=200 if quick else 2000,
         bigbody=not a.no_bigbody, profile=a.profile, big_table=a.big_table,
         workers=proxy_cores if a.workers == "auto" else int(a.workers),
-        pooler=a.pooler, pin=a.pin, sealed=a.sealed)
+        pooler=a.pooler, pin=a.pin, sealed=a.sealed, citus=a.citus)
 
 
 def machine() -> dict[str, Any]:
@@ -107,7 +111,7 @@ def _run(opts: Options, bench: Bench) -> dict[str, Any]:
     # --big-table (before and after adding keys), --sealed (sealed records against plain
     # ones), --pooler (through PgBouncer against direct).
     own = (BIG_TABLE_PLAN if opts.big_table else SEALED_PLAN if opts.sealed
-           else POOLER_PLAN if opts.pooler else None)
+           else POOLER_PLAN if opts.pooler else CITUS_PLAN if opts.citus else None)
     if own is not None:
         bench.prefill()
         doc["layout"] = _layout(bench)

@@ -24,6 +24,7 @@ ORDER = (
     "proxy hot",
     "pooler first", "pooler replay", "pooler replay db",
     "sealed first", "sealed replay", "sealed replay db",
+    "citus first", "citus replay", "citus replay db",
     "pgbench first", "pgbench first batched",
     "pgbench replay", "noop post paced", "proxy replay paced", "proxy first paced",
     "proxy pass post paced", "noop get paced", "proxy get paced",
@@ -44,6 +45,9 @@ LABELS = {
     "sealed first": "idemproxy first requests, sealed (encryption keys set)",
     "sealed replay": "idemproxy replays, sealed (encryption keys set)",
     "sealed replay db": "idemproxy replays, replay_cache: 0, sealed (encryption keys set)",
+    "citus first": "idemproxy first requests, Citus coordinator + 2 workers",
+    "citus replay": "idemproxy replays, Citus coordinator + 2 workers",
+    "citus replay db": "idemproxy replays, replay_cache: 0, Citus coordinator + 2 workers",
     "pgbench first": "pgbench claim+complete (p50: mean)",
     "pgbench first batched": "pgbench claim+complete in batches of 8 (pairs/s; p50: mean "
                              "per batch)",
@@ -175,6 +179,11 @@ def verdicts(table: Sequence[Row], *, rss_growth_mib: float | None,
         ratio = side_by_side(runs or {}, "sealed " + name, "proxy " + name)
         if ratio is not None:
             out.append({"target": f"{LABELS['sealed ' + name]} vs unsealed",
+                        "value": round(ratio, 3), "bound": "measured only", "met": None})
+    for name in ("first", "replay", "replay db"):  # no bound: what the extra hop costs
+        ratio = side_by_side(runs or {}, "citus " + name, "proxy " + name)
+        if ratio is not None:
+            out.append({"target": f"{LABELS['citus ' + name]} vs one node",
                         "value": round(ratio, 3), "bound": "measured only", "met": None})
     for name in ("proxy first", "proxy replay", "proxy replay db"):
         slow = big_table_slowdown(by_name, name)

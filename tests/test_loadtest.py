@@ -334,6 +334,20 @@ def test_sealed_runs_are_reported_against_the_unsealed_proxy() -> None:
     assert "| - |" in report.render(report.rows(runs), list(checks.values()))
 
 
+def test_citus_runs_are_reported_against_the_proxy_on_one_node() -> None:
+    """--citus: each Citus measurement is a round-by-round ratio to the same shape on one
+    node, reported with no bound (what the coordinator's hop costs)."""
+    runs = {"noop post": [{"rps": 100.0}] * 2,
+            "proxy replay": [{"rps": 80.0}, {"rps": 100.0}],
+            "citus replay": [{"rps": 20.0}, {"rps": 30.0}]}
+    checks = {c["target"]: c for c in report.verdicts(report.rows(runs), rss_growth_mib=None,
+                                                       runs=runs)}
+    citus = checks["idemproxy replays, Citus coordinator + 2 workers vs one node"]
+    assert citus["value"] == 0.275 and citus["met"] is None
+    assert "Citus coordinator + 2 workers" in report.render(report.rows(runs),
+                                                            list(checks.values()))
+
+
 def test_report_cpu_per_request_column() -> None:
     """CPU per request is reported per row, and its ratio is the baseline's CPU over the
     proxy's round by round (less CPU per request: a higher ratio, as for req/s)."""
