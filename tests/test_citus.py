@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -218,6 +219,28 @@ async def test_migrate_converts_a_single_node_database_with_records():
         assert sum(on) == len(keys) and min(on) > 0
     finally:
         await asyncio.to_thread(cluster.cleanup)
+
+
+async def test_every_single_key_function_the_store_calls_runs_on_the_keys_worker(
+        citus_db: str):
+    """Each function the store calls for one key (claim, complete, release, renew) is a
+    distributed function colocated with the records, so it runs on the key's worker; a
+    migration that adds one without listing it in store/citus.py fails here."""
+    from proxy.store import postgres
+
+    called = set()
+    for name in ("_CLAIM", "_COMPLETE", "_RELEASE", "_RENEW"):
+        called |= set(re.findall(r"(idemproxy_\w+)\(", getattr(postgres, name)))
+    conn = await asyncpg.connect(citus_db)
+    try:
+        distributed = {r["name"] for r in await conn.fetch("""
+            SELECT p.proname AS name FROM pg_dist_object o JOIN pg_proc p ON p.oid = o.objid
+             WHERE o.classid = 'pg_proc'::regclass AND o.distribution_argument_index = 1
+               AND o.colocationid = (SELECT colocationid FROM pg_dist_partition
+                                      WHERE logicalrelid = 'idemproxy_keys'::regclass)""")}
+    finally:
+        await conn.close()
+    assert len(called) == 4 and called <= distributed, called - distributed
 
 
 async def test_notify_from_a_delegated_completion_reaches_the_coordinators_listeners(

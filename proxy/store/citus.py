@@ -29,8 +29,11 @@ _KEYS = "idemproxy_keys"
 DISTRIBUTED = (_KEYS, "idemproxy_chunks")
 REFERENCE = ("idemproxy_installation", "idemproxy_schema")
 # Single-key functions, by signature: the key (`p_key`) picks the worker that runs them.
+# A migration that adds a single-key function the store calls adds it here (a test in
+# tests/test_citus.py checks every one the store calls is distributed).
 FUNCTIONS = (
     "idemproxy_claim(text, text, bytea, uuid, float8, float8)",
+    "idemproxy_claim2(text, text, bytea, uuid, float8, float8, uuid, bigint)",  # 0009
     "idemproxy_complete(text, text, uuid, integer, bytea, bytea, integer, bigint, boolean,"
     " boolean)",
     "idemproxy_release(text, text, uuid, boolean)",
