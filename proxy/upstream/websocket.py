@@ -38,7 +38,6 @@ from proxy.errors import (
     UpstreamTLSFailed,
     UpstreamUnreachable,
 )
-from proxy.flow.relay import upstream_request_headers
 from proxy.http import headers as hdrs
 from proxy.http.responses import RelayedWhole, relayable_reason
 from proxy.upstream import tls as upstream_tls
@@ -128,7 +127,8 @@ async def _connect(fwd: Forwarder) -> tuple[asyncio.StreamReader, asyncio.Stream
 
 
 def _request_head(request: web.BaseRequest, fwd: Forwarder) -> bytes:
-    headers = upstream_request_headers(request, fwd)  # hop-by-hop dropped, Host rewritten
+    # hop-by-hop dropped, Host rewritten (as flow/relay.py does for every request)
+    headers = fwd.forwarding.request_headers(request, upstream_host=fwd.host)
     headers["Connection"] = "Upgrade"
     headers["Upgrade"] = request.headers["Upgrade"]
     url = request.rel_url
