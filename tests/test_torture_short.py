@@ -129,10 +129,10 @@ def test_short_torture_run_has_no_violation(tmp_path):
     out = tmp_path / "summary.json"
     cmd = [sys.executable, "-m", "tests.torture", "--duration", "30", "--seed", "11",
            "--proxies", "2", "--workers", "6", "--interval", "2,4", "--proxy0-workers", "1",
-           # Issue 25's fault kinds join as the fixes they need land on main: slow_reader
-           # (item 5), up_malformed (items 2-3); stall (item 6) and db_clock (item 7) next.
+           # Issue 25's fault kinds, each once the fix it needs was on main: slow_reader
+           # (item 5), up_malformed (items 2-3), stall (item 6), db_clock (item 7).
            "--faults", "kill9,pg_restart,pg_reset,pg_cut,up_reset,up_latency,pg_partition,"
-           "slow_reader,up_malformed",
+           "slow_reader,up_malformed,stall,db_clock",
            "--json", str(out), "--findings", str(tmp_path / "findings")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     report = proc.stdout + proc.stderr[-3000:]
