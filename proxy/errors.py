@@ -26,6 +26,7 @@
         ├── KeyInFlight             409 the first request with this key is still running
         ├── BodyTooLarge            413 request body over max_request_body
         ├── KeyReused               422 same key, different fingerprint (mismatch_status)
+        ├── RetryTooOld             412 first sent (or UUIDv7 key made) before the window
         ├── HTTPProblem             any other status aiohttp itself answered (admin)
         ├── InternalError           500 a bug: logged with its traceback, never shown
         ├── StoredAnswerUnreadable  500 a sealed record cannot be opened (never re-executed)
@@ -238,6 +239,17 @@ class KeyReused(ProblemError):
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(detail, headers=headers)
         self.status = status  # routes[].mismatch_status: 409 or 400 for some clients
+
+
+class RetryTooOld(ProblemError):
+    status = 412
+    slug = "retry-too-old"
+    title = "Retry older than the key's window"
+    retry = False  # the same request later is older still
+
+    def __init__(self, detail: str, *, status: int = 412) -> None:
+        super().__init__(detail)
+        self.status = status  # routes[].stale_status
 
 
 class HTTPProblem(ProblemError):

@@ -1,6 +1,7 @@
 """The retry hints SDKs read (issue #25): a 409 `key-in-flight` and a 503 say "retry"
 (`Retry-After`, `x-should-retry: true`, `Stripe-Should-Retry: true`), a mismatch says
-"do not" whatever its status, and other answers carry no hint."""
+"do not" whatever its status (so does a retry refused for its age), and other answers
+carry no hint."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import pytest
 from proxy import errors
 from proxy.errors import (
     Draining,
+    IdentityUnavailable,
     KeyInFlight,
     KeyReused,
     ProblemError,
     ProxyBusy,
+    RetryTooOld,
     ServiceUnavailable,
 )
 from proxy.http.framing import problem_response
@@ -45,9 +48,11 @@ def _problems() -> list[type[ProblemError]]:
 @pytest.mark.parametrize("cls", _problems(), ids=lambda c: c.__name__)
 def test_each_problem_carries_the_hint_its_meaning_calls_for(cls):
     """Retry hints on exactly the problems whose same request later will work (409 in
-    flight, 503 store down, busy or draining), "do not" on a mismatch, none on the rest."""
+    flight, 503 store down, busy or draining), "do not" on a mismatch or a retry too old,
+    none on the rest."""
     expected = {KeyInFlight: RETRY, ServiceUnavailable: RETRY, ProxyBusy: RETRY,
-                Draining: RETRY, KeyReused: DO_NOT}.get(cls, {})
+                Draining: RETRY, IdentityUnavailable: RETRY, KeyReused: DO_NOT,
+                RetryTooOld: DO_NOT}.get(cls, {})
     problem = cls.__new__(cls)
     ProblemError.__init__(problem, "detail")
     headers = problem_response(problem).headers

@@ -86,6 +86,18 @@ def parse_mismatch_status(value: object) -> int:
     return value
 
 
+STALE_STATUSES = (400, 409, 412, 422)
+
+
+def parse_stale_status(value: object) -> int:
+    # 412 is what OASIS repeatability (and Azure Communication Services) answer; a
+    # client that treats 412 as "retry with fresh preconditions" may want 409 or 400.
+    if isinstance(value, bool) or value not in STALE_STATUSES:
+        raise ValueError(f"{value!r} is not one of: 400, 409, 412, 422")
+    assert isinstance(value, int)
+    return value
+
+
 def parse_pointer(value: object) -> str:
     # RFC 6901 §3: '' or '/'-separated tokens; '~' only as '~0' or '~1'.
     if not isinstance(value, str) or (value and not value.startswith("/")) or \

@@ -22,6 +22,7 @@ from proxy.config.route_values import (
     parse_pattern,
     parse_response_header,
     parse_route_name,
+    parse_stale_status,
     parse_statuses,
     parse_store_statuses,
     positive,
@@ -52,7 +53,7 @@ ROUTE_FIELDS = {
     "lock_timeout", "concurrent", "wait_timeout", "release_statuses", "unknown_outcome",
     "max_request_body", "max_stored_body", "store_unavailable", "replay_set_cookie",
     "replay_header", "expires_header", "mismatch_status", "upstream", "upstream_key",
-    "store_statuses", "omitted_header",
+    "store_statuses", "omitted_header", "max_key_age", "stale_status",
 }
 DEFAULT_FIELDS = ROUTE_FIELDS - {"name", "match", "preset"}
 FINGERPRINT_FIELDS = {"query", "body", "headers", "ignore", "canonical_json"}
@@ -182,7 +183,7 @@ def _policies(r: Reader, layers: _Layers) -> dict[str, Any]:
         "replay_set_cookie": bool_, "replay_header": parse_response_header,
         "omitted_header": parse_response_header,
         "mismatch_status": parse_mismatch_status, "upstream": upstream_ref,
-        "store_statuses": parse_store_statuses,
+        "store_statuses": parse_store_statuses, "stale_status": parse_stale_status,
     }
     dflt = _ROUTE
     out = {f: r.get(d, f, at(f), parse, getattr(dflt, f)) for f, parse in parsers.items()}
@@ -190,6 +191,9 @@ def _policies(r: Reader, layers: _Layers) -> dict[str, Any]:
     out["expires_header"] = None if expires is None or expires is False else \
         r.get(d, "expires_header", at("expires_header"), parse_response_header,
               dflt.expires_header)
+    age = d.get("max_key_age")
+    out["max_key_age"] = None if age is None else \
+        r.get(d, "max_key_age", at("max_key_age"), positive(parse_duration), None)
     out["upstream_key"] = _parse_upstream_key(r, d.get("upstream_key"), at("upstream_key"))
     return out
 

@@ -171,6 +171,10 @@ class Route:
     # default Idempotency-Body: `omitted` on a replay whose body was over max_stored_body
     omitted_header: str = "Idempotency-Body"
     mismatch_status: int = 422  # default 422; 409 or 400 for clients that read 422 otherwise
+    # default none: UUIDv7 keys older than this are refused (keys/age.py), like requests
+    # whose Repeatability-First-Sent is older than ttl
+    max_key_age: float | None = None
+    stale_status: int = 412  # default 412 (OASIS repeatability); 409, 400 or 422 instead
     upstream: str = ""  # default: the top-level upstream; else a URL or an `upstreams` name
     upstream_key: UpstreamKey = UpstreamKey()  # default: no key sent to the upstream
 

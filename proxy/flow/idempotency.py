@@ -96,6 +96,9 @@ async def _identify(request: web.BaseRequest, m: Match, deps: Deps
         now=time.time() + deps.db_clock_offset, keyed=sealer.body_key)
     if key is None:
         return None, body
+    # Pure, before anything runs: a retry older than the window is refused (keys/age.py).
+    keys.check_age(route, key=key, headers=request.headers,
+                   now=time.time() + deps.db_clock_offset)
     # Before the body is read: a refusal goes out before any 100 Continue (RFC 9110 §10.1.1).
     scope = keys.scope_of(route, keys.tenant_of(route, request.headers,
                                                 keyed=sealer.tenant_hash, verify=deps.verify))
