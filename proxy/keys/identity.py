@@ -74,8 +74,10 @@ class KeySet:
         """Re-read every `every` seconds, or sooner when asked; a failure keeps the keys
         already held (a JWKS endpoint's outage never turns valid tokens away)."""
         while True:
+            # never loaded (a URL down at start-up): its routes answer 503, so try sooner
+            wait = every if self.loaded else min(every, MIN_REFRESH)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wanted.wait(), every)
+                await asyncio.wait_for(self.wanted.wait(), wait)
             self.wanted.clear()
             await self.try_load()
 
