@@ -22,7 +22,7 @@ from proxy.store import ClaimOutcome, State
 NEW, TAKEN_OVER, EXISTING = ClaimOutcome.NEW, ClaimOutcome.TAKEN_OVER, ClaimOutcome.EXISTING
 IN_FLIGHT, COMPLETED = State.IN_FLIGHT, State.COMPLETED
 REJECT, WAIT = Concurrent.REJECT, Concurrent.WAIT
-RETRY, FAIL = UnknownOutcome.RETRY, UnknownOutcome.FAIL
+RETRY, FAIL, RESEND = UnknownOutcome.RETRY, UnknownOutcome.FAIL, UnknownOutcome.RESEND
 DEFAULT_RELEASE = Route(name="r", methods=frozenset({"POST"}),
                         path=PathPattern.compile("/r")).release_statuses
 
@@ -52,6 +52,8 @@ CLAIM_ROWS = [
      REJECT, RETRY, True, OnClaim.FORWARD),
     ("a claim's proxy died, lease over, unknown_outcome: fail", TAKEN_OVER, IN_FLIGHT, True,
      REJECT, FAIL, True, OnClaim.FAIL_DEAD_CLAIM),
+    ("a claim's proxy died, lease over, unknown_outcome: resend (same upstream key)",
+     TAKEN_OVER, IN_FLIGHT, True, REJECT, RESEND, True, OnClaim.FORWARD),
 ]
 
 
@@ -64,26 +66,35 @@ def test_claim_results(row, outcome, state, same, concurrent, unknown, may_wait,
                            may_wait=may_wait) is expected
 
 
-# (design §2 row, sent, unknown_outcome, decision)
+# (design §2 row, sent, answered, unknown_outcome, re-sends left, decision)
 FAILURE_ROWS = [
-    ("upstream refused the connection (never sent)", False, False, RETRY, OnFailure.RELEASE),
+    ("upstream refused the connection (never sent)", False, False, RETRY, 0, OnFailure.RELEASE),
     ("upstream refused, unknown_outcome: fail: still released", False, False, FAIL,
-     OnFailure.RELEASE),
+     0, OnFailure.RELEASE),
     ("timed out or reset after sending, unknown_outcome: retry", True, False, RETRY,
-     OnFailure.KEEP),
+     0, OnFailure.KEEP),
     ("timed out or reset after sending, unknown_outcome: fail", True, False, FAIL,
-     OnFailure.STORE_FAILURE),
+     0, OnFailure.STORE_FAILURE),
     ("answered, but not relayable (one verdict per answer, §9)", True, True, RETRY,
+     0, OnFailure.STORE_FAILURE),
+    ("timed out or reset after sending, unknown_outcome: resend", True, False, RESEND, 3,
+     OnFailure.RESEND),
+    ("unknown_outcome: resend, every re-send spent: kept as under retry", True, False,
+     RESEND, 0, OnFailure.KEEP),
+    ("unknown_outcome: resend, never sent: released", False, False, RESEND, 3,
+     OnFailure.RELEASE),
+    ("unknown_outcome: resend, answered but not relayable: stored", True, True, RESEND, 3,
      OnFailure.STORE_FAILURE),
 ]
 
 
-@pytest.mark.parametrize(("row", "sent", "answered", "unknown", "expected"), FAILURE_ROWS,
-                         ids=[r[0] for r in FAILURE_ROWS])
-def test_upstream_failures(row, sent, answered, unknown, expected):
-    """A failed exchange releases the key (not sent), keeps the claim, or stores the error."""
-    assert decide.on_upstream_failure(sent=sent, answered=answered,
-                                      unknown_outcome=unknown) is expected
+@pytest.mark.parametrize(("row", "sent", "answered", "unknown", "left", "expected"),
+                         FAILURE_ROWS, ids=[r[0] for r in FAILURE_ROWS])
+def test_upstream_failures(row, sent, answered, unknown, left, expected):
+    """A failed exchange releases the key (not sent), keeps the claim, stores the error,
+    or (unknown_outcome: resend, attempts left) is re-sent with the same upstream key."""
+    assert decide.on_upstream_failure(sent=sent, answered=answered, unknown_outcome=unknown,
+                                      resends_left=left) is expected
 
 
 @pytest.mark.parametrize("status", [408, 425, 429, 502, 503, 504])

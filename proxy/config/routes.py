@@ -208,6 +208,9 @@ def _parse_upstream_key(r: Reader, raw: object, path: str) -> UpstreamKey:
 
 def _check_route(r: Reader, route: Route, layers: _Layers) -> None:
     """Problems that only show in a combination of fields."""
+    if route.unknown_outcome is UnknownOutcome.RESEND and route.upstream_key.header is None:
+        r.report(f"{layers.at('unknown_outcome')}: resend needs upstream_key (a re-send "
+                 "without a key the upstream dedupes on could act twice)")
     bucket = route.key.bucket
     if bucket is not None and route.ttl < bucket:
         r.report(f"{layers.at('ttl')}: {format_duration(route.ttl)} is shorter than "

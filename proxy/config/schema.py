@@ -27,6 +27,9 @@ class UnknownOutcome(enum.Enum):
 
     RETRY = "retry"  # keep the claim until its lease ends, then a retry forwards again
     FAIL = "fail"  # store the failure and replay it for the rest of the window
+    # re-send at once with the same upstream_key (only with one): an upstream that dedupes
+    # on it answers the first attempt's result (flow/execute.py, RESEND_ATTEMPTS)
+    RESEND = "resend"
 
 
 class StoreUnavailablePolicy(enum.Enum):

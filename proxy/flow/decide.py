@@ -97,16 +97,22 @@ class OnFailure(enum.Enum):
     RELEASE = "release"  # never sent: no effect happened, a retry forwards again
     KEEP = "keep"  # may have acted: the claim stays until its lease ends
     STORE_FAILURE = "store_failure"  # may have acted, unknown_outcome: fail: store the error
+    RESEND = "resend"  # may have acted, unknown_outcome: resend: same upstream key, again
 
 
 def on_upstream_failure(*, sent: bool, unknown_outcome: UnknownOutcome,
-                        answered: bool = False) -> OnFailure:
+                        answered: bool = False, resends_left: int = 0) -> OnFailure:
     """`answered`: the upstream did answer, with a response the proxy cannot relay: it
-    acted, and that failure is the one verdict for the key (design §9), stored."""
+    acted, and that failure is the one verdict for the key (design §9), stored.
+    `resends_left`: with `unknown_outcome: resend`, the attempts still allowed; once
+    spent, the claim is kept as under `retry` (a retry after the lease re-sends the same
+    upstream key too)."""
     if not sent:
         return OnFailure.RELEASE
     if answered or unknown_outcome is UnknownOutcome.FAIL:
         return OnFailure.STORE_FAILURE
+    if unknown_outcome is UnknownOutcome.RESEND and resends_left > 0:
+        return OnFailure.RESEND
     return OnFailure.KEEP
 
 

@@ -35,6 +35,9 @@ from proxy.store import Claim, Completion, Record, State
 from proxy.upstream import key as upstream_key
 from proxy.upstream.forward import UpstreamResponse
 
+RESEND_ATTEMPTS = 3  # re-sends after the first attempt (unknown_outcome: resend)
+RESEND_BACKOFF = 0.1  # seconds before the first re-send, doubling: 0.1, 0.2, 0.4
+
 
 async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
                   claim: Claim) -> web.StreamResponse:
@@ -43,12 +46,19 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
     deps.leases.hold(g)  # renewed by the process's one lease timer while it runs
     try:
         start = time.perf_counter()
-        try:
-            up = await open_upstream(request, deps.forwarder_for(g.route), body=g.body,
-                                     set_headers=_upstream_key(deps, g))
-        except UpstreamError as exc:
-            sent = exc.sent
-            return await _upstream_failed(deps, g, claim, exc)
+        attempt = 0
+        while True:  # one send; more only under unknown_outcome: resend (_resend_after)
+            try:
+                up = await open_upstream(request, deps.forwarder_for(g.route), body=g.body,
+                                         set_headers=_upstream_key(deps, g))
+                break
+            except UpstreamError as exc:
+                sent = sent or exc.sent  # an earlier attempt may have acted: still unknown
+                attempt += 1
+                if not await _resend_after(g, exc, sent=sent, attempt=attempt):
+                    if sent and not exc.sent:
+                        exc = UpstreamError(exc.problem, sent=True, answered=exc.answered)
+                    return await _upstream_failed(deps, g, claim, exc)
         sent = True
         up = _ours_only(up, g.route)
         deps.observer.upstream_timed(g.route.name, start, time.perf_counter())
@@ -69,6 +79,25 @@ async def execute(request: web.BaseRequest, deps: Deps, g: Guarded,
     finally:
         deps.leases.drop(g)
         deps.observer.executing(-1)
+
+
+async def _resend_after(g: Guarded, exc: UpstreamError, *, sent: bool,
+                        attempt: int) -> bool:
+    """Under `unknown_outcome: resend`: after the `attempt`th send failed with its outcome
+    unknown (timeout or reset once sent, by this or an earlier attempt), pause (0.1 s,
+    doubling) and say to send again, with the same upstream key and the body in memory,
+    up to RESEND_ATTEMPTS times; an upstream that dedupes on the key then answers the
+    first attempt's result. False: no (more) re-sends, the failure stands."""
+    verdict = decide.on_upstream_failure(
+        sent=sent, answered=exc.answered, unknown_outcome=g.route.unknown_outcome,
+        resends_left=RESEND_ATTEMPTS - attempt + 1)
+    if verdict is not OnFailure.RESEND:
+        return False
+    log.warning("upstream outcome unknown; re-sending with the same upstream key",
+                extra={"fields": {"route": g.route.name, "key_hash": g.key_hash,
+                                  "attempt": attempt, "error": exc.problem.slug}})
+    await asyncio.sleep(RESEND_BACKOFF * 2 ** (attempt - 1))
+    return True
 
 
 def _ours_only(up: UpstreamResponse, route: Route) -> UpstreamResponse:
