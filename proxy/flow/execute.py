@@ -131,12 +131,16 @@ async def _release_quietly(deps: Deps, g: Guarded) -> None:
         log.warning("could not release a claim (it ends with its lease): %s", exc)
 
 
-async def _upstream_failed(deps: Deps, g: Guarded, claim: Claim,
-                           exc: UpstreamError) -> web.StreamResponse:
+async def _upstream_failed(deps: Deps, g: Guarded, claim: Claim, exc: UpstreamError, *,
+                           sent: bool | None = None) -> web.StreamResponse:
+    """The upstream failed before anything reached the client: answer its problem (with
+    the key's expiry), count it, then release, keep or store per decide (`sent`: known
+    to have been sent, whatever the error says)."""
     problem = exc.problem
     problem.headers.update(guard_headers(g.route, claim.record.expires_at))
     finish(deps, g, g.route, Outcome.UPSTREAM_ERROR, problem.status)
-    await _after_failure(deps, g, problem, sent=exc.sent, answered=exc.answered)
+    await _after_failure(deps, g, problem, sent=exc.sent if sent is None else sent,
+                         answered=exc.answered)
     raise problem from exc
 
 
@@ -192,10 +196,7 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
     try:
         body = await up.read()
     except UpstreamError as exc:  # nothing reached the client yet: answer the problem
-        exc.problem.headers.update(guard_headers(route, claim.record.expires_at))
-        finish(deps, g, route, Outcome.UPSTREAM_ERROR, exc.problem.status)
-        await _after_failure(deps, g, exc.problem, sent=True, answered=exc.answered)
-        raise exc.problem from exc
+        return await _upstream_failed(deps, g, claim, exc, sent=True)
     reply, stored = hdrs.reply_and_store(up.headers, keep_set_cookie=route.replay_set_cookie)
     stored = with_reason(up.status, up.reason, stored)
     seen = deps.cache.version if deps.cache is not None else 0
