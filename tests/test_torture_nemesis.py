@@ -64,6 +64,20 @@ def test_a_204_is_matched_to_its_execution_by_header():
     assert kinds(check([ok], [e], lease=2)) == ["foreign-answer"]
 
 
+def test_a_replay_with_its_body_omitted_stands_for_its_execution():
+    """The store failed mid-recording: replays carry `Idempotency-Body: omitted`, no body,
+    and the execution's id in a header; that is the documented degradation, not an altered
+    or divergent answer. Without the marker an empty body is an altered answer."""
+    e = ex(10.0, 1)
+    first = att(9.9, 10.1, status=201, body=e.body)
+    replay = att(11, 11.1, status=201, body="", replayed=True)
+    replay.exec, replay.omitted = e.exec, True
+    assert kinds(check([first, replay], [e], lease=2)) == []
+    replay.omitted = False
+    assert kinds(check([first, replay], [e], lease=2)) == ["altered-answer",
+                                                          "divergent-answers"]
+
+
 @pytest.fixture
 async def torture_upstream(tmp_path: Path) -> AsyncIterator[tuple[int, Path]]:
     log = tmp_path / "executions.jsonl"

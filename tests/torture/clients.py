@@ -46,6 +46,7 @@ class Attempt:
     body: str = ""  # upstream.summarize(): a large body as its exec id, length and hash
     err: str = ""
     exec: str = ""  # the X-Torture-Exec header (a 204 has no body to carry its exec id)
+    omitted: bool = False  # replayed with `Idempotency-Body: omitted` (no body stored)
 
     @property
     def unit(self) -> tuple[str, str, str]:
@@ -168,6 +169,7 @@ def record_answer(a: Attempt, r: aiohttp.ClientResponse, raw: bytes) -> float:
     a.replayed = r.headers.get("Idempotent-Replayed") == "true"
     a.body = summarize(raw)
     a.exec = r.headers.get(EXEC_HEADER, "")
+    a.omitted = r.headers.get("Idempotency-Body") == "omitted"
     if r.headers.get("Content-Type", "").startswith("application/problem+json"):
         a.ptype = _problem_type(raw)
     if r.status == 409:
