@@ -12,6 +12,7 @@ problem (framing.internal_error), never a traceback to the client.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -36,7 +37,7 @@ from proxy.http.limits import BodyBudget
 from proxy.keys.identity import Identities
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
-from proxy.observe import Observer
+from proxy.observe import Fanout, Observer
 from proxy.store import Store
 from proxy.store.notify import Notifier
 from proxy.upstream import websocket
@@ -85,18 +86,28 @@ async def create_app(cfg: Config, *, store: Store, metrics: Metrics,
                     "and the replay cache is off")
     cache = ReplayCache(cfg.replay_cache) if listens else None
     async with contextlib.AsyncExitStack() as stack:
+        flow_store, wrap = store, None
+        if cfg.tracing.enabled:  # the SDK is imported only then (proxy/tracing.py)
+            from proxy.tracing import Tracing
+
+            tracing = Tracing(cfg)
+            # exports what is left: off the loop, whose own server may be the receiver
+            stack.push_async_callback(asyncio.to_thread, tracing.shutdown)
+            observer = Fanout((observer, tracing))
+            flow_store, wrap = tracing.traced_store(store), tracing.wrap
         upstreams = await stack.enter_async_context(Upstreams.open(cfg))
         notifier = (await stack.enter_async_context(
             Notifier(store.acquire_listener, cache=cache)) if listens else None)
         identities = await stack.enter_async_context(Identities.open(cfg))
-        deps = Deps(store=store, forwarder=upstreams.default, metrics=metrics,
+        deps = Deps(store=flow_store, forwarder=upstreams.default, metrics=metrics,
                     observer=observer, sealer=store.sealer, notifier=notifier, cache=cache,
                     db_clock_offset=await store.clock_offset(), upstreams=upstreams,
                     verify=identities.principal if identities.sets else None)
         stack.push_async_callback(deps.leases.aclose)  # its renewal thread
         stack.callback(deps.cpu.close)  # its thread pool
+        handler = create_proxy_handler(cfg, deps)
         yield App(create_admin_app(cfg, deps), deps.life, deps,
-                  create_proxy_handler(cfg, deps))
+                  handler if wrap is None else wrap(handler))
 
 
 def create_proxy_handler(cfg: Config, deps: Deps) -> ProxyHandler:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
 from typing import TextIO
 
+from proxy import tracectx
 from proxy.observe import BaseObserver, Verdict
 
 
@@ -138,13 +139,15 @@ class RequestLog:
         self._second: tuple[int, str] = (-1, "")
 
     def __call__(self, *, route: str, outcome: str, status: int, key_hash: str,
-                 tenant: str, duration_ms: float) -> None:
+                 tenant: str, duration_ms: float,
+                 more: tuple[tuple[str, str], ...] = ()) -> None:
+        """`more`: further string fields (the trace's ids, method, path template)."""
         _REQUEST_LOGGED.set(True)
         handler = self._direct_handler()
         if handler is None:
             self.logger.info(self.MSG, extra={"fields": {
                 "route": route, "outcome": outcome, "status": status, "key_hash": key_hash,
-                "tenant": tenant, "duration_ms": duration_ms}})
+                "tenant": tenant, "duration_ms": duration_ms, **dict(more)}})
             return
         created = self.clock()
         try:
@@ -152,7 +155,8 @@ class RequestLog:
             handler.write_line(
                 f'{{"ts": "{self._ts(created)}"{self._head}{q(route)}, "outcome": {q(outcome)}'
                 f', "status": {int(status)!r}, "key_hash": {q(key_hash)}'
-                f', "tenant": {q(tenant)}, "duration_ms": {duration_ms!r}}}')
+                f', "tenant": {q(tenant)}, "duration_ms": {duration_ms!r}'
+                f'{"".join(f", {q(k)}: {q(v)}" for k, v in more)}}}')
         except Exception:  # as emit() does: report through the handler, lose the line
             record = self.logger.makeRecord(
                 self.logger.name, logging.INFO, "(request log)", 0, self.MSG, (), None)
@@ -203,10 +207,12 @@ class RequestLogObserver(BaseObserver):
 
     def request_done(self, verdict: Verdict) -> None:
         if verdict.guarded:
+            trace = tracectx.CURRENT.get()  # None unless tracing is on
             self.log(route=verdict.route, outcome=verdict.outcome.value,
                      status=verdict.status, key_hash=verdict.key_hash,
                      tenant=verdict.tenant,
-                     duration_ms=round((time.perf_counter() - verdict.started) * 1000, 2))
+                     duration_ms=round((time.perf_counter() - verdict.started) * 1000, 2),
+                     more=() if trace is None else trace.log_fields(verdict.route))
 
 
 def flush() -> None:

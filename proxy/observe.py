@@ -123,8 +123,8 @@ def _calls(observers: tuple[Observer, ...], event: str) -> Callable[..., None]:
     inherit BaseObserver's no-op are left out, and a single one is called directly, so
     the usual two observers cost one or two calls per event, not a loop."""
     noop = getattr(BaseObserver, event)
-    methods = [getattr(o, event) for o in observers
-               if getattr(type(o), event, None) is not noop]
+    methods = [getattr(o, event) for o in observers  # a Fanout's are instance attributes
+               if event in getattr(o, "__dict__", ()) or getattr(type(o), event, None) is not noop]
     if not methods:
         return getattr(BaseObserver(), event)  # type: ignore[no-any-return]
     if len(methods) == 1:

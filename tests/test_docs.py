@@ -108,7 +108,9 @@ def same(value: Any, doc: Any) -> bool:
         return parse_listen(doc) == value
     if isinstance(value, bool) or value is None:
         return value is doc
-    if isinstance(value, float):
+    if isinstance(value, float):  # a duration, or a plain number (tracing.sample_ratio)
+        if isinstance(doc, int | float) and not isinstance(doc, bool):
+            return float(doc) == value
         return parse_duration(doc) == value
     if isinstance(value, int):
         return (parse_size(doc) if isinstance(doc, str) else doc) == value

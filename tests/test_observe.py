@@ -70,6 +70,16 @@ def test_fanout_calls_each_observer_in_order_and_skips_those_that_ignore_an_even
     assert three == ["takeover r"] * 3
 
 
+def test_a_fanout_inside_a_fanout_still_reaches_its_observers():
+    """A Fanout given to another (the default observer plus tracing) passes each event
+    on: its handlers are instance attributes, not left to BaseObserver."""
+    seen: list[str] = []
+    outer = Fanout([Fanout([OnlyTakeovers(seen), OnlyTakeoversToo(seen)]),
+                    OnlyTakeovers(seen)])
+    outer.takeover("r")
+    assert seen == ["takeover r", "second r", "takeover r"]
+
+
 def test_the_default_observer_counts_and_logs_a_verdict():
     """default_observer(metrics) counts each request by route and outcome."""
     metrics = Metrics(CollectorRegistry())

@@ -21,6 +21,7 @@ from proxy.config.schema import (
     StoreUnavailablePolicy,
     Tenant,
     TenantMode,
+    Tracing,
     TrailingSlash,
     UnknownOutcome,
     Upstream,
@@ -31,7 +32,7 @@ from proxy.config.schema import (
 __all__ = [
     "SAFE_METHODS", "Admin", "Client", "Concurrent", "Config", "Database", "Encryption",
     "Fingerprint", "JwtTenant", "KeySource", "Listen", "Logging", "MissingCredential",
-    "Pooler", "Route",
-    "Sharding", "StoreUnavailablePolicy", "Tenant", "TenantMode", "TrailingSlash", "UnknownOutcome",
-    "Upstream", "UpstreamKey", "UpstreamTLS", "load", "loads",
+    "Pooler", "Route", "Sharding", "StoreUnavailablePolicy", "Tenant", "TenantMode",
+    "Tracing", "TrailingSlash", "UnknownOutcome", "Upstream", "UpstreamKey", "UpstreamTLS",
+    "load", "loads",
 ]

@@ -17,6 +17,7 @@ import yaml
 
 from proxy.config import upstreams
 from proxy.config.checks import check_config, config_warnings
+from proxy.config.route_values import parse_response_header
 from proxy.config.routes import parse_routes
 from proxy.config.schema import (
     Admin,
@@ -27,6 +28,7 @@ from proxy.config.schema import (
     Logging,
     Pooler,
     Sharding,
+    Tracing,
 )
 from proxy.config.values import (
     Reader,
@@ -83,7 +85,7 @@ def loads(text: str, *, env: Mapping[str, str], source: str = "<string>") -> Con
     r = Reader(problems, env)
     top = r.section(raw, "", {"listen", "admin", "upstream", "database", "defaults", "routes",
                               "data_dir", "workers", "shutdown_grace", "sweep_interval",
-                              "replay_cache", "logging", "encryption",
+                              "replay_cache", "logging", "tracing", "encryption",
                               "allow_python_parser", "client", "upstreams",
                               "trusted_proxies"})
     cfg = _parse_top(r, top, env, source)
@@ -160,6 +162,7 @@ def _parse_top(r: Reader, top: dict[str, Any], env: Mapping[str, str], source: s
                          d.logging.format),
             level=r.get(lg, "level", "logging.level",
                         choice("debug", "info", "warning", "error"), d.logging.level)),
+        tracing=_parse_tracing(r, top.get("tracing")),
         encryption=Encryption(keys_env=r.get(enc, "keys_env", "encryption.keys_env",
                                              _env_name, d.encryption.keys_env)),
         allow_python_parser=r.get(top, "allow_python_parser", "allow_python_parser",
@@ -194,6 +197,37 @@ def _parse_client(r: Reader, cl: dict[str, Any]) -> Client:
                                         int_in(1, 1000000), d.max_connections),
                   max_body_memory=r.get(cl, "max_body_memory", "client.max_body_memory",
                                         parse_size, d.max_body_memory))
+
+
+def _parse_tracing(r: Reader, raw: object) -> Tracing:
+    d = Tracing()
+    tr = r.section(raw, "tracing", {"enabled", "service_name", "sample_ratio",
+                                    "original_trace_header"})
+    header = d.original_trace_header
+    if "original_trace_header" in tr and tr["original_trace_header"] is None:
+        header = None  # null: the replay answer names no original trace
+    else:
+        header = r.get(tr, "original_trace_header", "tracing.original_trace_header",
+                       parse_response_header, header)
+    return Tracing(
+        enabled=r.get(tr, "enabled", "tracing.enabled", bool_, d.enabled),
+        service_name=r.get(tr, "service_name", "tracing.service_name", str_,
+                           d.service_name),
+        sample_ratio=r.get(tr, "sample_ratio", "tracing.sample_ratio", _ratio,
+                           d.sample_ratio),
+        original_trace_header=header)
+
+
+def _ratio(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a number from 0 to 1")
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number from 0 to 1") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{value!r} is not a number from 0 to 1")
+    return ratio
 
 
 def _positive_duration(value: object) -> float:

@@ -264,6 +264,17 @@ class Logging:
 
 
 @dataclass(frozen=True, slots=True)
+class Tracing:
+    """OpenTelemetry traces (docs/tracing.md); the exporter reads the OTEL_* variables."""
+
+    enabled: bool = False  # off: the OpenTelemetry SDK is not even imported
+    service_name: str = "idemproxy"  # service.name, unless OTEL_SERVICE_NAME says otherwise
+    sample_ratio: float = 1.0  # parent-based: a sampled client's request is always kept
+    # on a replay: the trace id of the execution it repeats; None: not sent
+    original_trace_header: str | None = "Idempotent-Original-Trace"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = Listen("0.0.0.0", 8080)
     admin: Admin = Admin()
@@ -279,6 +290,7 @@ class Config:
     sweep_interval: float = 60.0
     replay_cache: int = 16 * 1024 * 1024  # bytes of completed responses kept per process
     logging: Logging = Logging()
+    tracing: Tracing = Tracing()
     encryption: Encryption = Encryption()
     allow_python_parser: bool = False  # refuse to start without aiohttp's C parser
     # default none: clients (CIDRs) whose X-Forwarded-* are kept and appended to; from

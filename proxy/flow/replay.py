@@ -8,6 +8,7 @@ from uuid import UUID
 
 from aiohttp import web
 
+from proxy import tracectx
 from proxy.config import Route
 from proxy.errors import StoredAnswerUnreadable, StoreError
 from proxy.flow.decide import guard_headers as guard_headers  # the flow imports it from here
@@ -27,6 +28,11 @@ async def replay(request: web.BaseRequest, record: Record, *, route: Route, scop
     if record.body_omitted:
         extra[route.omitted_header] = "omitted"
     reason, headers = stored_reason(record.headers)
+    origin, headers = tracectx.stored_origin(headers)
+    if origin is not None and (trace := tracectx.CURRENT.get()) is not None:
+        named = trace.replayed(origin)  # a link to the execution repeated (tracing on)
+        if named is not None:
+            extra[named[0]] = named[1]
     resp: web.StreamResponse
     if record.body_chunks == 0:
         resp = RelayedWhole(status=record.status, reason=reason, body=record.body or b"",

@@ -25,6 +25,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy import tracectx
 from proxy.config import Upstream
 from proxy.http.forwarded import Forwarding
 from proxy.http.responses import relayable_reason
@@ -204,6 +205,9 @@ class Forwarder:
         # The proxy answers Expect itself (framing.continue_if_expected); forwarded, an
         # upstream that never sends 100 Continue would hold aiohttp's client forever.
         headers.popall("Expect", None)
+        trace = tracectx.CURRENT.get()  # None unless tracing is on (proxy/tracectx.py)
+        if trace is not None:
+            trace.outgoing(method, headers)
         if self._lean is not None and (body is None or isinstance(body, bytes)) \
                 and method not in _AIOHTTP_ONLY:
             try:
