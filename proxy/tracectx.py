@@ -33,6 +33,9 @@ class RequestTrace(Protocol):
         """This answer is a replay of the execution `origin` names: link to it; returns
         the header naming its trace for the client, or None."""
 
+    def origin(self) -> str | None:
+        """ORIGIN's value for this request's execution (its server span's ids)."""
+
     def log_fields(self, route: str) -> tuple[tuple[str, str], ...]:
         """What the request's log line adds: request id, trace and span ids, method,
         path template (never the path itself: it may hold the key)."""
@@ -57,6 +60,17 @@ def parse_origin(value: str) -> tuple[int, int] | None:
     except ValueError:
         return None
     return ids if ids[0] and ids[1] else None
+
+
+def with_origin(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """`headers` to store, with this request's ORIGIN last when it is traced (the flow
+    calls it where it also puts the record in the replay cache, the traced store for
+    every completion)."""
+    trace = CURRENT.get()
+    if trace is None or (headers and headers[-1][0] == ORIGIN):
+        return headers
+    origin = trace.origin()
+    return headers if origin is None else (*headers, (ORIGIN, origin))
 
 
 def stored_origin(headers: tuple[tuple[str, str], ...]

@@ -214,10 +214,7 @@ class TracedStore:
             return claim
 
     async def complete(self, *, done: Completion, **kw: Any) -> Any:
-        rt = tracectx.CURRENT.get()
-        origin = rt.origin() if isinstance(rt, RequestTrace) else None
-        if origin is not None:
-            done = done._replace(headers=(*done.headers, (tracectx.ORIGIN, origin)))
+        done = done._replace(headers=tracectx.with_origin(done.headers))
         with self._tracer.start_as_current_span("idempotency.complete"):
             return await self._store.complete(done=done, **kw)
 

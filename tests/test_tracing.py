@@ -18,6 +18,7 @@ from proxy.config import loads
 from proxy.errors import ConfigError
 from tests.conftest import DEFAULT_ROUTES, ROOT
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan, serve_receiver
+from tests.test_at_rest import K1, assert_absent, table_rows_text
 from tests.test_flow import new_key, post
 from tests.test_logs import Capture
 
@@ -213,3 +214,20 @@ def test_without_tracing_no_opentelemetry_module_is_loaded():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+async def test_the_stored_origin_is_sealed_with_the_headers(otlp, make_proxy, upstream,
+                                                            client, db):
+    """With encryption on, the original execution's trace id is in no column of any
+    idemproxy table, yet a replay still names it and links to it."""
+    p = await make_proxy(ROUTES, extra=TRACING, encryption_keys=K1)
+    key = new_key()
+    await post(client, p.url + "/exec/sealed", key=key)
+    status, headers, _ = await post(client, p.url + "/exec/sealed", key=key)
+    assert status == 201 and headers["Idempotent-Replayed"] == "true"
+    origin = headers["Idempotent-Original-Trace"]
+    spans = await otlp.wait_for(lambda got: bool(servers(got, origin)))
+    [original] = servers(spans, origin)
+    dump = await table_rows_text(db, key=key)
+    assert_absent(dump, origin.encode())
+    assert_absent(dump, original.span_id.encode())

@@ -11,6 +11,7 @@ import time
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy import tracectx
 from proxy.config import Route
 from proxy.errors import ProblemError, StoreError, UpstreamError, UpstreamFailed
 from proxy.flow import decide
@@ -198,7 +199,7 @@ async def _record_small(deps: Deps, g: Guarded, claim: Claim,
     except UpstreamError as exc:  # nothing reached the client yet: answer the problem
         return await _upstream_failed(deps, g, claim, exc, sent=True)
     reply, stored = hdrs.reply_and_store(up.headers, keep_set_cookie=route.replay_set_cookie)
-    stored = with_reason(up.status, up.reason, stored)
+    stored = tracectx.with_origin(with_reason(up.status, up.reason, stored))
     seen = deps.cache.version if deps.cache is not None else 0
     if await _complete(deps, g, Completion(up.status, stored, body, 0, len(body), False)
                        ) and deps.cache is not None:
