@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from proxy.config.tracing import Tracing as Tracing  # re-exported: a section of Config
 from proxy.paths import PathPattern
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -261,17 +262,6 @@ class Encryption:
 class Logging:
     format: str = "json"  # json | text
     level: str = "info"
-
-
-@dataclass(frozen=True, slots=True)
-class Tracing:
-    """OpenTelemetry traces (docs/tracing.md); the exporter reads the OTEL_* variables."""
-
-    enabled: bool = False  # off: the OpenTelemetry SDK is not even imported
-    service_name: str = "idemproxy"  # service.name, unless OTEL_SERVICE_NAME says otherwise
-    sample_ratio: float = 1.0  # parent-based: a sampled client's request is always kept
-    # on a replay: the trace id of the execution it repeats; None: not sent
-    original_trace_header: str | None = "Idempotent-Original-Trace"
 
 
 @dataclass(frozen=True, slots=True)
