@@ -119,7 +119,9 @@ def test_the_image_installs_locked_dependencies_with_hashes():
     text = (ROOT / "requirements.lock").read_text()
     assert "--find-links" not in text and "--index-url" not in text
     pins = dict(re.findall(r"^([a-z0-9._-]+)==([^\s;]+)", text, re.M))
-    blocks = re.split(r"\n(?=[a-z0-9._-]+==)", text.split("\n\n", 1)[1])
+    first = re.search(r"^[a-z0-9._-]+==", text, re.M)  # past the header, blank line or not
+    assert first is not None
+    blocks = re.split(r"\n(?=[a-z0-9._-]+==)", text[first.start():])
     assert len(blocks) == len(pins) and all("--hash=sha256:" in b for b in blocks)
     for dep in PYPROJECT["project"]["dependencies"]:
         name = re.split(r"[<>=;\[ ]", dep, maxsplit=1)[0].lower().replace("_", "-")
