@@ -136,6 +136,31 @@ async def test_a_dead_claim_is_taken_over_a_lease_after_the_taker_first_saw_it(
     assert upstream.count("/gate/dead") == 2  # executed again, by unknown_outcome: retry
 
 
+async def test_a_dead_claim_written_while_the_clock_ran_ahead_is_taken_over_a_lease_later(
+        faketime_pg, make_proxy, upstream, client):
+    """A claim written under a database clock +120 s ahead, whose owner then stops renewing,
+    is taken over a lease of the taker's own clock after it first saw it once the clock is
+    back, not when the far-future lease ends (torture finding 5: 409 for the step's size)."""
+    a = await make_proxy(ROUTES, upstream_timeout="500ms")
+    b = await make_proxy(ROUTES)
+    key = new_key()
+    faketime_pg.step(+120)
+    status, _, _ = await post(client, a.url + "/gate/ahead", key=key)
+    assert status == 504  # sent, unanswered: the claim stays, its lease ends 120 s ahead
+    faketime_pg.step(0)
+    status, _, _ = await post(client, b.url + "/gate/ahead", key=key)
+    assert status == 409  # first sight: no evidence yet
+    upstream.gate.set()
+    loop = asyncio.get_running_loop()
+    seen_at = loop.time()
+    while (status := (await post(client, b.url + "/gate/ahead", key=key))[0]) == 409:
+        assert loop.time() - seen_at < 4 * LEASE
+        await asyncio.sleep(0.2)
+    assert status == 201 and loop.time() - seen_at >= LEASE
+    assert b.metric("idemproxy_claims_taken_over_total", route="gate") == 1
+    assert upstream.count("/gate/ahead") == 2  # executed again, by unknown_outcome: retry
+
+
 async def test_the_sweeper_never_deletes_a_flight_on_the_database_clock_alone(
         faketime_pg, make_proxy, upstream, client, store):
     """+25 h (past the window and the lease) during a flight: `purge` and a sweeper pass

@@ -130,11 +130,10 @@ def test_short_torture_run_has_no_violation(tmp_path):
     cmd = [sys.executable, "-m", "tests.torture", "--duration", "30", "--seed", "11",
            "--proxies", "2", "--workers", "6", "--interval", "2,4", "--proxy0-workers", "1",
            # Issue 25's fault kinds, each once the fix it needs was on main: slow_reader
-           # (item 5), up_malformed (items 2-3), stall (item 6). Not db_clock yet: a claim
-           # taken while the database clock runs ahead stays in flight for the size of the
-           # step after the clock comes back (finding 5 in tests/torture/findings/README.md).
+           # (item 5), up_malformed (items 2-3), stall (item 6), db_clock (item 7, and
+           # finding 5 in tests/torture/findings/README.md: migration 0010).
            "--faults", "kill9,pg_restart,pg_reset,pg_cut,up_reset,up_latency,pg_partition,"
-           "slow_reader,up_malformed,stall",
+           "slow_reader,up_malformed,stall,db_clock",
            "--json", str(out), "--findings", str(tmp_path / "findings")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     report = proc.stdout + proc.stderr[-3000:]
