@@ -41,12 +41,13 @@ from proxy.metrics import CollectorRegistry, Metrics, multiprocess_registry
 from proxy.observe import Observer
 from proxy.startup import check_parser, open_sealer, redact_url
 from proxy.store import OpenedStore
-from proxy.store.open import open_store
+from proxy.store.open import open_store, retry_unavailable, where
 from proxy.store.sweeper import longest_lease, run_sweeper
 
 log = logging.getLogger("idemproxy.server")
 
 # gc thresholds once started (CPython's defaults: 700, 10, 10); see _freeze_start_up
+START_WAIT = 30.0  # seconds a start-up waits for an unreachable database, then exits 1
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
@@ -78,15 +79,18 @@ async def run(cfg: Config, *, role: Role, pool: WorkerPool | None = None) -> int
         metrics = Metrics(CollectorRegistry())
         metrics.registry = multiprocess_registry()
     observer = default_observer(metrics)
-    async with open_store(cfg, wait=30,
+    async with open_store(cfg, wait=START_WAIT,
                           observe=observer.store_timed if proxied else None,
                           observe_batch=observer.store_batched if proxied else None) as store:
+        at = where(store.url)
         if role is not Role.WORKER:
-            applied = await store.migrate()
+            applied = await retry_unavailable(store.migrate, wait=START_WAIT, where=at,
+                                              what="the migrations")
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
-        await open_sealer(cfg, store, on_unreadable=observer.unreadable if proxied else None,
-                          quiet=role is Role.WORKER)
+        await retry_unavailable(lambda: open_sealer(
+            cfg, store, on_unreadable=observer.unreadable if proxied else None,
+            quiet=role is Role.WORKER), wait=START_WAIT, where=at, what="the installation secret")
         if pool is not None:
             pool.start(db_url=store.url)
         try:

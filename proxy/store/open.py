@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from proxy.config import Config, Pooler, Sharding
@@ -18,6 +19,7 @@ from proxy.store import OpenedStore
 from proxy.store.postgres import PostgresStore
 
 log = logging.getLogger("idemproxy")
+T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
@@ -30,7 +32,7 @@ async def open_store(cfg: Config, *, wait: float = 0.0,
 
     with contextlib.ExitStack() as stack:
         url = cfg.database.url or stack.enter_context(embedded_postgres(cfg.data_dir))
-        store = await _connect_retrying(lambda: PostgresStore.connect(
+        store = await retry_unavailable(lambda: PostgresStore.connect(
             url, min_size=cfg.database.pool_min, max_size=cfg.database.pool_max,
             timeout=cfg.database.timeout,
             transaction_pooler=cfg.database.pooler is Pooler.TRANSACTION,
@@ -56,20 +58,24 @@ def where(url: str) -> str:
     return ",".join(named) + (parts.path if parts.path not in ("", "/") else "")
 
 
-async def _connect_retrying(connect: Callable[[], Awaitable[PostgresStore]], *,
-                            wait: float, where: str) -> PostgresStore:
+async def retry_unavailable(step: Callable[[], Awaitable[T]], *, wait: float, where: str,
+                            what: str = "the database") -> T:
+    """`step()`, retried once a second while the database is unreachable (StoreUnavailable),
+    for up to `wait` seconds; then its error, naming `where`. Start-up's connection,
+    migrations and installation secret all go through it, so a database blip while a
+    replica starts is a wait, not an exit (a crash loop under Kubernetes)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     attempt = 0
     while True:
         attempt += 1
         try:
-            return await connect()
+            return await step()
         except StoreUnavailable as exc:
             left = deadline - loop.time()
             if left <= 0:
                 raise StoreUnavailable(f"at {where}: {exc}") from exc
             # One line per attempt, so a start-up that waits says what for.
-            log.warning("waiting for the database at %s (attempt %d, giving up in %.0fs): "
-                        "%s", where, attempt, left, exc)
+            log.warning("waiting for the database at %s for %s (attempt %d, giving up in "
+                        "%.0fs): %s", where, what, attempt, left, exc)
             await asyncio.sleep(1)
