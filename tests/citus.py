@@ -9,16 +9,13 @@ it again. Settings favour a quick test run over durability (fsync off).
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from tests.conftest import free_port
-from tests.pgservers import _own_dir, _system_user
+from tests.pgservers import _own_dir, _system_user, kill_postmaster
 
 NODES = ("coordinator", "worker1", "worker2")
 
@@ -104,21 +101,7 @@ class CitusCluster:
 
     def kill(self, name: str) -> None:
         """kill -9 of a node's postmaster and every process of it: a machine gone."""
-        import psutil
-
-        pid = int((self._data(name) / "postmaster.pid").read_text().split()[0])
-        procs: list[Any] = []
-        try:
-            parent = psutil.Process(pid)
-            procs = [parent, *parent.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-        for p in procs:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        kill_postmaster(self._data(name))
         self.running[name] = False
 
     def cleanup(self) -> None:

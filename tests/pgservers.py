@@ -54,6 +54,26 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, log: Path,
     raise RuntimeError(f"port {port} never opened:\n{log.read_text(errors='replace')}")
 
 
+def kill_postmaster(data: Path) -> None:
+    """kill -9 of the postmaster of the cluster in `data` and every process of it (a
+    machine gone), waiting until they are gone."""
+    import psutil
+
+    pid = int((data / "postmaster.pid").read_text().split()[0])
+    procs: list[Any] = []
+    try:
+        parent = psutil.Process(pid)
+        procs = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        pass
+    for p in procs:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
 class PgBouncer:
     """PgBouncer on a loopback port in front of one Postgres database."""
 
@@ -172,21 +192,7 @@ class ReplicatedPostgres:
 
     def kill_primary(self) -> None:
         """kill -9 of the primary's postmaster and every process of it: a machine gone."""
-        import psutil
-
-        pid = int((self.data[0] / "postmaster.pid").read_text().split()[0])
-        procs: list[Any] = []
-        try:
-            parent = psutil.Process(pid)
-            procs = [parent, *parent.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-        for p in procs:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        kill_postmaster(self.data[0])
         self.running[0] = False
 
     def promote(self) -> None:
